@@ -1,0 +1,103 @@
+"""A linear intensity mapping fitted jointly over a subject's scans, invertible and storable as plain floats."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["IntensityMapping"]
+
+
+class IntensityMapping:
+    """Map intensities linearly so that ``lower -> 0`` and ``upper -> 1``: ``y = (x - lower) / (upper - lower)``.
+
+    No clipping is applied, so :meth:`inverse` recovers the input exactly (up to float rounding) and outputs of a
+    model trained on mapped images come back in the scanner's intensity units.
+
+    Args:
+        lower: intensity mapped to 0.
+        upper: intensity mapped to 1, strictly greater than ``lower``.
+    """
+
+    def __init__(self, lower: float, upper: float) -> None:
+        lower, upper = float(lower), float(upper)
+        if not (math.isfinite(lower) and math.isfinite(upper)) or upper <= lower:
+            raise ValueError(f"upper must be finite and greater than lower, got lower={lower!r}, upper={upper!r}.")
+        self.lower = lower
+        self.upper = upper
+
+    @classmethod
+    def fit(
+        cls,
+        images: torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray],
+        lower_percentile: float = 0.5,
+        upper_percentile: float = 99.5,
+    ) -> IntensityMapping:
+        """Fit ``lower`` and ``upper`` as percentiles of all voxels of all scans together.
+
+        Args:
+            images: ``(T, 1, *spatial)`` scans, or a sequence of arrays of any shape, pooled jointly.
+            lower_percentile: percentile in ``[0, 100)`` giving ``lower``.
+            upper_percentile: percentile in ``(lower_percentile, 100]`` giving ``upper``.
+
+        Returns:
+            The fitted mapping.
+
+        Raises:
+            ValueError: percentiles out of range or not increasing, no voxels, or a constant intensity (the two
+                percentiles coincide).
+        """
+        if not 0.0 <= lower_percentile < upper_percentile <= 100.0:
+            raise ValueError(
+                "percentiles must satisfy 0 <= lower_percentile < upper_percentile <= 100, got "
+                f"lower_percentile={lower_percentile!r}, upper_percentile={upper_percentile!r}."
+            )
+        arrays = [images] if isinstance(images, (torch.Tensor, np.ndarray)) else list(images)
+        values = np.concatenate(
+            [
+                (array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)).ravel()
+                for array in arrays
+            ]
+            or [np.empty(0)]
+        )
+        if values.size == 0:
+            raise ValueError("images must contain at least one voxel, got none.")
+        lower, upper = np.percentile(values.astype(np.float64), [lower_percentile, upper_percentile])
+        if upper <= lower:
+            raise ValueError(
+                f"images have a constant intensity between the {lower_percentile} and {upper_percentile} "
+                f"percentiles (both {lower:g}); cannot fit an intensity mapping."
+            )
+        return cls(lower, upper)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map intensities: ``(x - lower) / (upper - lower)``, same shape and dtype as ``x``."""
+        return (x - self.lower) / (self.upper - self.lower)
+
+    __call__ = forward
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """Undo :meth:`forward`: ``y * (upper - lower) + lower``, same shape and dtype as ``y``."""
+        return y * (self.upper - self.lower) + self.lower
+
+    def to_dict(self) -> dict[str, float]:
+        """Plain-float description for checkpoints: ``{"lower": float, "upper": float}``."""
+        return {"lower": self.lower, "upper": self.upper}
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, float]) -> IntensityMapping:
+        """Rebuild a mapping from :meth:`to_dict`'s output.
+
+        Raises:
+            ValueError: a key ``"lower"`` or ``"upper"`` is missing.
+        """
+        missing = [key for key in ("lower", "upper") if key not in state]
+        if missing:
+            raise ValueError(f"state is missing key(s) {missing}, got keys {sorted(state)}.")
+        return cls(state["lower"], state["upper"])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(lower={self.lower!r}, upper={self.upper!r})"

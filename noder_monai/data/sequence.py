@@ -1,0 +1,188 @@
+"""One subject's image sequence: scans on one grid, their acquisition times and the grid's affine."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+import numpy as np
+import torch
+
+from noder_monai.data.io import PathLike, load_image
+
+__all__ = ["SubjectSequence", "load_sequence"]
+
+AFFINE_ATOL = 1e-4
+
+
+def _scan_name(index: int, paths: Sequence[str] | None) -> str:
+    return f"scan {index} ('{paths[index]}')" if paths is not None else f"scan {index}"
+
+
+@dataclass
+class SubjectSequence:
+    """Scans of one subject on a common grid, ordered by acquisition time.
+
+    Validated on construction: at least two scans, one finite time per scan, strictly increasing times, finite voxel
+    values, a ``(4, 4)`` affine. Every error is a ``ValueError`` naming the subject, the field and the offending value.
+
+    Attributes:
+        images: ``(T, 1, *spatial)`` float32 scans, 2 or 3 spatial axes.
+        times: ``(T,)`` float64 acquisition times in the user's unit (years, seconds, fraction of a cycle).
+        affine: ``(4, 4)`` float64 voxel-to-world matrix shared by all scans (RAS, mm).
+        subject: subject identifier used in messages and outputs.
+        paths: the file of each scan when read from disk, else ``None``.
+    """
+
+    images: torch.Tensor
+    times: torch.Tensor
+    affine: torch.Tensor
+    subject: str = "subject"
+    paths: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        images = torch.as_tensor(self.images)
+        if images.ndim not in (4, 5) or images.shape[1] != 1:
+            raise ValueError(
+                f"subject '{self.subject}': field 'images' must be (T, 1, *spatial) with 2 or 3 spatial axes, "
+                f"got shape {tuple(images.shape)}."
+            )
+        self.images = images.to(torch.float32)
+        times = torch.as_tensor(self.times, dtype=torch.float64).reshape(-1)
+        count = images.shape[0]
+        if count < 2:
+            raise ValueError(f"subject '{self.subject}': field 'images' needs at least 2 scans, got {count}.")
+        if times.numel() != count:
+            raise ValueError(
+                f"subject '{self.subject}': field 'times' has {times.numel()} values for {count} scans."
+            )
+        if not bool(torch.isfinite(times).all()):
+            raise ValueError(
+                f"subject '{self.subject}': field 'times' must be finite numbers, got {times.tolist()}."
+            )
+        for index in range(1, count):
+            previous, current = float(times[index - 1]), float(times[index])
+            if current <= previous:
+                problem = "duplicate" if current == previous else "unsorted"
+                raise ValueError(
+                    f"subject '{self.subject}': field 'times' must be strictly increasing, {problem} values "
+                    f"times[{index - 1}]={previous:g} and times[{index}]={current:g} (times {times.tolist()})."
+                )
+        self.times = times
+        if self.paths is not None:
+            self.paths = [str(path) for path in self.paths]
+            if len(self.paths) != count:
+                raise ValueError(
+                    f"subject '{self.subject}': field 'paths' has {len(self.paths)} entries for {count} scans."
+                )
+        finite = torch.isfinite(self.images).flatten(1).all(dim=1)
+        if not bool(finite.all()):
+            index = int((~finite).nonzero()[0])
+            raise ValueError(
+                f"subject '{self.subject}': field 'images': {_scan_name(index, self.paths)} contains NaN or Inf "
+                f"voxels."
+            )
+        affine = torch.as_tensor(self.affine, dtype=torch.float64)
+        if affine.shape != (4, 4) or not bool(torch.isfinite(affine).all()):
+            raise ValueError(
+                f"subject '{self.subject}': field 'affine' must be a finite (4, 4) matrix, got shape "
+                f"{tuple(affine.shape)}."
+            )
+        self.affine = affine
+
+    @property
+    def spatial_dims(self) -> int:
+        """Number of spatial axes, 2 or 3."""
+        return self.images.ndim - 2
+
+    @property
+    def spatial_size(self) -> tuple[int, ...]:
+        """Grid size ``(*spatial)`` in voxels."""
+        return tuple(self.images.shape[2:])
+
+    @classmethod
+    def from_tensors(
+        cls,
+        images: torch.Tensor | np.ndarray,
+        times: Sequence[float] | torch.Tensor | np.ndarray,
+        affine: torch.Tensor | np.ndarray | None = None,
+        subject: str = "subject",
+    ) -> SubjectSequence:
+        """Build a validated sequence from in-memory scans.
+
+        Args:
+            images: ``(T, 1, *spatial)`` scans (any real dtype, converted to float32).
+            times: ``T`` acquisition times, strictly increasing.
+            affine: ``(4, 4)`` voxel-to-world matrix; ``None`` gives the identity (1 mm voxels at the origin).
+            subject: subject identifier used in messages.
+
+        Returns:
+            The validated :class:`SubjectSequence`.
+        """
+        matrix = torch.eye(4, dtype=torch.float64) if affine is None else affine
+        return cls(images=torch.as_tensor(images), times=times, affine=matrix, subject=subject)
+
+
+def load_sequence(
+    paths: Sequence[PathLike],
+    times: Sequence[float],
+    subject: str = "subject",
+    reader: str | None = None,
+) -> SubjectSequence:
+    """Read one subject's scans with MONAI ``LoadImage`` and check they form a sequence on one grid.
+
+    Args:
+        paths: one single-channel image file per scan, in time order.
+        times: acquisition time of each scan, strictly increasing.
+        subject: subject identifier used in messages.
+        reader: ``"itk"``, ``"nibabel"`` or ``None`` (MONAI's default), see :func:`noder_monai.data.io.load_image`.
+
+    Returns:
+        :class:`SubjectSequence` with images ``(T, 1, *spatial)`` and the first scan's affine.
+
+    Raises:
+        FileNotFoundError: a file does not exist (the message names it).
+        ValueError: a file cannot be read, has more than one channel, or its shape or affine (atol 1e-4) differs from
+            the first scan's (the message names both files); fewer than two scans; times not finite or not strictly
+            increasing; NaN/Inf voxels (the message names the file).
+    """
+    names = [str(path) for path in paths]
+    values = times.tolist() if isinstance(times, (torch.Tensor, np.ndarray)) else list(times)
+    if len(names) != len(values):
+        raise ValueError(f"subject '{subject}': {len(names)} paths but {len(values)} times.")
+    if len(names) < 2:
+        raise ValueError(f"subject '{subject}': field 'paths' needs at least 2 scans, got {len(names)}.")
+    for index, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value):
+            raise ValueError(
+                f"subject '{subject}': field 'times' entry {index} must be a finite number, got {value!r}."
+            )
+    images = []
+    affine = None
+    for index, name in enumerate(names):
+        image, scan_affine = load_image(name, reader=reader)
+        if image.shape[0] != 1:
+            raise ValueError(
+                f"subject '{subject}': scan '{name}' has {image.shape[0]} channels, expected a single-channel image."
+            )
+        if index == 0:
+            affine = scan_affine
+        elif image.shape != images[0].shape:
+            raise ValueError(
+                f"subject '{subject}': scan '{name}' has shape {tuple(image.shape[1:])} but '{names[0]}' has "
+                f"{tuple(images[0].shape[1:])}; all scans must share one grid."
+            )
+        elif not torch.allclose(scan_affine, affine, atol=AFFINE_ATOL, rtol=0.0):
+            raise ValueError(
+                f"subject '{subject}': scan '{name}' has affine {scan_affine.numpy().round(4).tolist()} but "
+                f"'{names[0]}' has {affine.numpy().round(4).tolist()} (atol {AFFINE_ATOL}); all scans must share "
+                f"one grid."
+            )
+        images.append(image)
+    return SubjectSequence(
+        images=torch.stack(images),
+        times=[float(value) for value in values],
+        affine=affine,
+        subject=subject,
+        paths=names,
+    )

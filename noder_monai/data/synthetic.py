@@ -1,0 +1,286 @@
+"""Procedural image sequences with known true deformations, for tests, benchmarks and the demo.
+
+Each time point's displacement is the exponential (scaling and squaring, MONAI ``DVF2DDF``) of a smooth stationary
+velocity field scaled by a time amplitude, so every true field is smooth and fold-free, and equals zero at ``t = 0``.
+
+``kind="brain"`` (time in years): a ventricle-like expansion plus a cortical shrink whose amplitude follows a sigmoid in
+time (accelerates, then saturates: half of it is reached at 2.5 years, most by 5), plus a smooth random component
+(drawn from ``seed``) whose amplitude grows linearly in time (its full size at 6 years).
+
+``kind="cardiac"`` (time in fractions of a cycle, period 1): a contraction towards the centre plus a twist (rotation
+about the last axis, opposite at the two ends of that axis; a plain rotation in 2D), both with amplitude
+``(1 - cos(2 pi t)) / 2``: zero at end-diastole ``t = 0``, maximal at end-systole ``t = 0.5``.
+
+Observations are ``Warp(base, ddf_t)`` (bilinear, border padding) plus Gaussian noise; label maps are warped with
+nearest-neighbour interpolation. Everything is deterministic for a given ``seed``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.networks.blocks import DVF2DDF, Warp
+from monai.transforms import GaussianSmooth
+
+__all__ = ["DEFAULT_TIMES", "KINDS", "SyntheticSequence", "synthetic_sequence"]
+
+KINDS = ("brain", "cardiac")
+
+#: Default observation times of each kind: irregular visits over 6 years, and 10 frames of one cardiac cycle.
+DEFAULT_TIMES = {
+    "brain": (0.0, 0.7, 1.5, 2.1, 3.0, 3.6, 4.4, 5.2, 6.0),
+    "cardiac": tuple(frame / 10 for frame in range(10)),
+}
+
+BRAIN_SIGMOID_CENTER = 2.5  # years: time of the fastest expansion / atrophy
+BRAIN_SIGMOID_WIDTH = 0.6  # years
+BRAIN_LINEAR_SPAN = 6.0  # years: the linear component reaches its full size here
+CARDIAC_PERIOD = 1.0
+VENTRICLE_CENTER = (0.0, 0.04, 0.08)  # normalised coordinates of the ventricles' centre
+
+
+@dataclass
+class SyntheticSequence:
+    """A synthetic sequence and its ground truth.
+
+    Attributes:
+        images: ``(T, 1, *spatial)`` float32 noisy observations.
+        clean: ``(T, 1, *spatial)`` float32 noise-free images, ``clean[t] = Warp(base, ddfs[t])``.
+        ddfs: ``(T, D, *spatial)`` float32 true displacement fields in voxels (MONAI ``Warp`` convention).
+        label: ``(1, *spatial)`` int64 labels of the base image (brain phantom: 0 background and non-brain,
+            1 CSF, 2 grey matter, 3 white matter; cardiac phantom: 0 background, 1 body, 2 myocardium, 3 blood).
+        label_sequence: ``(T, 1, *spatial)`` int64 labels warped with each true field (nearest neighbour).
+        times: ``(T,)`` float64 times.
+    """
+
+    images: torch.Tensor
+    clean: torch.Tensor
+    ddfs: torch.Tensor
+    label: torch.Tensor
+    label_sequence: torch.Tensor
+    times: torch.Tensor
+
+
+def _grid(shape: Sequence[int]) -> torch.Tensor:
+    """Voxel-centre coordinates normalised to ``(-1, 1)`` along each axis, ``(D, *shape)`` float32."""
+    axes = [(torch.arange(n, dtype=torch.float32) * 2 + 1) / n - 1 for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))
+
+
+def _norm(field: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm over the channel axis, ``(D, *S) -> (*S)``."""
+    return field.pow(2).sum(0).sqrt()
+
+
+def _unit_max(field: torch.Tensor) -> torch.Tensor:
+    """Scale ``(D, *S)`` so that its largest vector has length 1."""
+    return field / _norm(field).max().clamp_min(1e-12)
+
+
+def _smooth_noise(shape: Sequence[int], channels: int, rng: np.random.Generator, modes: int = 6) -> torch.Tensor:
+    """Smooth random field ``(channels, *shape)``: a sum of low-frequency cosines with random phases, max |.| = 1."""
+    grid = _grid(shape).double()
+    dims = len(shape)
+    field = torch.zeros((channels, *shape), dtype=torch.float64)
+    for channel in range(channels):
+        for _ in range(modes):
+            frequency = torch.from_numpy(rng.uniform(0.5, 2.0, dims) * rng.choice([-1.0, 1.0], dims))
+            phase = float(rng.uniform(0.0, 2 * math.pi))
+            weight = float(rng.normal())
+            field[channel] += weight * torch.cos(math.pi * torch.einsum("d,d...->...", frequency, grid) + phase)
+    return (field / field.abs().max().clamp_min(1e-12)).float()
+
+
+def _ellipsoid(grid: torch.Tensor, center: Sequence[float], radii: Sequence[float]) -> torch.Tensor:
+    """Normalised ellipsoidal radius ``(*S)``: < 1 inside the ellipsoid."""
+    dims, shape = grid.shape[0], (-1,) + (1,) * (grid.ndim - 1)
+    return _norm((grid - torch.tensor(center[:dims]).view(shape)) / torch.tensor(radii[:dims]).view(shape))
+
+
+def _brain_regions(grid: torch.Tensor) -> list[tuple[torch.Tensor, int, float]]:
+    """``(mask, label, intensity)`` of a T1-like head: scalp, skull, CSF, folded cortex, white matter, nuclei,
+    ventricles."""
+    head = _ellipsoid(grid, (0.0, 0.0, 0.0), (0.88, 0.94, 0.86))
+    folds = torch.sin(9 * torch.atan2(grid[1], grid[0]))
+    if grid.shape[0] == 3:
+        folds = folds * torch.cos(6 * torch.atan2(grid[2], _norm(grid[:2])))
+    return [
+        (head < 1.0, 0, 0.55),  # scalp
+        (head < 0.92, 0, 0.08),  # skull
+        (head < 0.85, 1, 0.2),  # CSF around the brain
+        (head < 0.78 * (1 + 0.05 * folds), 2, 0.5),  # cortex
+        (head < 0.62 * (1 + 0.08 * folds), 3, 0.8),  # white matter
+        (_ellipsoid(grid, (0.22, 0.0, -0.05), (0.11, 0.13, 0.11)) < 1, 2, 0.5),  # deep grey nuclei
+        (_ellipsoid(grid, (-0.22, 0.0, -0.05), (0.11, 0.13, 0.11)) < 1, 2, 0.5),
+        (_ellipsoid(grid, (0.1,) + VENTRICLE_CENTER[1:], (0.07, 0.26, 0.1)) < 1, 1, 0.2),  # ventricles
+        (_ellipsoid(grid, (-0.1,) + VENTRICLE_CENTER[1:], (0.07, 0.26, 0.1)) < 1, 1, 0.2),
+    ]
+
+
+def _cardiac_regions(grid: torch.Tensor) -> list[tuple[torch.Tensor, int, float]]:
+    """``(mask, label, intensity)`` of a cine-MRI-like chest: body, right ventricle, left ventricle wall and pool."""
+    return [
+        (_ellipsoid(grid, (0.0, 0.0, 0.0), (0.9, 0.8, 0.95)) < 1, 1, 0.45),  # body
+        (_ellipsoid(grid, (-0.38, 0.05, 0.0), (0.22, 0.34, 0.5)) < 1, 3, 0.85),  # right ventricle blood
+        (_ellipsoid(grid, (0.0, 0.0, 0.0), (0.36, 0.36, 0.62)) < 1, 2, 0.2),  # left ventricle myocardium
+        (_ellipsoid(grid, (0.0, 0.0, 0.0), (0.22, 0.22, 0.48)) < 1, 3, 0.9),  # left ventricle blood pool
+    ]
+
+
+def _phantom(kind: str, shape: Sequence[int], rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Base image ``(1, *S)`` float32 in [0, 1] (classes painted in order, smoothed, times a smooth texture) and its
+    labels ``(1, *S)`` int64."""
+    label = torch.zeros(tuple(shape), dtype=torch.int64)
+    intensity = torch.zeros(tuple(shape), dtype=torch.float32)
+    for mask, value, level in (_brain_regions if kind == "brain" else _cardiac_regions)(_grid(shape)):
+        label[mask] = value
+        intensity[mask] = level
+    texture = 1.0 + 0.05 * _smooth_noise(shape, 1, rng, modes=12)[0]
+    image = GaussianSmooth(sigma=0.6)(intensity[None] * texture)
+    return torch.as_tensor(image, dtype=torch.float32).clamp(0.0, 1.0), label[None]
+
+
+def _brain_velocities(shape: Sequence[int], rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-max stationary velocities ``(D, *S)`` in normalised units: the sigmoid part and the linear part."""
+    grid = _grid(shape)
+    centre = torch.tensor(VENTRICLE_CENTER[: len(shape)]).view((-1,) + (1,) * len(shape))
+    offset = grid - centre
+    radius = _norm(offset).clamp_min(1e-6)
+    # pull-back convention: a field pointing at the centre enlarges the central (ventricle) region
+    ventricles = -offset * torch.exp(-radius**2 / (2 * 0.35**2))
+    # a field pointing outwards at the cortex moves the brain surface inwards (atrophy)
+    cortex = offset / radius * torch.exp(-((radius - 0.65) ** 2) / (2 * 0.12**2))
+    sigmoid_part = _unit_max(_unit_max(ventricles) + 0.7 * _unit_max(cortex))
+    window = torch.exp(-_norm(grid) ** 2 / (2 * 0.45**2))
+    linear_part = _unit_max(_smooth_noise(shape, len(shape), rng) * window)
+    return sigmoid_part, linear_part
+
+
+def _cardiac_velocity(shape: Sequence[int]) -> torch.Tensor:
+    """Unit-max stationary velocity ``(D, *S)`` in normalised units: contraction plus twist."""
+    grid = _grid(shape)
+    window = torch.exp(-_norm(grid[:2]) ** 2 / (2 * 0.4**2))
+    # pull-back convention: a field pointing outwards shrinks what lies around the centre (contraction)
+    contraction = grid.clone()
+    contraction[2:] *= 0.3
+    contraction = contraction * window
+    rotation = torch.zeros_like(grid)
+    rotation[0], rotation[1] = -grid[1], grid[0]
+    if len(shape) == 3:
+        rotation = rotation * grid[2]  # opposite rotation at the two ends of the long axis: a twist
+    rotation = rotation * window
+    return _unit_max(_unit_max(contraction) + 0.8 * _unit_max(rotation))
+
+
+def _brain_amplitudes(times: torch.Tensor) -> torch.Tensor:
+    """``(T, 2)`` amplitudes: sigmoid in time (0 at t=0, saturating to 1) and linear (t / 6 years)."""
+    start = torch.sigmoid(torch.tensor(-BRAIN_SIGMOID_CENTER / BRAIN_SIGMOID_WIDTH, dtype=torch.float64))
+    sigmoid = (torch.sigmoid((times - BRAIN_SIGMOID_CENTER) / BRAIN_SIGMOID_WIDTH) - start) / (1 - start)
+    return torch.stack([sigmoid, times / BRAIN_LINEAR_SPAN], dim=1)
+
+
+def _cardiac_amplitudes(times: torch.Tensor) -> torch.Tensor:
+    """``(T, 1)`` amplitude ``(1 - cos(2 pi t / period)) / 2``."""
+    return ((1 - torch.cos(2 * math.pi * times / CARDIAC_PERIOD)) / 2)[:, None]
+
+
+def synthetic_sequence(
+    spatial_dims: int = 3,
+    size: int = 32,
+    times: Sequence[float] | None = None,
+    kind: str = "brain",
+    noise: float = 0.0,
+    seed: int = 0,
+    base_image: torch.Tensor | None = None,
+    base_label: torch.Tensor | None = None,
+    amplitude: float = 1.0,
+) -> SyntheticSequence:
+    """Generate a sequence of deformed images with known true fields.
+
+    Args:
+        spatial_dims: 2 or 3.
+        size: edge length of the procedural phantom's grid, ``size^spatial_dims`` voxels (>= 8); ignored when
+            ``base_image`` is given.
+        times: observation times; ``None`` gives ``DEFAULT_TIMES[kind]``. Any finite values, any order.
+        kind: ``"brain"`` (years, sigmoid + linear dynamics) or ``"cardiac"`` (fractions of a cycle, periodic).
+        noise: standard deviation of the additive Gaussian noise, relative to the base image's intensity range.
+        seed: seed of the random components (texture, linear field, noise).
+        base_image: ``(1, *spatial)`` image to deform instead of the procedural phantom (e.g. ``demo_volume()``).
+        base_label: ``(1, *spatial)`` integer labels of ``base_image``; ``None`` with a ``base_image`` gives a
+            foreground mask (1 where the image exceeds 10% of its range).
+        amplitude: scale of the deformation; at 1.0 the largest true displacement over the default times is about
+            ``min(spatial) / 16`` voxels (2 at 32, 4 at 64).
+
+    Returns:
+        :class:`SyntheticSequence` with ``T = len(times)``.
+
+    Raises:
+        ValueError: an argument is out of range (the message names it and the value received).
+    """
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
+    if not noise >= 0.0:
+        raise ValueError(f"noise must be >= 0, got {noise!r}.")
+    if not (math.isfinite(amplitude) and amplitude >= 0.0):
+        raise ValueError(f"amplitude must be a finite number >= 0, got {amplitude!r}.")
+    time_values = torch.as_tensor(DEFAULT_TIMES[kind] if times is None else times, dtype=torch.float64).reshape(-1)
+    if time_values.numel() == 0 or not bool(torch.isfinite(time_values).all()):
+        raise ValueError(f"times must be a non-empty sequence of finite numbers, got {time_values.tolist()}.")
+    field_rng, texture_rng, noise_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+    if base_image is None:
+        if not isinstance(size, int) or size < 8:
+            raise ValueError(f"size must be an integer >= 8, got {size!r}.")
+        shape = (size,) * spatial_dims
+        base, label = _phantom(kind, shape, texture_rng)
+    else:
+        base = torch.as_tensor(base_image, dtype=torch.float32)
+        if base.ndim != spatial_dims + 1 or base.shape[0] != 1:
+            raise ValueError(
+                f"base_image must be (1, *spatial) with {spatial_dims} spatial axes, got shape {tuple(base.shape)}."
+            )
+        shape = tuple(base.shape[1:])
+        if base_label is None:
+            low, high = float(base.min()), float(base.max())
+            label = (base > low + 0.1 * (high - low)).long()
+        else:
+            label = torch.as_tensor(base_label).long()
+            if label.shape != base.shape:
+                raise ValueError(
+                    f"base_label must have base_image's shape {tuple(base.shape)}, got {tuple(label.shape)}."
+                )
+    # normalised units -> voxels along each axis, and the target largest displacement in voxels
+    to_voxels = torch.tensor([n / 2 for n in shape], dtype=torch.float32).view((-1,) + (1,) * len(shape))
+    largest = amplitude * min(shape) / 16
+    if kind == "brain":
+        sigmoid_part, linear_part = _brain_velocities(shape, field_rng)
+        components = torch.stack([0.75 * sigmoid_part, 0.5 * linear_part])
+        amplitudes = _brain_amplitudes(time_values)
+    else:
+        components = _cardiac_velocity(shape)[None]
+        amplitudes = _cardiac_amplitudes(time_values)
+    components = components * to_voxels
+    components = components / _norm(components.sum(0)).max().clamp_min(1e-12) * largest
+    velocities = torch.einsum("tk,kd...->td...", amplitudes.float(), components)
+    ddfs = DVF2DDF(num_steps=7, mode="bilinear", padding_mode="border")(velocities)
+    count = time_values.numel()
+    clean = Warp(mode="bilinear", padding_mode="border")(base[None].expand(count, *base.shape), ddfs)
+    warped_labels = Warp(mode="nearest", padding_mode="border")(
+        label[None].float().expand(count, *label.shape), ddfs
+    )
+    span = float(base.max() - base.min())
+    draws = torch.from_numpy(noise_rng.standard_normal(tuple(clean.shape))).float()
+    images = clean + noise * span * draws
+    return SyntheticSequence(
+        images=images.contiguous(),
+        clean=clean.contiguous(),
+        ddfs=ddfs.contiguous(),
+        label=label,
+        label_sequence=warped_labels.round().long(),
+        times=time_values,
+    )

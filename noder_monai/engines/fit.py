@@ -1,0 +1,175 @@
+"""Fit NODER to one subject's sequence: coarse-to-fine Adam on NCC + smoothness + boundary terms."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from noder_monai.data import IntensityMapping, SubjectSequence
+from noder_monai.engines.subject import FittedSubject, load_autoencoder_weights
+from noder_monai.losses import NODERLoss
+from noder_monai.networks import LEVELS, NODER, scale_window
+from noder_monai.networks.autoencoder import pad_to_multiple
+
+__all__ = ["FitConfig", "fit_sequence", "downsample_image"]
+
+
+@dataclasses.dataclass
+class FitConfig:
+    """Optimisation settings of one subject's fit (plain values, stored in the fitted subject's file).
+
+    Args:
+        epochs: maximum number of epochs over all levels (one epoch = one Adam step on all observed times).
+        learning_rate: Adam learning rate.
+        ncc_kernel_size: local NCC window in image voxels (odd); scaled with the level.
+        smoothness_weight: weight of the gradient smoothness of the field.
+        boundary_weight: weight of the L2 norm of the field on the boundary planes.
+        levels: coarse-to-fine resolution levels (image voxels per level voxel, each in 1, 2, 4), coarsest first;
+            ``(1,)`` fits at full resolution only.
+        level_fractions: share of ``epochs`` spent at each level (same length as ``levels``, summing to 1).
+        patience: stop the last level after this many epochs without a relative loss improvement of
+            ``min_improvement`` (0 disables early stopping).
+        min_improvement: relative improvement of the best loss that resets the patience counter.
+        finetune_decoder: optimise the decoder together with the dynamics (the encoder stays frozen).
+    """
+
+    epochs: int = 300
+    learning_rate: float = 5e-3
+    ncc_kernel_size: int = 21
+    smoothness_weight: float = 0.05
+    boundary_weight: float = 1e-4
+    levels: Sequence[int] = (4, 2, 1)
+    level_fractions: Sequence[float] = (0.5, 0.3, 0.2)
+    patience: int = 0
+    min_improvement: float = 1e-4
+    finetune_decoder: bool = True
+
+    def __post_init__(self) -> None:
+        self.levels = tuple(int(v) for v in self.levels)
+        self.level_fractions = tuple(float(v) for v in self.level_fractions)
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}.")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
+        if not self.levels or any(v not in LEVELS for v in self.levels):
+            raise ValueError(f"levels must be a non-empty sequence of values in {LEVELS}, got {self.levels}.")
+        if len(self.level_fractions) != len(self.levels) or any(f < 0 for f in self.level_fractions):
+            raise ValueError(
+                f"level_fractions must be {len(self.levels)} non-negative numbers (one per level), got {self.level_fractions}."
+            )
+        if not math.isclose(sum(self.level_fractions), 1.0, abs_tol=1e-6):
+            raise ValueError(f"level_fractions must sum to 1, got {self.level_fractions}.")
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0, got {self.patience}.")
+
+    def epochs_per_level(self) -> list[int]:
+        """Epochs at each level; rounding goes to the finest level, which always gets at least one epoch."""
+        counts = [int(self.epochs * f) for f in self.level_fractions[:-1]]
+        return counts + [max(1, self.epochs - sum(counts))]
+
+
+def downsample_image(image: torch.Tensor, level: int) -> torch.Tensor:
+    """Average ``level``^d blocks: (N, C, *S) -> (N, C, *ceil(S / level)), edge-replicated at the far border.
+
+    Level voxel ``i`` covers image voxels ``[i * level, (i + 1) * level)``, the grid of ``NODER.displacement``.
+    """
+    if level == 1:
+        return image
+    pool = F.avg_pool3d if image.ndim == 5 else F.avg_pool2d
+    return pool(pad_to_multiple(image, level, mode="replicate"), level)
+
+
+def fit_sequence(
+    sequence: SubjectSequence,
+    config: FitConfig | None = None,
+    network: dict | None = None,
+    pretrained: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+    callback: Callable[[dict], None] | None = None,
+) -> FittedSubject:
+    """Fit a NODER trajectory to ``sequence`` and return the fitted subject.
+
+    Args:
+        sequence: the subject's scans (T >= 2, times strictly increasing); the first scan is the baseline.
+        config: optimisation settings; defaults to ``FitConfig()``.
+        network: keyword arguments of :class:`NODER` other than ``spatial_size``.
+        pretrained: a deformation-autoencoder file (see ``noder_monai.engines.subject.load_autoencoder_weights``)
+            whose encoder/decoder weights initialise the model; None starts from random weights.
+        device: torch device of the fit.
+        seed: seeds torch's generator so that the same call returns the same model.
+        progress: show a tqdm progress bar with the current loss.
+        callback: called after every epoch with that epoch's record (epoch, level and loss terms as floats).
+
+    Returns:
+        the :class:`FittedSubject`, with the loss history of every epoch.
+    """
+    config = config or FitConfig()
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    intensity = IntensityMapping.fit(sequence.images)
+    images = intensity(sequence.images).to(device=device, dtype=torch.float32)
+    times = sequence.times.to(torch.float64)
+    scaled = ((times - times[0]) / (times[-1] - times[0])).to(device=device, dtype=torch.float32)
+    model = NODER(sequence.spatial_size, **(network or {})).to(device)
+    if pretrained is not None:
+        load_autoencoder_weights(model, pretrained)
+    model.set_initial_state()
+    model.encoder.requires_grad_(False)
+    model.decoder.requires_grad_(config.finetune_decoder)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+    epochs = config.epochs_per_level()
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, sum(epochs), eta_min=config.learning_rate * 0.05)
+    history: list[dict] = []
+    bar = tqdm(total=sum(epochs), desc=f"fit {sequence.subject}", disable=not progress, leave=False)
+    for level, level_epochs in zip(config.levels, epochs):
+        if level_epochs == 0:
+            continue
+        pyramid = downsample_image(images, level)
+        baseline, targets = pyramid[:1], pyramid[1:]
+        criterion = NODERLoss(
+            spatial_dims=sequence.spatial_dims,
+            ncc_kernel_size=scale_window(config.ncc_kernel_size, level),
+            smoothness_weight=config.smoothness_weight,
+            boundary_weight=config.boundary_weight,
+        )
+        is_last = level == config.levels[-1]
+        best, stale = math.inf, 0
+        for _ in range(level_epochs):
+            optimizer.zero_grad(set_to_none=True)
+            warped, ddf = model(baseline, scaled[1:], level)
+            terms = criterion(warped, targets, ddf)
+            terms["total"].backward()
+            optimizer.step()
+            scheduler.step()
+            record = {"epoch": len(history), "level": level, **{k: v.item() for k, v in terms.items()}}
+            history.append(record)
+            if callback is not None:
+                callback(record)
+            bar.update()
+            bar.set_postfix(level=level, loss=f"{record['total']:.4f}")
+            if is_last and config.patience:
+                if record["total"] < best - abs(best) * config.min_improvement:
+                    best, stale = record["total"], 0
+                else:
+                    stale += 1
+                if stale >= config.patience:
+                    break
+    bar.close()
+    return FittedSubject(
+        model=model.eval(),
+        baseline=images[:1],
+        times=times,
+        affine=sequence.affine,
+        intensity=intensity,
+        subject=sequence.subject,
+        fit_config=dataclasses.asdict(config),
+        history=history,
+    )

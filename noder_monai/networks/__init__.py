@@ -1,0 +1,28 @@
+"""Networks: the deformation autoencoder, the latent dynamics and the NODER trajectory module."""
+
+from noder_monai.networks.autoencoder import (
+    DECODER_STRIDE,
+    ENCODER_STRIDE,
+    DeformationAutoencoder,
+    DeformationDecoder,
+    DeformationEncoder,
+    pad_to_multiple,
+    smooth_upsample,
+)
+from noder_monai.networks.dynamics import LatentDynamics
+from noder_monai.networks.noder import FIELD_TYPES, LEVELS, NODER, scale_window
+
+__all__ = [
+    "DECODER_STRIDE",
+    "ENCODER_STRIDE",
+    "FIELD_TYPES",
+    "LEVELS",
+    "DeformationAutoencoder",
+    "DeformationDecoder",
+    "DeformationEncoder",
+    "LatentDynamics",
+    "NODER",
+    "pad_to_multiple",
+    "scale_window",
+    "smooth_upsample",
+]

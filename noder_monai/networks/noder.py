@@ -1,0 +1,174 @@
+"""NODER: a neural ODE in the latent space of a deformation autoencoder, producing a deformation trajectory.
+
+z(0) = Encoder(zero field); dz/dt = f(z, t) (:class:`LatentDynamics`), integrated with a fixed-step RK4 (torchdiffeq);
+the decoded field minus the decoded initial state (so that time 0 is exactly the identity) is upsampled from the
+decoder's stride-4 grid and smoothed by a box filter; the baseline image is warped with MONAI's ``Warp``.
+All query times go through the decoder, the filter and the warp as one batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from monai.networks.blocks import DVF2DDF, Warp
+from torch import nn
+from torchdiffeq import odeint, odeint_adjoint
+
+from noder_monai.networks.autoencoder import (
+    DECODER_STRIDE,
+    ENCODER_STRIDE,
+    DeformationDecoder,
+    DeformationEncoder,
+    smooth_upsample,
+)
+from noder_monai.networks.dynamics import LatentDynamics
+
+__all__ = ["NODER", "FIELD_TYPES", "LEVELS", "scale_window"]
+
+FIELD_TYPES = ("displacement", "velocity")
+"""``displacement``: the decoder outputs the displacement (the paper). ``velocity``: it outputs a stationary
+velocity integrated by scaling and squaring on the decoder grid, a diffeomorphism by construction."""
+LEVELS = (1, 2, 4)
+"""Resolution levels (image voxels per level voxel) at which a trajectory can be produced."""
+
+
+def scale_window(kernel_size: int, level: int) -> int:
+    """The odd window width at ``level`` that covers about the same physical extent as ``kernel_size`` at level 1."""
+    return 2 * max(0, round((kernel_size / level - 1) / 2)) + 1
+
+
+class NODER(nn.Module):
+    """Deformation trajectory of one subject, as a function of (scaled) time.
+
+    Args:
+        spatial_size: image size (2 or 3 entries); any size (padded to the encoder stride internally).
+        latent_channels: channels of the latent state. Defaults to 4.
+        encoder_channels: see :class:`DeformationEncoder`. Defaults to (16, 32, 32).
+        decoder_channels: see :class:`DeformationDecoder`. Defaults to (32, 16).
+        dynamics_channels: stride-2 convolution channels of :class:`LatentDynamics`. Defaults to (16, 16).
+        hidden_features: fully connected width of :class:`LatentDynamics`. Defaults to 64.
+        num_hidden_layers: fully connected hidden layers of :class:`LatentDynamics`. Defaults to 2.
+        smoothing_kernel: odd box-filter width in image voxels applied to the field. Defaults to 15.
+        step_size: RK4 step in scaled time (the observed span is [0, 1]). Defaults to 0.1.
+        adjoint: integrate the backward pass with the adjoint method (constant memory, slower). Defaults to False.
+        field: one of :data:`FIELD_TYPES`. Defaults to "displacement".
+        integration_steps: scaling-and-squaring steps for ``field="velocity"``. Defaults to 7.
+
+    Shapes:
+        ``displacement(times, level)``: times (T,) -> (T, D, *ceil(S / level)) in level-grid voxels.
+        ``forward(image, times, level)``: image (1, 1, *ceil(S / level)) -> warped (T, 1, *ceil(S / level)) and the field.
+    """
+
+    def __init__(
+        self,
+        spatial_size: Sequence[int],
+        latent_channels: int = 4,
+        encoder_channels: Sequence[int] = (16, 32, 32),
+        decoder_channels: Sequence[int] = (32, 16),
+        dynamics_channels: Sequence[int] = (16, 16),
+        hidden_features: int = 64,
+        num_hidden_layers: int = 2,
+        smoothing_kernel: int = 15,
+        step_size: float = 0.1,
+        adjoint: bool = False,
+        field: str = "displacement",
+        integration_steps: int = 7,
+    ):
+        super().__init__()
+        spatial_size = tuple(int(s) for s in spatial_size)
+        if len(spatial_size) not in (2, 3) or min(spatial_size) < 1:
+            raise ValueError(f"spatial_size must have 2 or 3 positive entries, got {spatial_size}.")
+        if field not in FIELD_TYPES:
+            raise ValueError(f"field must be one of {FIELD_TYPES}, got {field!r}.")
+        if not step_size > 0:
+            raise ValueError(f"step_size must be > 0, got {step_size}.")
+        if smoothing_kernel < 1 or smoothing_kernel % 2 == 0:
+            raise ValueError(f"smoothing_kernel must be a positive odd integer, got {smoothing_kernel}.")
+        self.config = {
+            "spatial_size": list(spatial_size),
+            "latent_channels": latent_channels,
+            "encoder_channels": list(encoder_channels),
+            "decoder_channels": list(decoder_channels),
+            "dynamics_channels": list(dynamics_channels),
+            "hidden_features": hidden_features,
+            "num_hidden_layers": num_hidden_layers,
+            "smoothing_kernel": smoothing_kernel,
+            "step_size": float(step_size),
+            "adjoint": bool(adjoint),
+            "field": field,
+            "integration_steps": integration_steps,
+        }
+        self.spatial_size = spatial_size
+        self.spatial_dims = len(spatial_size)
+        self.smoothing_kernel = smoothing_kernel
+        self.step_size = float(step_size)
+        self.adjoint = adjoint
+        self.field = field
+        latent_size = tuple(math.ceil(s / ENCODER_STRIDE) for s in spatial_size)
+        self.encoder = DeformationEncoder(self.spatial_dims, latent_channels, encoder_channels)
+        self.decoder = DeformationDecoder(self.spatial_dims, latent_channels, decoder_channels)
+        self.dynamics = LatentDynamics((latent_channels, *latent_size), dynamics_channels, hidden_features, num_hidden_layers)
+        self.register_buffer("initial_state", torch.zeros(1, latent_channels, *latent_size))
+        self.warp = Warp(mode="bilinear", padding_mode="border")
+        self.integrate_velocity = DVF2DDF(num_steps=integration_steps, mode="bilinear", padding_mode="border")
+
+    @torch.no_grad()
+    def set_initial_state(self) -> None:
+        """z(0) = Encoder(zero field); call after (re)loading encoder weights. Stored as a buffer in the state_dict."""
+        zero_field = self.initial_state.new_zeros(1, self.spatial_dims, *self.spatial_size)
+        self.initial_state.copy_(self.encoder(zero_field))
+
+    def latent_trajectory(self, times: torch.Tensor) -> torch.Tensor:
+        """Latent states at ``times`` (T,) in scaled time (any order, repeats and negative values allowed).
+
+        Returns:
+            (T, C, *L). Times after 0 are integrated forwards from z(0), times before 0 backwards.
+        """
+        times = torch.as_tensor(times, dtype=self.initial_state.dtype, device=self.initial_state.device).reshape(-1)
+        if not torch.isfinite(times).all():
+            raise ValueError(f"times must be finite, got {times.tolist()}.")
+        solve = odeint_adjoint if self.adjoint else odeint
+        options = {"step_size": self.step_size, "interp": "cubic"}
+        pieces, positions = [], []
+        zero = times == 0
+        if zero.any():
+            pieces.append(self.initial_state.expand(int(zero.sum()), *self.initial_state.shape[1:]))
+            positions.append(zero.nonzero().flatten())
+        for direction in (1.0, -1.0):
+            selected = times * direction > 0
+            if not selected.any():
+                continue
+            grid, inverse = torch.unique(times[selected] * direction, return_inverse=True)
+            grid = torch.cat([grid.new_zeros(1), grid]) * direction
+            states = solve(self.dynamics, self.initial_state, grid, method="rk4", options=options)
+            pieces.append(states[1:, 0][inverse])
+            positions.append(selected.nonzero().flatten())
+        order = torch.cat(positions).argsort()
+        return torch.cat(pieces)[order]
+
+    def displacement(self, times: torch.Tensor, level: int = 1) -> torch.Tensor:
+        """Displacement fields at ``times`` (T,) scaled, on the grid of ``level`` (image voxels per level voxel).
+
+        Returns:
+            (T, D, *ceil(S / level)) in level-grid voxels; exactly zero at time 0.
+        """
+        if level not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}, got {level!r}.")
+        size = [math.ceil(s / level) for s in self.spatial_size]
+        decoded = self.decoder(torch.cat([self.initial_state, self.latent_trajectory(times)]))
+        coarse = decoded[1:] - decoded[:1]
+        if self.field == "displacement":
+            return smooth_upsample(coarse, DECODER_STRIDE // level, size, scale_window(self.smoothing_kernel, level)) / level
+        coarse_size = coarse.shape[2:]
+        velocity = smooth_upsample(coarse, 1, coarse_size, scale_window(self.smoothing_kernel, DECODER_STRIDE)) / DECODER_STRIDE
+        coarse_ddf = self.integrate_velocity(velocity) * (DECODER_STRIDE / level)
+        return smooth_upsample(coarse_ddf, DECODER_STRIDE // level, size)
+
+    def forward(self, image: torch.Tensor, times: torch.Tensor, level: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        ddf = self.displacement(times, level)
+        expected = tuple(ddf.shape[2:])
+        if image.ndim != self.spatial_dims + 2 or image.shape[0] != 1 or tuple(image.shape[2:]) != expected:
+            raise ValueError(f"image must have shape (1, C, {', '.join(map(str, expected))}), got {tuple(image.shape)}.")
+        return self.warp(image.expand(ddf.shape[0], *image.shape[1:]), ddf), ddf

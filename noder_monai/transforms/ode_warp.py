@@ -1,0 +1,249 @@
+"""MONAI transforms that warp images and label maps along a fitted subject's trajectory.
+
+A fitted subject (the one file written by :meth:`noder_monai.engines.FittedSubject.save`) gives a displacement field
+at any time; these transforms warp whatever channel-first image they are given with it (MONAI ``Warp``, pull-back
+convention ``out(x) = image(x + ddf(x))``), so they slot into any ``Compose`` pipeline, e.g. to carry a second
+modality or a segmentation that is co-registered to the subject's baseline scan through time.
+
+Intensities are never rescaled: an image is warped in its own units (the subject's baseline and intensity mapping
+stored in the file are not used here). Warping the subject's own baseline scan therefore gives the same image as
+:meth:`FittedSubject.predict`. Metadata of a ``MetaTensor`` input (affine, file name) is kept, so ``SaveImaged``
+writes the result in the input's world space.
+
+A subject given as a path is loaded on first use and cached per process (keyed by path, modification time and
+size), so a transform holds only the path: it pickles cheaply and works in ``DataLoader`` worker processes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any, Union
+
+import torch
+from monai.config import KeysCollection, NdarrayOrTensor
+from monai.data import MetaTensor
+from monai.networks.blocks import Warp
+from monai.transforms import MapTransform, Transform
+from monai.utils import TransformBackends, convert_to_dst_type, ensure_tuple_rep
+
+from noder_monai.engines import FittedSubject
+
+__all__ = ["ODEWarp", "ODEWarpd", "ODEWarpD", "ODEWarpDict", "load_fitted_subject", "WARP_MODES", "PADDING_MODES"]
+
+SubjectLike = Union[str, "os.PathLike[str]", FittedSubject]
+
+WARP_MODES = ("bilinear", "nearest", "bicubic")
+"""Interpolation modes (``torch.nn.functional.grid_sample``); ``bicubic`` is 2D only."""
+PADDING_MODES = ("border", "zeros", "reflection")
+"""Values used for sampling positions outside the image."""
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(path: str, mtime_ns: int, size: int, device: str) -> FittedSubject:
+    return FittedSubject.load(path, map_location=device)
+
+
+def load_fitted_subject(subject: SubjectLike, device: str | torch.device = "cpu") -> FittedSubject:
+    """Return ``subject`` itself, or the fitted subject stored at that path (cached per process).
+
+    Args:
+        subject: a :class:`FittedSubject` or the path of a file written by :meth:`FittedSubject.save`.
+        device: where a subject loaded from a path is placed; ignored for a :class:`FittedSubject`.
+
+    Raises:
+        FileNotFoundError: naming the path, if it does not exist.
+        ValueError: naming the path, if it is not a fitted-subject file.
+    """
+    if isinstance(subject, FittedSubject):
+        return subject
+    if not isinstance(subject, (str, os.PathLike)):
+        raise ValueError(f"subject must be a FittedSubject or the path of its file, got {type(subject).__name__}.")
+    path = os.path.abspath(os.fspath(subject))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"fitted subject file {path!r} does not exist.")
+    stat = os.stat(path)
+    return _load_cached(path, stat.st_mtime_ns, stat.st_size, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=None)
+def _warp_block(mode: str, padding_mode: str) -> Warp:
+    return Warp(mode=mode, padding_mode=padding_mode)
+
+
+def _check_option(value: str, options: Sequence[str], name: str) -> str:
+    value = str(value)
+    if value not in options:
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}.")
+    return value
+
+
+def _as_time(value: Any, name: str) -> float:
+    """A query time from a number, a 0-d/1-element tensor or array; ValueError naming ``name`` otherwise."""
+    try:
+        time = float(torch.as_tensor(value).reshape(()))
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{name} must be a single number (a time), got {value!r}.") from error
+    if not math.isfinite(time):
+        raise ValueError(f"{name} must be a finite number (a time), got {value!r}.")
+    return time
+
+
+class ODEWarp(Transform):
+    """Warp a channel-first image ``(C, *spatial)`` with a fitted subject's displacement at a time.
+
+    Args:
+        subject: a :class:`FittedSubject` or the path of its file (loaded lazily, cached per process).
+        mode: interpolation, one of :data:`WARP_MODES`: ``"bilinear"`` for images, ``"nearest"`` for label maps.
+            Defaults to ``"bilinear"``.
+        padding_mode: one of :data:`PADDING_MODES`. Defaults to ``"border"`` (as :meth:`FittedSubject.predict`).
+        device: device on which a subject given as a path is loaded and the warp is computed. Defaults to ``"cpu"``.
+
+    Call with ``img`` ``(C, *spatial)`` (tensor, ``MetaTensor`` or array, spatial size equal to the fitted one) and
+    ``time`` in the subject's time unit; returns the warped image of the same type, on the input's device, with a
+    ``MetaTensor``'s metadata kept. ``nearest`` keeps the input dtype; ``bilinear``/``bicubic`` return float32.
+    """
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __init__(
+        self,
+        subject: SubjectLike,
+        mode: str = "bilinear",
+        padding_mode: str = "border",
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if not isinstance(subject, (str, os.PathLike, FittedSubject)):
+            raise ValueError(f"subject must be a FittedSubject or the path of its file, got {type(subject).__name__}.")
+        self.subject_source = subject if isinstance(subject, FittedSubject) else os.fspath(subject)
+        self.mode = _check_option(mode, WARP_MODES, "mode")
+        self.padding_mode = _check_option(padding_mode, PADDING_MODES, "padding_mode")
+        self.device = torch.device(device)
+
+    @property
+    def subject(self) -> FittedSubject:
+        """The fitted subject (loaded on first access in each process)."""
+        return load_fitted_subject(self.subject_source, self.device)
+
+    def displacement(self, time: float) -> torch.Tensor:
+        """Displacement field ``(D, *spatial)`` in voxels at ``time`` (the subject's time unit)."""
+        return self.subject.displacement([_as_time(time, "time")])[0]
+
+    def warp(
+        self,
+        img: NdarrayOrTensor,
+        ddf: torch.Tensor,
+        mode: str | None = None,
+        padding_mode: str | None = None,
+        name: str = "img",
+    ) -> NdarrayOrTensor:
+        """Warp ``img`` ``(C, *spatial)`` with a field ``ddf`` ``(D, *spatial)`` from :meth:`displacement`.
+
+        Raises:
+            ValueError: naming ``name``, if ``img`` is not channel-first with the fitted spatial size.
+        """
+        mode = _check_option(mode or self.mode, WARP_MODES, "mode")
+        padding_mode = _check_option(padding_mode or self.padding_mode, PADDING_MODES, "padding_mode")
+        subject = self.subject
+        spatial_dims = len(subject.spatial_size)
+        if img.ndim != spatial_dims + 1:
+            raise ValueError(
+                f"{name} must be channel-first (C, *spatial) with {spatial_dims} spatial axes, got shape {tuple(img.shape)}."
+            )
+        subject.check_spatial_size(img.shape[1:], name)
+        if mode == "bicubic" and spatial_dims != 2:
+            raise ValueError(f"mode 'bicubic' is only available for 2D images, {name} is {spatial_dims}D.")
+        values = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+        moving = values.to(device=ddf.device, dtype=torch.float32)[None]
+        with torch.inference_mode():
+            warped = _warp_block(mode, padding_mode)(moving, ddf[None].to(torch.float32))[0]
+        dtype = img.dtype if mode == "nearest" else torch.float32
+        out, *_ = convert_to_dst_type(warped.clone(), dst=img, dtype=dtype)
+        return out
+
+    def __call__(
+        self, img: NdarrayOrTensor, time: float, mode: str | None = None, padding_mode: str | None = None
+    ) -> NdarrayOrTensor:
+        """Warp ``img`` ``(C, *spatial)`` to ``time``; ``mode``/``padding_mode`` override the constructor's."""
+        return self.warp(img, self.displacement(time), mode, padding_mode)
+
+
+class ODEWarpd(MapTransform):
+    """Dictionary version of :class:`ODEWarp`: warp ``keys`` to one time with one displacement field.
+
+    Args:
+        keys: keys of the items to warp, each ``(C, *spatial)``.
+        subject: a :class:`FittedSubject` or the path of its file, used for every item; or None with ``subject_key``.
+        time: the query time (a number), or the key of the item holding it (e.g. ``"time"``). Defaults to ``"time"``.
+        mode: interpolation per key (a sequence) or for all keys: ``"bilinear"`` for images, ``"nearest"`` for
+            label maps. Defaults to ``"bilinear"``.
+        padding_mode: per key or for all keys, one of :data:`PADDING_MODES`. Defaults to ``"border"``.
+        subject_key: key of the item holding each sample's subject (path or :class:`FittedSubject`), for
+            pipelines over many subjects; exclusive with ``subject``.
+        ddf_key: if given, also store the field ``(D, *spatial)`` in voxels under this key (a ``MetaTensor`` with
+            the subject's affine).
+        device: device on which subjects are loaded and warps computed. Defaults to ``"cpu"``.
+        allow_missing_keys: do not raise if a key is missing.
+
+    Raises:
+        ValueError: naming the key, for an item whose spatial size differs from the fitted one or a time item that
+            is not a number.
+    """
+
+    backend = ODEWarp.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        subject: SubjectLike | None = None,
+        time: float | str = "time",
+        mode: str | Sequence[str] = "bilinear",
+        padding_mode: str | Sequence[str] = "border",
+        subject_key: str | None = None,
+        ddf_key: str | None = None,
+        device: str | torch.device = "cpu",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if (subject is None) == (subject_key is None):
+            raise ValueError(
+                f"give exactly one of subject and subject_key, got subject={subject!r}, subject_key={subject_key!r}."
+            )
+        if isinstance(time, bool) or not isinstance(time, (str, int, float)):
+            raise ValueError(f"time must be a number or the key of the item holding it, got {time!r}.")
+        self.time = time if isinstance(time, str) else _as_time(time, "time")
+        self.mode = [_check_option(m, WARP_MODES, "mode") for m in ensure_tuple_rep(mode, len(self.keys))]
+        self.padding_mode = [
+            _check_option(p, PADDING_MODES, "padding_mode") for p in ensure_tuple_rep(padding_mode, len(self.keys))
+        ]
+        self.subject_key = subject_key
+        self.ddf_key = ddf_key
+        self.device = torch.device(device)
+        self.warper = None if subject is None else ODEWarp(subject, device=self.device)
+
+    def _time(self, data: Mapping[Hashable, Any]) -> float:
+        if not isinstance(self.time, str):
+            return self.time
+        if self.time not in data:
+            raise KeyError(f"time key {self.time!r} is not in the data (keys: {list(data)}).")
+        return _as_time(data[self.time], f"data[{self.time!r}]")
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if self.warper is not None:
+            warper = self.warper
+        else:
+            if self.subject_key not in d:
+                raise KeyError(f"subject key {self.subject_key!r} is not in the data (keys: {list(d)}).")
+            warper = ODEWarp(d[self.subject_key], device=self.device)
+        ddf = warper.displacement(self._time(d))
+        for key, mode, padding_mode in self.key_iterator(d, self.mode, self.padding_mode):
+            d[key] = warper.warp(d[key], ddf, mode, padding_mode, name=f"data[{key!r}]")
+        if self.ddf_key is not None:
+            d[self.ddf_key] = MetaTensor(ddf.clone(), affine=warper.subject.affine.clone())
+        return d
+
+
+ODEWarpD = ODEWarpDict = ODEWarpd

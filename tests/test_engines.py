@@ -1,0 +1,154 @@
+"""Fit and predict: accuracy on tiny synthetic sequences, the one-file round trip, and errors for bad input."""
+
+import math
+
+import pytest
+import torch
+
+from noder_monai.baselines import linear_interpolation, nearest_scan
+from noder_monai.data import SubjectSequence, synthetic_sequence
+from noder_monai.engines import FitConfig, FittedSubject, fit_sequence
+from noder_monai.metrics import nrmse
+
+SMALL_NETWORK = {"smoothing_kernel": 7}
+SMALL_CONFIG = {"ncc_kernel_size": 9, "levels": (2, 1), "level_fractions": (0.6, 0.4)}
+HELDOUT = [2, 5, 9]  # two frames between observed ones and one after the last
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _split(synthetic):
+    observed = [i for i in range(len(synthetic.times)) if i not in HELDOUT]
+    sequence = SubjectSequence.from_tensors(synthetic.images[observed], synthetic.times[observed], subject="tiny")
+    return sequence, observed
+
+
+def _fit_and_score(spatial_dims, size, epochs):
+    synthetic = synthetic_sequence(spatial_dims=spatial_dims, size=size, kind="cardiac", seed=3)
+    sequence, observed = _split(synthetic)
+    fitted = fit_sequence(sequence, FitConfig(epochs=epochs, **SMALL_CONFIG), network=SMALL_NETWORK, progress=False)
+    query = synthetic.times[HELDOUT]
+    truth = synthetic.clean[HELDOUT]
+    scores = {
+        "noder": nrmse(fitted.predict(query).images, truth),
+        "nearest": nrmse(nearest_scan(sequence.images, sequence.times, query), truth),
+        "linear": nrmse(linear_interpolation(sequence.images, sequence.times, query), truth),
+    }
+    return fitted, synthetic, scores
+
+
+@pytest.fixture(scope="module")
+def fitted_2d():
+    torch.set_num_threads(1)
+    return _fit_and_score(2, 32, 300)
+
+
+def test_2d_fit_beats_nearest_scan_and_linear_interpolation(fitted_2d):
+    _, _, scores = fitted_2d
+    assert scores["noder"].mean() < 0.7 * scores["linear"].mean()
+    assert scores["noder"].mean() < 0.7 * scores["nearest"].mean()
+    assert torch.all(scores["noder"][:2] < scores["nearest"][:2])
+
+
+def test_3d_fit_beats_nearest_scan_and_linear_interpolation():
+    _, _, scores = _fit_and_score(3, 24, 200)
+    assert scores["noder"].mean() < 0.8 * scores["linear"].mean()
+    assert scores["noder"].mean() < 0.8 * scores["nearest"].mean()
+
+
+def test_fit_is_repeatable_for_a_seed_and_records_its_history(fitted_2d):
+    fitted, synthetic, _ = fitted_2d
+    sequence, _ = _split(synthetic)
+    again = fit_sequence(sequence, FitConfig(epochs=300, **SMALL_CONFIG), network=SMALL_NETWORK, progress=False)
+    assert torch.equal(again.predict([0.45]).images, fitted.predict([0.45]).images)
+    assert len(fitted.history) == 300
+    assert [record["level"] for record in fitted.history[179:181]] == [2, 1]
+    assert fitted.history[-1]["total"] < fitted.history[0]["total"]
+
+
+def test_prediction_outputs_are_consistent(fitted_2d):
+    fitted, synthetic, _ = fitted_2d
+    prediction = fitted.predict([0.0, 0.45, 1.3, -0.2], labels=synthetic.label)
+    assert prediction.images.shape == (4, 1, 32, 32)
+    assert prediction.ddfs.shape == (4, 2, 32, 32)
+    assert prediction.jacobians.shape == (4, 1, 32, 32)
+    assert torch.count_nonzero(prediction.ddfs[0]) == 0
+    assert torch.allclose(prediction.images[0], synthetic.images[0], atol=1e-5)
+    assert torch.equal(prediction.labels[0, 0].long(), synthetic.label[0].long())
+    assert set(prediction.labels.unique().tolist()) <= set(synthetic.label.unique().tolist())
+    assert torch.allclose(prediction.jacobians[0], torch.ones(1, 32, 32))
+    assert prediction.images.dtype == torch.float32
+
+
+def test_fitted_labels_follow_the_true_labels(fitted_2d):
+    fitted, synthetic, _ = fitted_2d
+    carried = fitted.predict(synthetic.times[[5]], labels=synthetic.label).labels[0, 0].long()
+    true = synthetic.label_sequence[5, 0].long()
+    static = synthetic.label[0].long()
+    assert (carried == true).float().mean() > (static == true).float().mean()
+
+
+def test_save_load_round_trip_gives_identical_predictions(fitted_2d, tmp_path):
+    fitted, _, _ = fitted_2d
+    path = fitted.save(tmp_path / "subject.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["subject.pt"]
+    loaded = FittedSubject.load(path)
+    times = [-0.3, 0.25, 0.45, 1.5]
+    assert torch.equal(loaded.predict(times).images, fitted.predict(times).images)
+    assert torch.equal(loaded.affine, fitted.affine)
+    assert loaded.history == fitted.history
+    raw = torch.load(path, weights_only=True)
+    assert raw["time_scale"] == pytest.approx(float(fitted.times[-1] - fitted.times[0]))
+    assert raw["spatial_size"] == [32, 32]
+
+
+def test_loading_a_checkpoint_recorded_for_another_size_names_the_file(fitted_2d, tmp_path):
+    fitted, _, _ = fitted_2d
+    state = fitted.state()
+    state["network"]["spatial_size"] = [48, 48]
+    torch.save(state, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"other\.pt.*images of size \[48, 48\]"):
+        FittedSubject.load(tmp_path / "other.pt")
+
+
+def test_prediction_rejects_labels_of_another_size_or_dimensionality(fitted_2d):
+    fitted, _, _ = fitted_2d
+    with pytest.raises(ValueError, match=r"labels has spatial size \(16, 16\).*fitted to 2D images of size \(32, 32\)"):
+        fitted.predict([0.5], labels=torch.zeros(1, 16, 16))
+    with pytest.raises(ValueError, match="labels has spatial size"):
+        fitted.predict([0.5], labels=torch.zeros(1, 32, 32, 32))
+
+
+def test_loading_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        FittedSubject.load(tmp_path / "missing.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="garbage.pt.*not a readable torch file"):
+        FittedSubject.load(tmp_path / "garbage.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="foreign.pt.*is not a 'noder-monai/fitted-subject' file"):
+        FittedSubject.load(tmp_path / "foreign.pt")
+
+
+def test_prediction_rejects_non_finite_or_empty_times(fitted_2d):
+    fitted, _, _ = fitted_2d
+    with pytest.raises(ValueError, match="times must be finite"):
+        fitted.predict([math.nan])
+    with pytest.raises(ValueError, match="at least one time point"):
+        fitted.predict([])
+
+
+def test_fit_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="levels must be"):
+        FitConfig(levels=(3,), level_fractions=(1.0,))
+    with pytest.raises(ValueError, match="level_fractions must sum to 1"):
+        FitConfig(level_fractions=(0.5, 0.3, 0.3))
+    with pytest.raises(ValueError, match="epochs must be >= 1, got 0"):
+        FitConfig(epochs=0)
+    assert FitConfig(epochs=10).epochs_per_level() == [5, 3, 2]

@@ -1,0 +1,121 @@
+"""Tests of noder_monai.functional: the running-sum box filter and the argument checks."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from noder_monai.functional import box_filter, check_ddf, check_odd_kernel_size, check_spatial_dims
+
+
+def brute_force_box_mean(x: torch.Tensor, kernel_size: int, padding_mode: str) -> torch.Tensor:
+    """Average of the ``kernel_size ** d`` shifted copies of the padded input, in float64."""
+    dims = x.ndim - 2
+    radius = kernel_size // 2
+    padded = F.pad(x.double(), [radius] * (2 * dims), mode="constant" if padding_mode == "zeros" else "replicate")
+    total = torch.zeros_like(x, dtype=torch.float64)
+    for offsets in itertools.product(range(kernel_size), repeat=dims):
+        index = (slice(None), slice(None)) + tuple(slice(o, o + n) for o, n in zip(offsets, x.shape[2:]))
+        total += padded[index]
+    return total / kernel_size**dims
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "replicate"])
+@pytest.mark.parametrize("shape", [(2, 3, 11), (2, 3, 9, 12), (1, 2, 7, 8, 6)])
+@pytest.mark.parametrize("kernel_size", [3, 5, 9])
+def test_box_filter_equals_brute_force_average(shape, kernel_size, padding_mode):
+    torch.manual_seed(0)
+    x = torch.rand(shape, dtype=torch.float64)
+    out = box_filter(x, kernel_size, padding_mode)
+    assert out.shape == x.shape and out.dtype == torch.float64
+    torch.testing.assert_close(out, brute_force_box_mean(x, kernel_size, padding_mode), atol=1e-12, rtol=0)
+
+
+def test_box_filter_known_values_1d():
+    x = torch.tensor([[[3.0, 0.0, 0.0, 6.0]]])
+    torch.testing.assert_close(box_filter(x, 3), torch.tensor([[[1.0, 1.0, 2.0, 2.0]]]))
+    torch.testing.assert_close(box_filter(x, 3, "replicate"), torch.tensor([[[2.0, 1.0, 2.0, 4.0]]]))
+
+
+def test_box_filter_kernel_one_is_identity():
+    x = torch.rand(2, 1, 5, 6, 7)
+    assert torch.equal(box_filter(x, 1), x)
+    assert torch.equal(box_filter(x, 1, "replicate"), x)
+
+
+def test_box_filter_of_constant_is_constant_with_replicate_padding():
+    x = torch.full((1, 1, 8, 8, 8), 2.5)
+    torch.testing.assert_close(box_filter(x, 15, "replicate"), x)
+    corner = box_filter(x, 3, "zeros")[0, 0, 0, 0, 0]
+    assert corner.item() == pytest.approx(2.5 * 8 / 27)
+
+
+def test_box_filter_float32_accuracy_at_64_cubed():
+    torch.manual_seed(0)
+    x = 1000.0 + torch.rand(1, 1, 64, 64, 64)
+    reference = box_filter(x.double(), 21)
+    out = box_filter(x, 21)
+    assert out.dtype == torch.float32
+    assert (out.double() - reference).abs().max().item() < 1e-3  # 1e-6 relative to the 1000 offset
+    y = torch.rand(1, 1, 64, 64, 64)
+    assert (box_filter(y, 15).double() - box_filter(y.double(), 15)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "replicate"])
+@pytest.mark.parametrize("shape,kernel_size", [((1, 2, 5, 6), 3), ((2, 1, 3, 4, 2), 5), ((1, 1, 4), 9)])
+def test_box_filter_gradient(shape, kernel_size, padding_mode):
+    torch.manual_seed(0)
+    x = torch.rand(shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: box_filter(t, kernel_size, padding_mode), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: box_filter(t, kernel_size, padding_mode), (x,))
+
+
+def test_box_filter_gradient_known_values():
+    x = torch.ones(1, 1, 7, requires_grad=True)
+    box_filter(x, 5).sum().backward()  # voxel j is in the windows of outputs j-2..j+2 that lie in the image
+    torch.testing.assert_close(x.grad, torch.tensor([[[3.0, 4.0, 5.0, 5.0, 5.0, 4.0, 3.0]]]) / 5)
+    x.grad = None
+    box_filter(x, 5, "replicate").sum().backward()  # plus the copies of the end voxels beyond the border
+    torch.testing.assert_close(x.grad, torch.tensor([[[6.0, 4.0, 5.0, 5.0, 5.0, 4.0, 6.0]]]) / 5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_box_filter_cuda_matches_cpu():
+    x = torch.rand(1, 1, 16, 16, 16)
+    torch.testing.assert_close(box_filter(x.cuda(), 9).cpu(), box_filter(x, 9), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kernel_size", [0, -3, 4, 2.0, True, "5"])
+def test_box_filter_rejects_bad_kernel_size(kernel_size):
+    with pytest.raises(ValueError, match=f"kernel_size must be a positive odd integer, got {kernel_size!r}"):
+        box_filter(torch.zeros(1, 1, 8, 8), kernel_size)
+
+
+def test_box_filter_rejects_bad_padding_mode_and_input():
+    with pytest.raises(ValueError, match="padding_mode must be one of .*, got 'reflect'"):
+        box_filter(torch.zeros(1, 1, 8, 8), 3, "reflect")
+    with pytest.raises(ValueError, match=r"x must be a tensor of shape \(N, C, \*spatial\).*got \(8, 8\)"):
+        box_filter(torch.zeros(8, 8), 3)
+    with pytest.raises(ValueError, match="got ndarray"):
+        box_filter(torch.zeros(1, 1, 8).numpy(), 3)
+
+
+def test_checks():
+    assert check_odd_kernel_size(7) == 7
+    with pytest.raises(ValueError, match="ncc_kernel_size must be a positive odd integer, got 8"):
+        check_odd_kernel_size(8, "ncc_kernel_size")
+    assert check_spatial_dims(2) == 2
+    with pytest.raises(ValueError, match="spatial_dims must be 1, 2 or 3, got 4"):
+        check_spatial_dims(4)
+    check_ddf(torch.zeros(2, 3, 4, 4, 4), min_size=4)
+    with pytest.raises(ValueError, match=r"field must have one channel per spatial axis, \(N, 3, \*spatial\), got "
+                       r"\(2, 2, 4, 4, 4\)"):
+        check_ddf(torch.zeros(2, 2, 4, 4, 4), "field")
+    with pytest.raises(ValueError, match=r"ddf must have at least 3 voxels along every spatial axis,"
+                       r" got \(1, 2, 2, 5\)"):
+        check_ddf(torch.zeros(1, 2, 2, 5), min_size=3)
+    with pytest.raises(ValueError, match=r"ddf must be a tensor of shape \(N, D, \*spatial\).*got \(1, 2\)"):
+        check_ddf(torch.zeros(1, 2))
