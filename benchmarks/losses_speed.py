@@ -6,27 +6,28 @@ median of 5 runs after a warm-up, the compared functions run in turn. Run from t
     python benchmarks/losses_speed.py
 
 Measured on 2-core CPU, 1 thread (torch 2.13.0+cpu, monai 1.6.1), while other jobs shared the machine
-(load average 3-4: absolute times are about twice the idle ones; the ratios are what to read):
+(load average 4-5: absolute times are about twice the idle ones; the ratios are what to read):
 
     Local NCC loss, forward + backward, median of 5, 1 thread
     | size | k | MONAI LNCC s | ours s | MONAI / ours | abs value diff |
     |---|---|---|---|---|---|
-    | 64^3 | 9 | 0.065 | 0.040 | 1.6x | 0.0e+00 |
-    | 64^3 | 21 | 0.291 | 0.054 | 5.4x | 0.0e+00 |
-    | 128^3 | 9 | 1.615 | 0.477 | 3.4x | 0.0e+00 |
-    | 128^3 | 21 | 4.019 | 0.540 | 7.4x | 0.0e+00 |
+    | 64^3 | 9 | 0.087 | 0.067 | 1.3x | 0.0e+00 |
+    | 64^3 | 21 | 0.471 | 0.075 | 6.2x | 0.0e+00 |
+    | 128^3 | 9 | 2.082 | 0.715 | 2.9x | 0.0e+00 |
+    | 128^3 | 21 | 5.464 | 0.759 | 7.2x | 0.0e+00 |
 
     Box mean k=15, forward + backward, median of 5, 1 thread
     | size | box_filter k=15 (cumsum) s | separable avg_pool s | conv k^3 s | pool / cumsum | conv / cumsum |
     |---|---|---|---|---|---|
-    | 64^3 | 0.016 | 0.052 | 3.391 | 3.3x | 212x |
-    | 128^3 | 0.166 | 0.430 | skipped (~27 s est.) | 2.6x | - |
+    | 64^3 | 0.015 | 0.053 | 3.417 | 3.5x | 225x |
+    | 128^3 | 0.123 | 0.330 | skipped (~27 s est.) | 2.7x | - |
 
-    total 73 s
+    total 87 s
 
 Notes: MONAI's ``LocalNormalizedCrossCorrelationLoss`` sums each window with separable convolutions
-(``kernel_size`` taps per axis), ``noder_monai.losses.LocalNCCLoss`` with running sums; both give the same value.
-"conv k^3" is one dense ``conv3d`` with a 15^3 averaging kernel (the authors' smoothing); it is skipped at 128^3
+(``kernel_size`` taps per axis), ``noder_monai.losses.LocalNCCLoss`` with running sums; both give the same value
+(MONAI built with ``smooth_nr=0.0``, this package's default).
+"conv k^3" is one dense ``conv3d`` with a 15^3 averaging kernel (k^3 taps per voxel); it is skipped at 128^3
 when eight times its 64^3 time exceeds 5 s.
 """
 
@@ -92,7 +93,7 @@ def lncc_rows() -> list[str]:
         target = torch.rand(1, 1, size, size, size, generator=generator)
         pred = 0.5 * target + 0.5 * torch.rand(1, 1, size, size, size, generator=generator)
         for kernel_size in NCC_KERNELS:
-            monai = LocalNormalizedCrossCorrelationLoss(3, kernel_size, "rectangular", smooth_nr=1e-5, smooth_dr=1e-5)
+            monai = LocalNormalizedCrossCorrelationLoss(3, kernel_size, "rectangular", smooth_nr=0.0, smooth_dr=1e-5)
             ours = LocalNCCLoss(3, kernel_size)
             losses = {"monai": lambda p: monai(p, target), "ours": lambda p: ours(p, target)}
             times = time_forward_backward(losses, pred)

@@ -29,7 +29,10 @@ from noder_monai.engines.pretrain import default_autoencoder_path
 from noder_monai.metrics import nrmse, percent_folded, psnr, ssim
 
 CASES = [("brain", 3, 32), ("cardiac", 3, 32), ("brain", 2, 64), ("cardiac", 2, 64)]
-HELDOUT = {"brain": {"interpolation": (2, 5), "extrapolation": (8,)}, "cardiac": {"interpolation": (2, 5), "extrapolation": (9,)}}
+HELDOUT = {
+    "brain": {"interpolation": (2, 5), "extrapolation": (8,)},
+    "cardiac": {"interpolation": (2, 5), "extrapolation": (9,)},
+}
 """Held-out indices into ``DEFAULT_TIMES`` (brain: 1.5 and 3.6 years, last 6.0; cardiac: 0.2 and 0.5, last 0.9)."""
 
 
@@ -101,7 +104,8 @@ def summarise(runs: dict, seeds: list[int]) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| case | epochs | init | NRMSE interp | NRMSE extrap | SSIM | PSNR | % folded | fit s | epochs to 90% (coarse level) |")
+    print("| case | epochs | init | NRMSE interp | NRMSE extrap | SSIM | PSNR | % folded | fit s "
+          "| epochs to 90% (coarse level) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         reach = "n/a" if row["epochs_to_90"] is None else f"{row['epochs_to_90']:.0f}"
@@ -140,7 +144,8 @@ def main() -> None:
     rows = summarise(runs, args.seeds)
     print_table(rows)
     if args.json is not None:
-        args.json.write_text(json.dumps({"rows": rows, "runs": {"/".join(map(str, k)): v for k, v in runs.items()}}, indent=1))
+        named = {"/".join(map(str, key)): value for key, value in runs.items()}
+        args.json.write_text(json.dumps({"rows": rows, "runs": named}, indent=1))
 
 
 if __name__ == "__main__":

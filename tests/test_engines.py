@@ -15,14 +15,6 @@ SMALL_CONFIG = {"ncc_kernel_size": 9, "levels": (2, 1), "level_fractions": (0.6,
 HELDOUT = [2, 5, 9]  # two frames between observed ones and one after the last
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _split(synthetic):
     observed = [i for i in range(len(synthetic.times)) if i not in HELDOUT]
     sequence = SubjectSequence.from_tensors(synthetic.images[observed], synthetic.times[observed], subject="tiny")
@@ -30,7 +22,7 @@ def _split(synthetic):
 
 
 def _fit_and_score(spatial_dims, size, epochs):
-    synthetic = synthetic_sequence(spatial_dims=spatial_dims, size=size, kind="cardiac", seed=3)
+    synthetic = synthetic_sequence(spatial_dims=spatial_dims, size=size, kind="cardiac", seed=3, amplitude=2.0)
     sequence, observed = _split(synthetic)
     fitted = fit_sequence(sequence, FitConfig(epochs=epochs, **SMALL_CONFIG), network=SMALL_NETWORK, progress=False)
     query = synthetic.times[HELDOUT]
@@ -45,7 +37,6 @@ def _fit_and_score(spatial_dims, size, epochs):
 
 @pytest.fixture(scope="module")
 def fitted_2d():
-    torch.set_num_threads(1)
     return _fit_and_score(2, 32, 300)
 
 
@@ -57,9 +48,10 @@ def test_2d_fit_beats_nearest_scan_and_linear_interpolation(fitted_2d):
 
 
 def test_3d_fit_beats_nearest_scan_and_linear_interpolation():
-    _, _, scores = _fit_and_score(3, 24, 200)
-    assert scores["noder"].mean() < 0.8 * scores["linear"].mean()
-    assert scores["noder"].mean() < 0.8 * scores["nearest"].mean()
+    _, _, scores = _fit_and_score(3, 24, 400)
+    assert scores["noder"].mean() < 0.7 * scores["linear"].mean()
+    assert scores["noder"].mean() < 0.7 * scores["nearest"].mean()
+    assert torch.all(scores["noder"] < scores["nearest"])
 
 
 def test_fit_is_repeatable_for_a_seed_and_records_its_history(fitted_2d):
@@ -151,4 +143,5 @@ def test_fit_config_rejects_bad_values():
         FitConfig(level_fractions=(0.5, 0.3, 0.3))
     with pytest.raises(ValueError, match="epochs must be >= 1, got 0"):
         FitConfig(epochs=0)
-    assert FitConfig(epochs=10).epochs_per_level() == [5, 3, 2]
+    assert FitConfig(epochs=10).epochs_per_level() == [4, 4, 2]
+    assert FitConfig(epochs=300).epochs_per_level() == [135, 135, 30]

@@ -25,7 +25,7 @@ def test_lncc_equals_monai(spatial_dims, size, kernel_size):
     pred_monai = pred_ours.detach().clone().requires_grad_(True)
     ours = LocalNCCLoss(spatial_dims, kernel_size)(pred_ours, target)
     monai = LocalNormalizedCrossCorrelationLoss(
-        spatial_dims, kernel_size, kernel_type="rectangular", smooth_nr=1e-5, smooth_dr=1e-5
+        spatial_dims, kernel_size, kernel_type="rectangular", smooth_nr=0.0, smooth_dr=1e-5
     )(pred_monai, target)
     assert -1.0 < monai.item() < -0.1
     assert ours.item() == pytest.approx(monai.item(), abs=1e-5)
@@ -44,11 +44,12 @@ def test_lncc_of_an_image_with_itself_is_minus_one():
     assert LocalNCCLoss(2, 7)(image[:, :, 0], -image[:, :, 0]).item() == pytest.approx(-1.0, abs=1e-5)
 
 
-def test_lncc_of_constant_images_is_the_smoothing_ratio():
+def test_lncc_of_flat_windows_is_zero_and_clipped_at_one():
     ones = torch.ones(1, 1, 8, 8)
-    # a 1-voxel window has variance 0 -> both clamped at smooth_dr, cross 0 -> ncc = smooth_nr / smooth_dr ** 2
-    value = LocalNCCLoss(2, 1, smooth_nr=1e-5, smooth_dr=1e-5)(ones, ones)
-    assert value.item() == pytest.approx(-1e-5 / 1e-10, rel=1e-6)
+    # a 1-voxel window has variance 0 -> both clamped at smooth_dr and cross = 0: ncc = smooth_nr / smooth_dr ** 2
+    assert LocalNCCLoss(2, 1)(ones, ones).item() == 0.0
+    assert LocalNCCLoss(2, 1, smooth_nr=1e-15, smooth_dr=1e-5)(ones, ones).item() == pytest.approx(-1e-5, rel=1e-5)
+    assert LocalNCCLoss(2, 1, smooth_nr=1e-5, smooth_dr=1e-5)(ones, ones).item() == -1.0  # 1e5, clipped at 1
 
 
 def test_lncc_rejects_bad_arguments():
@@ -58,8 +59,10 @@ def test_lncc_rejects_bad_arguments():
         LocalNCCLoss(kernel_size=10)
     with pytest.raises(ValueError, match="smooth_nr must be a finite number >= 0, got -1.0"):
         LocalNCCLoss(smooth_nr=-1.0)
-    with pytest.raises(ValueError, match="smooth_dr must be a finite number >= 0, got nan"):
+    with pytest.raises(ValueError, match="smooth_dr must be a finite number > 0, got nan"):
         LocalNCCLoss(smooth_dr=float("nan"))
+    with pytest.raises(ValueError, match="smooth_dr must be a finite number > 0, got 0.0"):
+        LocalNCCLoss(smooth_dr=0.0)
     loss = LocalNCCLoss(3, 3)
     with pytest.raises(ValueError, match=r"pred must have shape \(N, C, \*spatial\) with 3 spatial dimensions, "
                        r"got \(1, 1, 8, 8\)"):

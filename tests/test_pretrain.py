@@ -83,7 +83,8 @@ def test_a_short_run_lowers_the_loss_and_its_file_initialises_a_fit(tmp_path):
     truth = synthetic_sequence(3, 16, times=(0.0, 2.0, 4.0), seed=1)
     sequence = SubjectSequence.from_tensors(truth.images, truth.times)
     config = FitConfig(epochs=2, levels=(1,), level_fractions=(1.0,))
-    fitted = fit_sequence(sequence, config, network={"smoothing_kernel": 5}, pretrained=result.autoencoder, progress=False)
+    network = {"smoothing_kernel": 5}
+    fitted = fit_sequence(sequence, config, network=network, pretrained=result.autoencoder, progress=False)
     saved = torch.load(result.autoencoder, weights_only=True)["state_dict"]
     for key, value in fitted.model.encoder.state_dict().items():
         assert torch.equal(value, saved[f"encoder.{key}"])

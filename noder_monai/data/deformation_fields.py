@@ -14,9 +14,9 @@ every part the exponential of a stationary velocity field (scaling and squaring,
 
 Fields follow this package's convention: ``(N, D, *spatial)``, voxel units, MONAI ``Warp`` pull-back
 (``out(x) = image(x + ddf(x))``), channel ``i`` along spatial axis ``i``. Every random draw of a field comes from
-``numpy.random.SeedSequence(key)`` with the field's own key (``(seed, index)`` in :meth:`DeformationFieldGenerator.generate`,
-``(seed, stream, index)`` in :class:`GeneratedDeformationFields`), so a field does not depend on the batch it is
-generated in.
+``numpy.random.SeedSequence(key)`` with the field's own key (``(seed, index)`` in
+:meth:`DeformationFieldGenerator.generate`, ``(seed, stream, index)`` in :class:`GeneratedDeformationFields`), so a
+field does not depend on the batch it is generated in.
 
 User fields (:func:`load_displacement_field`, :class:`DisplacementFieldPatches`) are NIfTI files, for example exported
 from VoxelMorph or ANTs, in any of these layouts (``D`` = spatial dims, the number of components):
@@ -112,7 +112,9 @@ def compose_displacements(first: torch.Tensor, second: torch.Tensor) -> torch.Te
         (N, D, *S).
     """
     if first.shape != second.shape:
-        raise ValueError(f"first and second must have the same shape, got {tuple(first.shape)} and {tuple(second.shape)}.")
+        raise ValueError(
+            f"first and second must have the same shape, got {tuple(first.shape)} and {tuple(second.shape)}."
+        )
     return second + Warp(mode="bilinear", padding_mode="border")(first, second)
 
 
@@ -241,7 +243,8 @@ class DeformationFieldGenerator:
         for rng in rngs:
             field = torch.zeros_like(self._coords)
             for _ in range(int(rng.integers(self.regions[0], self.regions[1] + 1))):
-                centre = torch.as_tensor(rng.uniform(0.25, 0.75, self.spatial_dims), dtype=torch.float32, device=self.device)
+                centre = torch.as_tensor(rng.uniform(0.25, 0.75, self.spatial_dims), dtype=torch.float32)
+                centre = centre.to(self.device)
                 sigma = float(rng.uniform(*self.region_sigma)) * size
                 offset = (self._coords - (centre * (size - 1)).view(view)) / sigma.view(view)
                 weight = float(rng.uniform(0.5, 1.0) * rng.choice([-1.0, 1.0]))
@@ -331,7 +334,7 @@ class DeformationFieldGenerator:
 
 
 class GeneratedDeformationFields(Dataset):
-    """Map-style dataset of ``num_fields`` generated fields: item ``k`` has the key ``(seed, stream, k)``, made on access.
+    """Map-style dataset of ``num_fields`` generated fields, made on access; item ``k`` has key ``(seed, stream, k)``.
 
     ``__getitems__`` (used by ``torch.utils.data.DataLoader`` for batches) builds a whole batch at once, which is
     several times faster than one field at a time; :meth:`batch` returns the stacked tensor directly.
@@ -379,7 +382,9 @@ class GeneratedDeformationFields(Dataset):
         return list(self.batch(indices).unbind(0))
 
 
-def list_displacement_fields(source: PathLike | Sequence[PathLike], dataset_dir: PathLike | None = None) -> dict[str, list[Path]]:
+def list_displacement_fields(
+    source: PathLike | Sequence[PathLike], dataset_dir: PathLike | None = None
+) -> dict[str, list[Path]]:
     """Resolve the user's displacement-field files.
 
     Args:
@@ -433,7 +438,9 @@ def _read_field_datalist(path: Path, base: Path) -> dict[str, list[Path]]:
         for number, entry in enumerate(entries):
             value = entry.get("field") if isinstance(entry, dict) else entry
             if not isinstance(value, str) or not value:
-                raise ValueError(f"datalist '{path}': {split}[{number}] must be a path or {{'field': path}}, got {entry!r}.")
+                raise ValueError(
+                    f"datalist '{path}': {split}[{number}] must be a path or {{'field': path}}, got {entry!r}."
+                )
             file = Path(value) if os.path.isabs(value) else base / value
             if not file.is_file():
                 raise FileNotFoundError(f"datalist '{path}': {split}[{number}] file '{file}' does not exist.")
@@ -536,7 +543,8 @@ def load_displacement_field(
         matrix = affine[:spatial_dims, :spatial_dims]
         if abs(float(torch.linalg.det(matrix))) < 1e-12:
             raise ValueError(f"displacement field '{path}': its affine is singular, cannot convert mm to voxels.")
-        flip = torch.tensor(_LPS_TO_RAS[:spatial_dims] if frame == "LPS" else (1.0,) * spatial_dims, dtype=torch.float64)
+        signs = _LPS_TO_RAS[:spatial_dims] if frame == "LPS" else (1.0,) * spatial_dims
+        flip = torch.tensor(signs, dtype=torch.float64)
         to_voxels = torch.linalg.inv(matrix) * flip  # inv(A) @ diag(flip)
         field = torch.einsum("ij,j...->i...", to_voxels, field.double()).float()
     limit = min(spatial) / 4 if max_displacement is None else float(max_displacement)
@@ -593,7 +601,10 @@ class DisplacementFieldPatches(Dataset):
             raise ValueError("files must list at least one displacement-field file.")
         self.spatial_dims = spatial_dims
         if patch_size is not None:
-            patch = (int(patch_size),) * spatial_dims if isinstance(patch_size, int) else tuple(int(p) for p in patch_size)
+            if isinstance(patch_size, int):
+                patch = (int(patch_size),) * spatial_dims
+            else:
+                patch = tuple(int(p) for p in patch_size)
             if len(patch) != spatial_dims or min(patch) < 1:
                 raise ValueError(f"patch_size must be one or {spatial_dims} positive ints, got {patch_size!r}.")
             patch_size = patch
@@ -608,7 +619,9 @@ class DisplacementFieldPatches(Dataset):
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples!r}.")
         self.flips = flips
-        self.load_kwargs = {"spatial_dims": spatial_dims, "units": units, "frame": frame, "max_displacement": max_displacement}
+        self.load_kwargs = {
+            "spatial_dims": spatial_dims, "units": units, "frame": frame, "max_displacement": max_displacement
+        }
         self.cache = cache
         self.seed = int(seed)
         self._cached: dict[int, torch.Tensor] = {}

@@ -1,6 +1,15 @@
 """Engines: fit a subject's trajectory, save/load it as one file, predict at any time."""
 
 from noder_monai.engines.fit import FitConfig, downsample_image, fit_sequence
+from noder_monai.engines.pretrain import (
+    PretrainConfig,
+    PretrainResult,
+    default_autoencoder_path,
+    evaluate_autoencoder,
+    load_autoencoder,
+    mean_endpoint_error,
+    pretrain_autoencoder,
+)
 from noder_monai.engines.subject import (
     AUTOENCODER_FORMAT,
     SUBJECT_FORMAT,
@@ -8,6 +17,7 @@ from noder_monai.engines.subject import (
     Prediction,
     atomic_torch_save,
     load_autoencoder_weights,
+    read_checkpoint,
 )
 
 __all__ = [
@@ -16,8 +26,16 @@ __all__ = [
     "FitConfig",
     "FittedSubject",
     "Prediction",
+    "PretrainConfig",
+    "PretrainResult",
     "atomic_torch_save",
+    "default_autoencoder_path",
     "downsample_image",
+    "evaluate_autoencoder",
     "fit_sequence",
+    "load_autoencoder",
     "load_autoencoder_weights",
+    "mean_endpoint_error",
+    "pretrain_autoencoder",
+    "read_checkpoint",
 ]

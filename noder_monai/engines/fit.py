@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from noder_monai.data import IntensityMapping, SubjectSequence
+from noder_monai.engines.pretrain import default_autoencoder_path
 from noder_monai.engines.subject import FittedSubject, load_autoencoder_weights
 from noder_monai.losses import NODERLoss
 from noder_monai.networks import LEVELS, NODER, scale_window
@@ -45,7 +46,7 @@ class FitConfig:
     smoothness_weight: float = 0.05
     boundary_weight: float = 1e-4
     levels: Sequence[int] = (4, 2, 1)
-    level_fractions: Sequence[float] = (0.5, 0.3, 0.2)
+    level_fractions: Sequence[float] = (0.45, 0.45, 0.1)
     patience: int = 0
     min_improvement: float = 1e-4
     finetune_decoder: bool = True
@@ -89,7 +90,7 @@ def fit_sequence(
     sequence: SubjectSequence,
     config: FitConfig | None = None,
     network: dict | None = None,
-    pretrained: str | Path | None = None,
+    pretrained: str | Path | None = "auto",
     device: str | torch.device = "cpu",
     seed: int = 0,
     progress: bool = True,
@@ -101,8 +102,9 @@ def fit_sequence(
         sequence: the subject's scans (T >= 2, times strictly increasing); the first scan is the baseline.
         config: optimisation settings; defaults to ``FitConfig()``.
         network: keyword arguments of :class:`NODER` other than ``spatial_size``.
-        pretrained: a deformation-autoencoder file (see ``noder_monai.engines.subject.load_autoencoder_weights``)
-            whose encoder/decoder weights initialise the model; None starts from random weights.
+        pretrained: ``"auto"`` (default) initialises the encoder/decoder with the weights shipped for the sequence's
+            dimensionality (``default_autoencoder_path``; they fit the default network channels); a path uses that
+            deformation-autoencoder file (see ``load_autoencoder_weights``); None starts from random weights.
         device: torch device of the fit.
         seed: seeds torch's generator so that the same call returns the same model.
         progress: show a tqdm progress bar with the current loss.
@@ -119,6 +121,8 @@ def fit_sequence(
     times = sequence.times.to(torch.float64)
     scaled = ((times - times[0]) / (times[-1] - times[0])).to(device=device, dtype=torch.float32)
     model = NODER(sequence.spatial_size, **(network or {})).to(device)
+    if pretrained == "auto":
+        pretrained = default_autoencoder_path(sequence.spatial_dims)
     if pretrained is not None:
         load_autoencoder_weights(model, pretrained)
     model.set_initial_state()

@@ -42,7 +42,7 @@ from noder_monai.data.deformation_fields import (
     GeneratedDeformationFields,
     list_displacement_fields,
 )
-from noder_monai.engines.subject import AUTOENCODER_FORMAT, _read_checkpoint, atomic_torch_save
+from noder_monai.engines.subject import AUTOENCODER_FORMAT, read_checkpoint, atomic_torch_save
 from noder_monai.networks import DeformationAutoencoder
 
 __all__ = [
@@ -196,7 +196,9 @@ def mean_endpoint_error(prediction: torch.Tensor, target: torch.Tensor) -> torch
         (N,) voxels.
     """
     if prediction.shape != target.shape:
-        raise ValueError(f"prediction and target must have the same shape, got {tuple(prediction.shape)} and {tuple(target.shape)}.")
+        raise ValueError(
+            f"prediction and target must have the same shape, got {tuple(prediction.shape)} and {tuple(target.shape)}."
+        )
     return (prediction - target).pow(2).sum(1).sqrt().flatten(1).mean(1)
 
 
@@ -207,7 +209,7 @@ def load_autoencoder(path: PathLike, map_location: str | torch.device = "cpu") -
         FileNotFoundError: if ``path`` does not exist.
         ValueError: naming the file, if it is another kind of file or its weights do not fit its config.
     """
-    checkpoint = _read_checkpoint(path, AUTOENCODER_FORMAT, map_location)
+    checkpoint = read_checkpoint(path, AUTOENCODER_FORMAT, map_location)
     config = {key: checkpoint["config"][key] for key in ARCHITECTURE_KEYS}
     model = DeformationAutoencoder(**config)
     try:
@@ -261,8 +263,9 @@ def _datasets(config: PretrainConfig, fields: Any) -> tuple[Any, Any, Any]:
     size = (config.spatial_size,) * config.spatial_dims
     samples = config.epochs * config.steps_per_epoch * config.batch_size
     if fields is None:
-        train = GeneratedDeformationFields(samples, size, seed=config.seed, stream=0, **config.generator)
-        validation = GeneratedDeformationFields(config.validation_fields, size, seed=config.seed, stream=1, **config.generator)
+        train = GeneratedDeformationFields(samples, size, config.seed, stream=0, **config.generator)
+        count = config.validation_fields
+        validation = GeneratedDeformationFields(count, size, config.seed, stream=1, **config.generator)
         return train, validation, "generated"
     lists = list_displacement_fields(fields)
     train_files, validation_files = lists["training"], lists["validation"]
@@ -281,14 +284,16 @@ def _datasets(config: PretrainConfig, fields: Any) -> tuple[Any, Any, Any]:
         train_files, config.spatial_dims, size, num_samples=samples, flips=config.flips, seed=config.seed, **read
     )
     validation = DisplacementFieldPatches(validation_files, config.spatial_dims, None, **read)
-    return train, validation, {"training": [str(f) for f in train_files], "validation": [str(f) for f in validation_files]}
+    source = {"training": [str(f) for f in train_files], "validation": [str(f) for f in validation_files]}
+    return train, validation, source
 
 
 def _learning_rate(config: PretrainConfig, step: int) -> float:
     """Cosine decay from ``learning_rate`` at step 0 to ``final_learning_rate`` at the last step."""
     total = max(1, config.epochs * config.steps_per_epoch - 1)
     progress = min(1.0, step / total)
-    return config.final_learning_rate + 0.5 * (config.learning_rate - config.final_learning_rate) * (1 + math.cos(math.pi * progress))
+    span = config.learning_rate - config.final_learning_rate
+    return config.final_learning_rate + 0.5 * span * (1 + math.cos(math.pi * progress))
 
 
 def _summary_writer(folder: Path) -> Any:
@@ -314,10 +319,14 @@ def _atomic_json(obj: Any, path: Path) -> None:
 def _resume_state(path: Path, config: PretrainConfig, source: Any, device: torch.device) -> dict | None:
     if not path.is_file():
         return None
-    state = _read_checkpoint(path, AUTOENCODER_FORMAT, device)
+    state = read_checkpoint(path, AUTOENCODER_FORMAT, device)
     previous = state["training"]["config"]
     current = config.to_dict()
-    changed = {k: (previous.get(k), v) for k, v in current.items() if k not in RESUMABLE_CHANGES and previous.get(k) != v}
+    changed = {
+        key: (previous.get(key), value)
+        for key, value in current.items()
+        if key not in RESUMABLE_CHANGES and previous.get(key) != value
+    }
     if state["training"]["source"] != source:
         changed["fields"] = (state["training"]["source"], source)
     if changed:
@@ -362,7 +371,7 @@ def pretrain_autoencoder(
             to resume was written with other settings.
     """
     base = config if isinstance(config, dict) else dataclasses.asdict(config or PretrainConfig())
-    unknown = set(settings) - {f.name for f in dataclasses.fields(PretrainConfig)}
+    unknown = (set(base) | set(settings)) - {f.name for f in dataclasses.fields(PretrainConfig)}
     if unknown:
         raise ValueError(f"unknown pretraining settings {sorted(unknown)}; see PretrainConfig.")
     config = PretrainConfig(**{**base, **settings})
@@ -384,7 +393,8 @@ def pretrain_autoencoder(
         optimizer.load_state_dict(state["optimizer"])
         history, best = state["history"], state["best"]
         logger.info("resuming %s at epoch %d of %d", checkpoint_path, len(history), config.epochs)
-    training = {"config": config.to_dict(), "source": source, "generator_seed_streams": {"training": 0, "validation": 1}}
+    streams = {"training": 0, "validation": 1}
+    training = {"config": config.to_dict(), "source": source, "generator_seed_streams": streams}
 
     writer = _summary_writer(output_dir / "tensorboard")
     steps = config.steps_per_epoch
@@ -427,11 +437,10 @@ def pretrain_autoencoder(
         header = {"format": AUTOENCODER_FORMAT, "package_version": __version__, "config": config.architecture()}
         if record["validation_epe"] < best["validation_epe"]:
             best = {"epoch": epoch, "validation_epe": record["validation_epe"]}
-            atomic_torch_save({**header, "state_dict": weights, "training": {**training, "epoch": epoch, "validation": scores}}, best_path)
-        atomic_torch_save(
-            {**header, "state_dict": weights, "training": training, "optimizer": optimizer.state_dict(), "history": history, "best": best},
-            checkpoint_path,
-        )
+            selected = {**training, "epoch": epoch, "validation": scores}
+            atomic_torch_save({**header, "state_dict": weights, "training": selected}, best_path)
+        resumable = {"optimizer": optimizer.state_dict(), "history": history, "best": best}
+        atomic_torch_save({**header, "state_dict": weights, "training": training, **resumable}, checkpoint_path)
         _atomic_json(history, output_dir / "history.json")
         if writer is not None:
             for key in ("train_loss", "train_epe", "validation_mse", "validation_epe", "learning_rate"):

@@ -16,7 +16,15 @@ from noder_monai.data import IntensityMapping
 from noder_monai.metrics import jacobian_determinant
 from noder_monai.networks import NODER
 
-__all__ = ["FittedSubject", "Prediction", "load_autoencoder_weights", "atomic_torch_save", "SUBJECT_FORMAT", "AUTOENCODER_FORMAT"]
+__all__ = [
+    "AUTOENCODER_FORMAT",
+    "SUBJECT_FORMAT",
+    "FittedSubject",
+    "Prediction",
+    "atomic_torch_save",
+    "load_autoencoder_weights",
+    "read_checkpoint",
+]
 
 SUBJECT_FORMAT = "noder-monai/fitted-subject"
 AUTOENCODER_FORMAT = "noder-monai/deformation-autoencoder"
@@ -30,6 +38,9 @@ def atomic_torch_save(obj: dict, path: str | Path) -> Path:
     os.close(handle)
     try:
         torch.save(obj, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -37,7 +48,13 @@ def atomic_torch_save(obj: dict, path: str | Path) -> Path:
     return path
 
 
-def _read_checkpoint(path: str | Path, expected_format: str, map_location: str | torch.device = "cpu") -> dict:
+def read_checkpoint(path: str | Path, expected_format: str, map_location: str | torch.device = "cpu") -> dict:
+    """``torch.load(weights_only=True)`` a package file and check its ``format`` entry.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: naming the file, if it is not a torch file or not of ``expected_format``.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist.")
@@ -59,7 +76,7 @@ def load_autoencoder_weights(model: NODER, path: str | Path) -> None:
     Raises:
         ValueError: naming the file, if it is another kind of file or its networks differ from ``model``'s.
     """
-    checkpoint = _read_checkpoint(path, AUTOENCODER_FORMAT, map_location=model.initial_state.device)
+    checkpoint = read_checkpoint(path, AUTOENCODER_FORMAT, map_location=model.initial_state.device)
     config = checkpoint.get("config", {})
     if config.get("spatial_dims") != model.spatial_dims:
         raise ValueError(
@@ -235,7 +252,7 @@ class FittedSubject:
             FileNotFoundError: if ``path`` does not exist.
             ValueError: naming the file, if it is not a fitted subject or its weights do not fit its recorded size.
         """
-        checkpoint = _read_checkpoint(path, SUBJECT_FORMAT, map_location)
+        checkpoint = read_checkpoint(path, SUBJECT_FORMAT, map_location)
         network = dict(checkpoint["network"])
         model = NODER(**network)
         try:

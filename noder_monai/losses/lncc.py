@@ -13,9 +13,11 @@ from noder_monai.functional import box_filter, check_odd_kernel_size, check_spat
 __all__ = ["LocalNCCLoss"]
 
 
-def _check_non_negative(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+def _check_non_negative(value: float, name: str, strict: bool = False) -> float:
+    """Return ``value`` as a float after checking that it is a finite number >= 0 (> 0 if ``strict``)."""
+    is_number = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not is_number or value < 0 or (strict and value == 0):
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} 0, got {value!r}.")
     return float(value)
 
 
@@ -34,9 +36,9 @@ class LocalNCCLoss(_Loss):
     Why not MONAI's class: it sums each window with separable convolutions of ``kernel_size`` taps, which made it
     the most expensive piece of a fit. Here the window sums come from :func:`noder_monai.functional.box_filter`
     (running sums, cost independent of the window). Measured on this project's 2-core CPU with one thread while
-    other jobs shared it, forward + backward of one 1-channel volume (``benchmarks/losses_speed.py``), MONAI vs
-    this class: 64^3 k=9 0.065 s vs 0.040 s, k=21 0.29 s vs 0.054 s; 128^3 k=9 1.6 s vs 0.48 s, k=21 4.0 s vs
-    0.54 s; the float32 values were identical.
+    other jobs shared it (times about twice the idle ones), forward + backward of one 1-channel volume
+    (``benchmarks/losses_speed.py``), MONAI vs this class: 64^3 k=9 0.087 s vs 0.067 s, k=21 0.47 s vs 0.075 s;
+    128^3 k=9 2.1 s vs 0.72 s, k=21 5.5 s vs 0.76 s; the float32 values were identical.
 
     Args:
         spatial_dims: number of spatial dimensions of the images, 1, 2 or 3. Defaults to 3.
@@ -44,7 +46,8 @@ class LocalNCCLoss(_Loss):
         smooth_nr: constant added to the squared cross term, >= 0. Defaults to 0.0 (MONAI's default): any positive
             value makes a window where both images are flat score ``smooth_nr / smooth_dr**2`` (1e5 for 1e-5), which
             dwarfs every real window and which an optimiser exploits.
-        smooth_dr: lower bound of each local variance, >= 0. Defaults to 1e-5.
+        smooth_dr: lower bound of each local variance, > 0 (0 would divide by zero in flat windows).
+            Defaults to 1e-5.
     """
 
     def __init__(
@@ -54,7 +57,7 @@ class LocalNCCLoss(_Loss):
         self.spatial_dims = check_spatial_dims(spatial_dims)
         self.kernel_size = check_odd_kernel_size(kernel_size)
         self.smooth_nr = _check_non_negative(smooth_nr, "smooth_nr")
-        self.smooth_dr = _check_non_negative(smooth_dr, "smooth_dr")
+        self.smooth_dr = _check_non_negative(smooth_dr, "smooth_dr", strict=True)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """
