@@ -46,7 +46,7 @@ def fit(
             the package when installed; None starts from random weights.
         device: torch device, e.g. cpu or cuda:0 (default: cuda if available, else cpu).
         seed: random seed of every fit.
-        threads: torch CPU threads (default: torch's choice; on a shared machine give the number of free cores).
+        threads: torch CPU threads (default: the cores idle at start, i.e. cores minus the load average).
         skip_existing: keep subjects whose model.pt already exists (resume an interrupted run).
         progress: show a progress bar per subject.
         settings: fit settings (epochs, learning_rate, ncc_kernel_size, smoothness_weight, boundary_weight,
@@ -91,7 +91,7 @@ def predict(
         times: query times, e.g. "[1.0, 2.5]", for subjects without their own predict_times in the datalist
             (default: each subject's observed and held-out times).
         device: torch device (default: cuda if available, else cpu).
-        threads: torch CPU threads (default: torch's choice).
+        threads: torch CPU threads (default: the cores idle at start, i.e. cores minus the load average).
         batch_size: time points decoded and warped at once (lower it if memory is short).
     """
     from noder_monai.engines import workflows
@@ -128,7 +128,7 @@ def evaluate(
         output_dir: the folder `noder fit` wrote to.
         eval_dir: where the report is written (default: <output_dir>/eval).
         device: torch device (default: cuda if available, else cpu).
-        threads: torch CPU threads (default: torch's choice).
+        threads: torch CPU threads (default: the cores idle at start, i.e. cores minus the load average).
         montage: write the PNG montages (--nomontage to skip).
     """
     from noder_monai.engines import workflows
@@ -163,7 +163,7 @@ def demo(
         size: edge of the demo volumes in voxels (64 is the shipped resolution).
         pretrained: autoencoder file, "auto" (shipped weights when installed) or None (random weights).
         device: torch device (default: cuda if available, else cpu).
-        threads: torch CPU threads (default: torch's choice).
+        threads: torch CPU threads (default: the cores idle at start, i.e. cores minus the load average).
         progress: show a progress bar per subject.
         settings: fit and network settings as for `noder fit`, e.g. --epochs 100.
     """

@@ -216,11 +216,23 @@ def _pretrained(pretrained: str | os.PathLike | None, spatial_dims: int) -> str 
         return None
 
 
+def free_cores() -> int:
+    """CPU cores this process may use minus the 1-minute load average (at least 1).
+
+    More torch threads than idle cores makes every operation wait on descheduled threads: on a 2-core machine with
+    one other busy process, 2 threads ran a fit 10-50x slower than 1 (design.md).
+    """
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(usable, round(usable - os.getloadavg()[0]))) if hasattr(os, "getloadavg") else usable
+
+
 def _set_threads(num_threads: int | None) -> None:
-    if num_threads is not None:
-        if not isinstance(num_threads, int) or num_threads < 1:
-            raise ValueError(f"num_threads must be a positive integer or None, got {num_threads!r}.")
-        torch.set_num_threads(num_threads)
+    if num_threads is None:
+        num_threads = free_cores()
+        logger.info("using %d torch thread(s): the idle cores now (set num_threads to override)", num_threads)
+    if not isinstance(num_threads, int) or num_threads < 1:
+        raise ValueError(f"num_threads must be a positive integer or None, got {num_threads!r}.")
+    torch.set_num_threads(num_threads)
 
 
 def _entries(
@@ -364,7 +376,7 @@ def train(
             installed; None starts from random weights.
         device: torch device; None uses cuda when available.
         seed: random seed of every fit.
-        num_threads: torch CPU threads (None leaves torch's default; on a shared machine use the free cores).
+        num_threads: torch CPU threads (None: the cores idle at start, see :func:`free_cores`).
         demo_dir: demo dataset folder used when neither ``datalist`` nor ``dataset_dir`` is given.
         demo: keyword arguments of ``make_demo_dataset`` for the demo dataset.
         skip_existing: keep subjects whose ``model.pt`` already exists (resume an interrupted cohort).
@@ -456,7 +468,7 @@ def infer(
         output_dir: the folder :func:`train` wrote to; predictions go to ``<output_dir>/<id>/predictions``.
         predict_times: query times for subjects without their own ``predict_times``.
         device: torch device; None uses cuda when available.
-        num_threads: torch CPU threads (None leaves torch's default).
+        num_threads: torch CPU threads (None: the cores idle at start, see :func:`free_cores`).
         demo_dir: demo dataset folder used when neither ``datalist`` nor ``dataset_dir`` is given.
         demo: keyword arguments of ``make_demo_dataset`` for the demo dataset.
         batch_size: time points decoded and warped at once.
@@ -618,7 +630,7 @@ def evaluate(
         output_dir: the folder :func:`train` wrote to.
         eval_dir: where the report is written.
         device: torch device; None uses cuda when available.
-        num_threads: torch CPU threads (None leaves torch's default).
+        num_threads: torch CPU threads (None: the cores idle at start, see :func:`free_cores`).
         demo_dir: demo dataset folder used when neither ``datalist`` nor ``dataset_dir`` is given.
         demo: keyword arguments of ``make_demo_dataset`` for the demo dataset.
         montage: write the PNG montages.
