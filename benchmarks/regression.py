@@ -17,26 +17,31 @@ what the missing visits cost.
 Methods: NODER with ``field="displacement"`` (the paper, the package default) and ``field="velocity"``
 (fold-free by construction on the decoder grid), both from the shipped pretrained autoencoder; geodesic
 regression (``noder_monai.baselines.GeodesicRegression``, linear dynamics); linear intensity interpolation (the end
-scans held outside the span); the nearest scan; and, as a reference, the true field applied to the noisy first scan (what NODER would score with a perfect
-deformation: the noise of that one scan stays in every prediction; not a bound, since any warp that interpolates
-between voxels also averages some of that noise away).
+scans held outside the span); the nearest scan; and, as a reference, the true field applied to the noisy first
+scan (what NODER would score with a perfect deformation: the noise of that one scan stays in every prediction; not
+a bound, since any warp that interpolates between voxels also averages some of that noise away).
 
-Per subject and split, NRMSE, SSIM and PSNR (``noder_monai.metrics``, data range of the noise-free sequence) are
-averaged over the split's held-out times and % folded voxels (det of the Jacobian <= 0) is the worst over them.
-The table gives the median over subjects and, in brackets, the worst subject (largest NRMSE and % folded, smallest
-SSIM and PSNR, longest times, largest memory). Fit and predict seconds are wall-clock times (predict: every
-held-out time at once, with the fields and, for NODER, the Jacobian maps). Peak memory is the largest rise of the
-process's resident set size (RSS) during a method's fit and predict, measured in the benchmark's one process: the
-kernel's RSS high-water mark (VmHWM) is reset through ``/proc/self/clear_refs`` and free heap memory returned to
-the system (``malloc_trim``) before each method (Linux only; "n/a" elsewhere).
+Per subject and split, NRMSE, SSIM and PSNR (``noder_monai.metrics``, data range of the noise-free sequence) and
+the field error (mean distance in voxels between the predicted and the true displacement over the foreground of
+the true image, label > 0) are averaged over the split's held-out times; % folded voxels (det of the Jacobian
+<= 0) is the worst over them. The table gives the median over subjects and, in brackets, the worst subject (largest
+NRMSE, field error and % folded, smallest SSIM and PSNR, longest times, largest memory). Fit and predict seconds
+are wall-clock times (predict: every held-out time at once, with the fields and, for NODER, the Jacobian maps).
+Peak memory is the largest rise of the process's resident set size (RSS) during a method's fit and predict,
+measured in the benchmark's one process after an unmeasured warm-up run of every method: the kernel's RSS
+high-water mark (VmHWM) is reset through ``/proc/self/clear_refs`` and free heap memory returned to the system
+(``malloc_trim``) before each method (Linux only; "-" elsewhere).
 
-Windows scale with the image size: the package defaults (box-filter width 15, NCC window 21) are meant for images
-of about ``--kernel-reference`` (96) voxels across; a case of ``size`` voxels uses the nearest odd integers to
-``15 * size / 96`` and ``21 * size / 96`` (at least 3), for NODER and geodesic regression alike.
+Deformations are a few voxels (``amplitude`` 2: at most ``size / 8`` voxels, 4 at 32^3 and 8 at 64^2; the
+demo's 4 voxels at 64^3 in voxel terms). Windows scale with the image size: the package defaults (box-filter width
+15, NCC window 21) are meant for images of about ``Settings.kernel_reference`` (96) voxels across; a case of
+``size`` voxels uses the nearest odd integers to ``15 * size / 96`` and ``21 * size / 96`` (at least 3), for NODER
+and geodesic regression alike. NODER fits with the default ``FitConfig`` (300 epochs, levels 4, 2, 1) from 64
+voxels across and with levels (2, 1) below (level 4 of a 32^3 image is 8^3 with a 1-voxel NCC window).
 
 Run from the repository root (CI never runs the full suite; ``--quick`` is what the tests run)::
 
-    python benchmarks/regression.py --threads 1 --output bundle/docs/regression_results.md
+    python benchmarks/regression.py --threads 1 --output results.md --json results.json
     python benchmarks/regression.py --quick
 """
 
@@ -68,16 +73,20 @@ from noder_monai.engines import FitConfig, fit_sequence
 from noder_monai.metrics import nrmse, percent_folded, psnr, ssim
 
 __all__ = [
-    "Case",
     "METHODS",
     "PROTOCOLS",
+    "SPLITS",
+    "Case",
+    "MethodOutput",
+    "PeakMemory",
     "Protocol",
     "Settings",
     "Subject",
+    "comparisons",
     "full_settings",
+    "main",
     "make_subject",
     "markdown_table",
-    "PeakMemory",
     "quick_settings",
     "run_method",
     "run_suite",
@@ -167,7 +176,7 @@ class Settings:
     geodesic_pyramid_levels: int = 2
     geodesic_integration_stride: int = 2
     noise: float = 0.02
-    amplitude: dict = dataclasses.field(default_factory=lambda: {"brain": 1.0, "cardiac": 2.0})
+    amplitude: dict = dataclasses.field(default_factory=lambda: {"brain": 2.0, "cardiac": 2.0})
     kernel_reference: int = 96
     pretrained: str | None = "auto"
     threads: int = 1
@@ -335,13 +344,21 @@ def _windows(subject: Subject, settings: Settings) -> tuple[int, int]:
     )
 
 
+def _levels(subject: Subject) -> dict:
+    """NODER's coarse-to-fine levels: the default (4, 2, 1) from 64 voxels across; (2, 1) below, where level 4 would
+    leave 8 voxels across and an NCC window of 1 voxel (no signal)."""
+    if min(subject.sequence.spatial_size) >= 64:
+        return {"levels": (4, 2, 1), "level_fractions": (0.5, 0.3, 0.2)}
+    return {"levels": (2, 1), "level_fractions": (0.6, 0.4)}
+
+
 def _noder(field: str) -> Callable[[Subject, Settings], MethodOutput]:
     def run(subject: Subject, settings: Settings) -> MethodOutput:
         smoothing, ncc = _windows(subject, settings)
         started = time.perf_counter()
         fitted = fit_sequence(
             subject.sequence,
-            FitConfig(epochs=settings.epochs, ncc_kernel_size=ncc),
+            FitConfig(epochs=settings.epochs, ncc_kernel_size=ncc, **_levels(subject)),
             network={"smoothing_kernel": smoothing, "field": field},
             pretrained=settings.pretrained,
             seed=0,
@@ -406,12 +423,22 @@ _RUNNERS = {
 }
 
 
+def _endpoint_error(ddfs: torch.Tensor, subject: Subject, split: str) -> float:
+    """Mean over the split's times of the mean distance (voxels) between predicted and true fields (Q, D, *S) over
+    the foreground (label > 0) of the true image at that time."""
+    indices = subject.heldout[split]
+    mask = (subject.truth.label_sequence[indices] > 0).float()
+    distance = (ddfs.detach().float().cpu() - subject.truth.ddfs[indices]).norm(dim=1, keepdim=True)
+    return ((distance * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)).mean().item()
+
+
 def run_method(method: str, subject: Subject, settings: Settings) -> list[dict]:
     """Fit and predict ``subject`` with ``method``; one record per split with its metrics and costs.
 
     Returns:
-        ``[{"case", "scans", "seed", "method", "split", "nrmse", "ssim", "psnr", "folded", "fit_s", "predict_s",
-        "peak_mib"}, ...]``; ``folded`` is None for methods without a deformation.
+        ``[{"case", "scans", "seed", "method", "split", "nrmse", "ssim", "psnr", "epe", "folded", "fit_s",
+        "predict_s", "peak_mib"}, ...]``; ``epe`` (mean endpoint error of the field against the true one, voxels,
+        over the foreground) and ``folded`` are None for methods without a deformation.
     """
     if method not in _RUNNERS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
@@ -434,6 +461,7 @@ def run_method(method: str, subject: Subject, settings: Settings) -> list[dict]:
             "nrmse": nrmse(predicted, truth).mean().item(),
             "ssim": ssim(predicted, truth, subject.data_range).mean().item(),
             "psnr": psnr(predicted, truth, subject.data_range).mean().item(),
+            "epe": None if output.ddfs is None else _endpoint_error(output.ddfs[rows], subject, split),
             "folded": None if output.ddfs is None else percent_folded(output.ddfs[rows].float().cpu()).max().item(),
             "fit_s": output.fit_seconds,
             "predict_s": output.predict_seconds,
@@ -480,7 +508,7 @@ def summarise(records: list[dict]) -> list[dict]:
 
     Returns:
         rows with keys "case", "scans", "method", "subjects" and ``{metric}_{split}`` (metrics nrmse, ssim,
-        psnr), "folded", "fit_s", "predict_s", "peak_mib", each a ``(median, worst)`` pair (None where not
+        psnr, epe), "folded", "fit_s", "predict_s", "peak_mib", each a ``(median, worst)`` pair (None where not
         applicable).
     """
     groups: dict = {}
@@ -491,9 +519,11 @@ def summarise(records: list[dict]) -> list[dict]:
         row = {"case": case, "scans": scans, "method": method, "subjects": len({r["seed"] for r in group})}
         for split in SPLITS:
             in_split = [r for r in group if r["split"] == split]
-            for metric, larger_is_worse in (("nrmse", True), ("ssim", False), ("psnr", False)):
+            for metric, larger_is_worse in (("nrmse", True), ("ssim", False), ("psnr", False), ("epe", True)):
                 values = [r[metric] for r in in_split]
-                row[f"{metric}_{split}"] = (statistics.median(values), _worst(values, larger_is_worse))
+                row[f"{metric}_{split}"] = (
+                    None if None in values else (statistics.median(values), _worst(values, larger_is_worse))
+                )
         per_seed: dict = {}
         for record in group:
             per_seed.setdefault(record["seed"], []).append(record)
@@ -519,8 +549,8 @@ def markdown_table(rows: list[dict]) -> str:
     """The rows of :func:`summarise` as one markdown table, "median (worst)" in every cell."""
     lines = [
         "| case | scans | method | NRMSE interp | NRMSE extrap | SSIM interp | SSIM extrap | PSNR interp | "
-        "PSNR extrap | % folded | fit s | predict s | peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "PSNR extrap | field error interp | field error extrap | % folded | fit s | predict s | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         cells = [
@@ -533,6 +563,8 @@ def markdown_table(rows: list[dict]) -> str:
             _cell(row["ssim_extrapolation"], 3),
             _cell(row["psnr_interpolation"], 2),
             _cell(row["psnr_extrapolation"], 2),
+            _cell(row["epe_interpolation"], 3),
+            _cell(row["epe_extrapolation"], 3),
             _cell(row["folded"], 0, scientific=True),
             _cell(row["fit_s"], 1),
             _cell(row["predict_s"], 2),
@@ -569,7 +601,9 @@ def _header(settings: Settings, started: float, load_before: tuple, load_after: 
         for c in settings.cases
     )
     return "\n".join([
-        f"Settings: NODER `FitConfig(epochs={settings.epochs})` (levels 4, 2, 1), pretrained={settings.pretrained!r}; "
+        f"Settings: NODER `FitConfig(epochs={settings.epochs})` (levels (4, 2, 1) from 64 voxels across, "
+        "(2, 1) below), "
+        f"pretrained={settings.pretrained!r}; "
         f"geodesic regression {settings.geodesic_iterations} iterations x {settings.geodesic_pyramid_levels} levels, "
         f"integration stride {settings.geodesic_integration_stride}; windows {windows}; noise {settings.noise}; "
         f"amplitude {settings.amplitude}; seeds {list(settings.seeds)}; torch threads {settings.threads}.",
@@ -577,7 +611,8 @@ def _header(settings: Settings, started: float, load_before: tuple, load_after: 
         f"torch {torch.__version__}, Python {platform.python_version()}; load average (1, 5, 15 min) "
         f"{' '.join(f'{v:.2f}' for v in load_before)} at the start, {' '.join(f'{v:.2f}' for v in load_after)} at "
         f"the end; total {time.perf_counter() - started:.0f} s.",
-        "Cells: median over subjects (worst subject). Peak MiB: rise of the process RSS during fit + predict.",
+        "Cells: median over subjects (worst subject). Field error: mean distance (voxels) between the predicted and "
+        "the true displacement over the foreground. Peak MiB: rise of the process RSS during fit + predict.",
     ])
 
 

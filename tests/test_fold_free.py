@@ -31,7 +31,8 @@ def _swirl_sequence() -> tuple[SubjectSequence, torch.Tensor]:
 
     offset = SIZE / 4
     image = 0.3 * (radius2.sqrt() < 0.4 * SIZE).float()
-    image = image + blob((offset, 0), SIZE / 12, 1.0) + blob((-offset, 0), SIZE / 12, 0.6) + blob((0, offset), SIZE / 14, 0.8)
+    image = image + blob((offset, 0), SIZE / 12, 1.0) + blob((-offset, 0), SIZE / 12, 0.6)
+    image = image + blob((0, offset), SIZE / 14, 0.8)
     window = torch.exp(-radius2 / (2 * (0.3 * SIZE) ** 2))
     velocity = ANGLE * window * torch.stack([-grid[1], grid[0]])
     times = torch.tensor(TIMES)
@@ -48,7 +49,12 @@ def fits():
         sequence, ddfs = _swirl_sequence()
         fitted = {
             field: fit_sequence(
-                sequence, CONFIG, network={"smoothing_kernel": 3, "field": field}, pretrained=None, seed=0, progress=False
+                sequence,
+                CONFIG,
+                network={"smoothing_kernel": 3, "field": field},
+                pretrained=None,
+                seed=0,
+                progress=False,
             )
             for field in ("displacement", "velocity")
         }
