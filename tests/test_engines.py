@@ -166,3 +166,13 @@ def test_a_known_translation_is_reproduced():
     assert ddf[0, 0][inside].mean().item() == pytest.approx(-1.0, abs=0.2)
     assert ddf[1, 0][inside].mean().item() == pytest.approx(-3.0, abs=0.3)
     assert ddf[:, 1][:, inside].abs().mean().item() < 0.2
+
+
+def test_early_stopping_ends_the_last_level_after_patience_epochs_without_improvement():
+    synthetic = synthetic_sequence(spatial_dims=2, size=16, kind="cardiac", seed=0)
+    sequence = SubjectSequence.from_tensors(synthetic.images[:4], synthetic.times[:4])
+    config = FitConfig(epochs=50, levels=(2, 1), level_fractions=(0.2, 0.8), patience=3, min_improvement=1.0)
+    fitted = fit_sequence(sequence, config, network=SMALL_NETWORK, progress=False)
+    # 10 epochs at level 2 (never stopped early), then the first level-1 epoch sets the best loss and no later
+    # epoch improves it by 100%, so three stale epochs end the fit
+    assert [record["level"] for record in fitted.history] == [2] * 10 + [1] * 4

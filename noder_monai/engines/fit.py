@@ -27,7 +27,8 @@ class FitConfig:
 
     Args:
         epochs: maximum number of epochs over all levels (one epoch = one Adam step on all observed times).
-        learning_rate: Adam learning rate.
+        learning_rate: initial Adam learning rate; it decays along a cosine to 5% of this value over all epochs
+            (measured more stable across the level changes than a constant rate).
         ncc_kernel_size: local NCC window in image voxels (odd); scaled with the level.
         smoothness_weight: weight of the gradient smoothness of the field.
         boundary_weight: weight of the L2 norm of the field on the boundary planes.
@@ -106,7 +107,7 @@ def fit_sequence(
             dimensionality (``default_autoencoder_path``; they fit the default network channels); a path uses that
             deformation-autoencoder file (see ``load_autoencoder_weights``); None starts from random weights.
         device: torch device of the fit.
-        seed: seeds torch's generator so that the same call returns the same model.
+        seed: seeds torch's global generator so that the same call returns the same model.
         progress: show a tqdm progress bar with the current loss.
         callback: called after every epoch with that epoch's record (epoch, level and loss terms as floats).
 
@@ -160,7 +161,7 @@ def fit_sequence(
             bar.update()
             bar.set_postfix(level=level, loss=f"{record['total']:.4f}")
             if is_last and config.patience:
-                if record["total"] < best - abs(best) * config.min_improvement:
+                if best == math.inf or record["total"] < best - abs(best) * config.min_improvement:
                     best, stale = record["total"], 0
                 else:
                     stale += 1
