@@ -157,3 +157,15 @@ def test_noder_loss_rejects_bad_arguments():
     with pytest.raises(ValueError, match=r"warped must have the batch size and spatial shape of ddf "
                        r"\(3, 3, 8, 8, 8\), got \(2, 1, 8, 8, 8\)"):
         loss(image, image, torch.zeros(3, 3, 8, 8, 8))
+
+
+def test_lncc_reuses_target_statistics_only_while_the_target_is_unchanged():
+    torch.manual_seed(0)
+    loss = LocalNCCLoss(spatial_dims=2, kernel_size=5)
+    pred, target = torch.rand(2, 1, 12, 12), torch.rand(2, 1, 12, 12)
+    first = loss(pred, target)
+    assert loss._target_cache[0] is target
+    assert loss(pred, target).item() == first.item()
+    target.mul_(0.5).add_(pred)
+    assert loss(pred, target).item() == pytest.approx(LocalNCCLoss(2, 5)(pred, target.clone()).item(), abs=1e-6)
+    assert loss(pred, target).item() != pytest.approx(first.item(), abs=1e-3)

@@ -58,6 +58,22 @@ class LocalNCCLoss(_Loss):
         self.kernel_size = check_odd_kernel_size(kernel_size)
         self.smooth_nr = _check_non_negative(smooth_nr, "smooth_nr")
         self.smooth_dr = _check_non_negative(smooth_dr, "smooth_dr", strict=True)
+        self._target_cache: tuple | None = None
+
+    def _target_statistics(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Window mean and floored window variance (times the window volume) of ``target``.
+
+        Cached while the same, unmodified tensor that needs no gradient comes back: the fixed targets of a fit, whose
+        two box filters would otherwise be recomputed every epoch.
+        """
+        cached = self._target_cache
+        if cached is not None and cached[0] is target and cached[1] == target._version:
+            return cached[2], cached[3]
+        volume = float(self.kernel_size**self.spatial_dims)
+        t_mean = box_filter(target, self.kernel_size)
+        t_var = torch.clamp(volume * (box_filter(target * target, self.kernel_size) - t_mean * t_mean), min=self.smooth_dr)
+        self._target_cache = None if target.requires_grad else (target, target._version, t_mean, t_var)
+        return t_mean, t_var
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """
@@ -79,11 +95,9 @@ class LocalNCCLoss(_Loss):
         if target.shape != pred.shape:
             raise ValueError(f"target must have the shape of pred {tuple(pred.shape)}, got {tuple(target.shape)}.")
         volume = float(self.kernel_size**self.spatial_dims)
-        t_mean, p_mean, t2_mean, p2_mean, tp_mean = (
-            box_filter(x, self.kernel_size) for x in (target, pred, target * target, pred * pred, target * pred)
-        )
+        t_mean, t_var = self._target_statistics(target)
+        p_mean, p2_mean, tp_mean = (box_filter(x, self.kernel_size) for x in (pred, pred * pred, target * pred))
         cross = volume * (tp_mean - t_mean * p_mean)
-        t_var = torch.clamp(volume * (t2_mean - t_mean * t_mean), min=self.smooth_dr)
         p_var = torch.clamp(volume * (p2_mean - p_mean * p_mean), min=self.smooth_dr)
         ncc = (cross * cross + self.smooth_nr) / (t_var * p_var)
         return -torch.mean(ncc.clamp(max=1.0))
