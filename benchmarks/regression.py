@@ -93,6 +93,7 @@ __all__ = [
     "markdown_table",
     "quick_settings",
     "run_method",
+    "score",
     "run_suite",
     "scaled_kernel",
     "summarise",
@@ -451,6 +452,11 @@ def run_method(method: str, subject: Subject, settings: Settings) -> list[dict]:
     with PeakMemory() as memory:
         output = _RUNNERS[method](subject, settings)
     output.peak_mib = memory.mib
+    return score(method, subject, output)
+
+
+def score(method: str, subject: Subject, output: MethodOutput) -> list[dict]:
+    """The records of :func:`run_method` for ``output``, the predictions of ``method`` at ``subject.heldout_times``."""
     records, start = [], 0
     for split in SPLITS:
         count = len(subject.heldout[split])

@@ -10,7 +10,7 @@ from numbers import Integral
 import torch
 import torch.nn.functional as F
 
-__all__ = ["box_filter", "check_ddf", "check_odd_kernel_size", "check_spatial_dims"]
+__all__ = ["box_filter", "check_ddf", "check_odd_kernel_size", "check_spatial_dims", "invert_displacement", "robust_mean"]
 
 _PADDING_MODES = ("zeros", "replicate")
 
@@ -176,3 +176,60 @@ def box_filter(x: torch.Tensor, kernel_size: int, padding_mode: str = "zeros") -
     if kernel_size == 1:
         return x
     return _BoxMean.apply(x, kernel_size, padding_mode)
+
+
+def invert_displacement(
+    ddf: torch.Tensor, iterations: int = 20, initial: torch.Tensor | None = None, damping: float = 0.7
+) -> torch.Tensor:
+    """Displacement ``w`` of the inverse map, by damped fixed-point iteration (MONAI ``Warp`` convention, voxels).
+
+    Solves ``w(x) + ddf(x + w(x)) = 0``, so that ``Warp(Warp(image, ddf), w) ~ image``, with the update
+    ``w <- w - damping * (w + ddf(x + w))`` (the fixed-point inversion of Chen et al., Med. Phys. 35(1), 2008,
+    damped: the undamped iteration diverges where the displacement's gradient exceeds 1, in strongly compressed
+    regions of smooth fields).
+
+    Args:
+        ddf: (N, D, *S) displacement in voxels, D = 2 or 3.
+        iterations: update steps (>= 1).
+        initial: (N, D, *S) starting guess (e.g. the integral of the negated velocity); defaults to ``-ddf``.
+        damping: step of each update, in (0, 1].
+
+    Returns:
+        (N, D, *S) the inverse map's displacement, same dtype and device.
+
+    Raises:
+        ValueError: if ``ddf`` is not an (N, D, *S) field, ``initial`` has another shape, ``iterations`` < 1 or
+            ``damping`` is outside (0, 1].
+    """
+    from monai.networks.blocks import Warp
+
+    check_ddf(ddf)
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations!r}.")
+    if not 0 < damping <= 1:
+        raise ValueError(f"damping must be in (0, 1], got {damping!r}.")
+    if initial is not None and initial.shape != ddf.shape:
+        raise ValueError(f"initial must have the shape of ddf {tuple(ddf.shape)}, got {tuple(initial.shape)}.")
+    warp = Warp(mode="bilinear", padding_mode="border")
+    inverse = -ddf if initial is None else initial
+    for _ in range(iterations):
+        inverse = inverse - damping * (inverse + warp(ddf, inverse))
+    return inverse
+
+
+def robust_mean(stack: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Mean along ``dim`` without the smallest and the largest value when there are at least 4 (a trimmed mean).
+
+    Averages noisy, roughly aligned images while a single misaligned value at an edge does not pull the result.
+
+    Args:
+        stack: any tensor; ``dim`` indexes the values to average.
+        dim: the axis averaged away.
+
+    Returns:
+        ``stack`` reduced along ``dim``.
+    """
+    count = stack.shape[dim]
+    if count < 4:
+        return stack.mean(dim)
+    return stack.sort(dim).values.narrow(dim, 1, count - 2).mean(dim)

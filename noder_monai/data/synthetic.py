@@ -11,7 +11,14 @@ time (accelerates, then saturates: half of it is reached at 2.5 years, most by 5
 about the last axis, opposite at the two ends of that axis; a plain rotation in 2D), both with amplitude
 ``(1 - cos(2 pi t)) / 2``: zero at end-diastole ``t = 0``, maximal at end-systole ``t = 0.5``.
 
-Observations are ``Warp(base, ddf_t)`` (bilinear, border padding) plus Gaussian noise; label maps are warped with
+``local`` adds deformations a few voxels wide on top (a Gaussian profile of about 3 voxels' width): for "brain", an
+expansion of both lateral ventricles and a shrink of two hippocampus-like regions (their centres jittered by ``seed``),
+accelerating in time ((t / 6 years)^1.5); for "cardiac", a thickening of the myocardium (its inner wall moving
+inwards), peaking at end-systole.
+
+Observations are ``Warp(base, ddf_t)`` (bilinear, border padding) plus Gaussian or Rician noise (the magnitude of a
+complex signal with Gaussian noise in both channels, as in magnitude MRI) or a multiplicative speckle that moves
+with the tissue and decorrelates over time (as in ultrasound); label maps are warped with
 nearest-neighbour interpolation. Everything is deterministic for a given ``seed``.
 """
 
@@ -26,9 +33,12 @@ import torch
 from monai.networks.blocks import DVF2DDF, Warp
 from monai.transforms import GaussianSmooth
 
-__all__ = ["DEFAULT_TIMES", "KINDS", "SyntheticSequence", "synthetic_sequence"]
+__all__ = ["DEFAULT_TIMES", "KINDS", "NOISE_MODELS", "SyntheticSequence", "synthetic_sequence"]
 
 KINDS = ("brain", "cardiac")
+NOISE_MODELS = ("gaussian", "rician", "speckle")
+SPECKLE_CORRELATION_TIME = 0.1  # time units (fractions of a cycle): speckle correlation exp(-|dt| / this)
+SPECKLE_GRAIN = 1.0  # voxels: Gaussian smoothing of the scatterer field
 
 #: Default observation times of each kind: irregular visits over 6 years, and 10 frames of one cardiac cycle.
 DEFAULT_TIMES = {
@@ -41,6 +51,10 @@ BRAIN_SIGMOID_WIDTH = 0.6  # years
 BRAIN_LINEAR_SPAN = 6.0  # years: the linear component reaches its full size here
 CARDIAC_PERIOD = 1.0
 VENTRICLE_CENTER = (0.0, 0.04, 0.08)  # normalised coordinates of the ventricles' centre
+LOCAL_WIDTH = 3.0  # voxels: standard deviation of the Gaussian profile of the local deformations
+LATERAL_VENTRICLES = ((0.1, 0.0, 0.0), (-0.1, 0.0, 0.0))  # normalised centres of the local expansions
+HIPPOCAMPI = ((0.3, -0.1, -0.25), (-0.3, -0.1, -0.25))  # normalised centres of the local shrinks
+MYOCARDIUM_INNER_RADIUS = 0.25  # normalised in-plane radius of the cardiac phantom's inner myocardial wall
 
 
 @dataclass
@@ -176,6 +190,63 @@ def _cardiac_velocity(shape: Sequence[int]) -> torch.Tensor:
     return _unit_max(_unit_max(contraction) + 0.8 * _unit_max(rotation))
 
 
+def _speckle(times: torch.Tensor, ddfs: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Unit-mean multiplicative speckle ``(T, 1, *S)`` that moves with the tissue and decorrelates in time.
+
+    A complex Gaussian field of scatterers in the first time's (material) coordinates, smoothed to a grain of about
+    2 voxels, is an AR(1) process in time with correlation ``exp(-|dt| / SPECKLE_CORRELATION_TIME)`` between
+    consecutive times; its magnitude (Rayleigh distributed), normalised to mean 1, is carried by each true field.
+    """
+    shape = tuple(ddfs.shape[2:])
+    order = torch.argsort(times)
+    fields = torch.zeros((len(times), 1, *shape))
+    state, previous = None, None
+    smooth = GaussianSmooth(sigma=SPECKLE_GRAIN)
+    for index in order.tolist():
+        draw = torch.from_numpy(rng.standard_normal((2, *shape))).float()
+        if state is None:
+            state = draw
+        else:
+            rho = math.exp(-abs(float(times[index] - previous)) / SPECKLE_CORRELATION_TIME)
+            state = rho * state + math.sqrt(1 - rho**2) * draw
+        previous = float(times[index])
+        magnitude = torch.as_tensor(smooth(state)).pow(2).sum(0).sqrt()
+        fields[index, 0] = magnitude / magnitude.mean()
+    return Warp(mode="bilinear", padding_mode="border")(fields, ddfs)
+
+
+def _local_velocity(kind: str, shape: Sequence[int], rng: np.random.Generator) -> torch.Tensor:
+    """Unit-max stationary velocity ``(D, *S)`` in normalised units of the local deformations (see the module doc)."""
+    grid = _grid(shape)
+    dims = len(shape)
+    view = (-1,) + (1,) * dims
+    width = torch.tensor([2 * LOCAL_WIDTH / n for n in shape]).view(view)  # LOCAL_WIDTH voxels, normalised per axis
+    if kind == "cardiac":
+        radial = grid.clone()
+        if dims == 3:
+            radial[2:] = 0.0
+        radius = _norm(radial).clamp_min(1e-6)
+        profile = torch.exp(-((radius - MYOCARDIUM_INNER_RADIUS) ** 2) / (2 * float(width[0]) ** 2))
+        # pull-back: a field pointing outwards at the inner wall moves that wall inwards (thickening)
+        return _unit_max(radial / radius * profile)
+    field = torch.zeros_like(grid)
+    for centres, sign in ((LATERAL_VENTRICLES, -1.0), (HIPPOCAMPI, 1.0)):
+        for centre in centres:
+            jitter = rng.uniform(-0.03, 0.03, dims)
+            offset = grid - torch.tensor([c + j for c, j in zip(centre[:dims], jitter)], dtype=torch.float32).view(view)
+            bump = torch.exp(-_norm(offset / width) ** 2 / 2)
+            # pull-back: pointing at the centre enlarges the region there, pointing away shrinks it
+            field += sign * offset / width * bump
+    return _unit_max(field)
+
+
+def _local_amplitudes(kind: str, times: torch.Tensor) -> torch.Tensor:
+    """``(T,)`` amplitude of the local deformations: (t / 6 years)^1.5 (brain), the cardiac one squared (cardiac)."""
+    if kind == "cardiac":
+        return _cardiac_amplitudes(times)[:, 0] ** 2
+    return (times.clamp_min(0) / BRAIN_LINEAR_SPAN) ** 1.5
+
+
 def _brain_amplitudes(times: torch.Tensor) -> torch.Tensor:
     """``(T, 2)`` amplitudes: sigmoid in time (0 at t=0, saturating to 1) and linear (t / 6 years)."""
     start = torch.sigmoid(torch.tensor(-BRAIN_SIGMOID_CENTER / BRAIN_SIGMOID_WIDTH, dtype=torch.float64))
@@ -198,6 +269,8 @@ def synthetic_sequence(
     base_image: torch.Tensor | None = None,
     base_label: torch.Tensor | None = None,
     amplitude: float = 1.0,
+    local: float = 0.0,
+    noise_model: str = "gaussian",
 ) -> SyntheticSequence:
     """Generate a sequence of deformed images with known true fields.
 
@@ -214,6 +287,11 @@ def synthetic_sequence(
             foreground mask (1 where the image exceeds 10% of its range).
         amplitude: scale of the deformation; at 1.0 the largest true displacement over the default times is about
             ``min(spatial) / 16`` voxels (2 at 32, 4 at 64).
+        local: largest displacement, in voxels, of the local deformations a few voxels wide (0 disables them);
+            at the largest local amplitude of the brain (t = 6 years) or the cardiac (t = 0.5) time course.
+        noise_model: ``"gaussian"`` (additive), ``"rician"`` (magnitude of the image plus complex Gaussian noise) or
+            ``"speckle"`` (additive Gaussian, then a multiplicative ultrasound-like speckle that moves with the
+            tissue and decorrelates from time to time, see ``_speckle``).
 
     Returns:
         :class:`SyntheticSequence` with ``T = len(times)``.
@@ -229,6 +307,10 @@ def synthetic_sequence(
         raise ValueError(f"noise must be >= 0, got {noise!r}.")
     if not (math.isfinite(amplitude) and amplitude >= 0.0):
         raise ValueError(f"amplitude must be a finite number >= 0, got {amplitude!r}.")
+    if not (math.isfinite(local) and local >= 0.0):
+        raise ValueError(f"local must be a finite number >= 0, got {local!r}.")
+    if noise_model not in NOISE_MODELS:
+        raise ValueError(f"noise_model must be one of {NOISE_MODELS}, got {noise_model!r}.")
     time_values = torch.as_tensor(DEFAULT_TIMES[kind] if times is None else times, dtype=torch.float64).reshape(-1)
     if time_values.numel() == 0 or not bool(torch.isfinite(time_values).all()):
         raise ValueError(f"times must be a non-empty sequence of finite numbers, got {time_values.tolist()}.")
@@ -267,6 +349,10 @@ def synthetic_sequence(
     components = components * to_voxels
     components = components / _norm(components.sum(0)).max().clamp_min(1e-12) * largest
     velocities = torch.einsum("tk,kd...->td...", amplitudes.float(), components)
+    if local > 0:
+        local_field = _local_velocity(kind, shape, field_rng) * to_voxels
+        local_field = local_field / _norm(local_field).max().clamp_min(1e-12) * local
+        velocities = velocities + _local_amplitudes(kind, time_values).float().view(-1, *(1,) * (len(shape) + 1)) * local_field
     ddfs = DVF2DDF(num_steps=7, mode="bilinear", padding_mode="border")(velocities)
     count = time_values.numel()
     clean = Warp(mode="bilinear", padding_mode="border")(base[None].expand(count, *base.shape), ddfs)
@@ -276,6 +362,11 @@ def synthetic_sequence(
     span = float(base.max() - base.min())
     draws = torch.from_numpy(noise_rng.standard_normal(tuple(clean.shape))).float()
     images = clean + noise * span * draws
+    if noise_model == "rician":
+        quadrature = torch.from_numpy(noise_rng.standard_normal(tuple(clean.shape))).float()
+        images = torch.sqrt(images**2 + (noise * span * quadrature) ** 2)
+    if noise_model == "speckle":
+        images = images * _speckle(time_values, ddfs, noise_rng)
     return SyntheticSequence(
         images=images.contiguous(),
         clean=clean.contiguous(),

@@ -1,6 +1,6 @@
 """Engines: fit a subject's trajectory, save/load it as one file, predict at any time."""
 
-from noder_monai.engines.fit import FitConfig, downsample_image, fit_sequence
+from noder_monai.engines.fit import PRESETS, FitConfig, downsample_image, fit_sequence, subject_template
 from noder_monai.engines.pretrain import (
     PretrainConfig,
     PretrainResult,
@@ -14,6 +14,7 @@ from noder_monai.engines.subject import (
     AUTOENCODER_FORMAT,
     SUBJECT_FORMAT,
     FittedSubject,
+    PREDICT_SOURCES,
     Prediction,
     atomic_torch_save,
     load_autoencoder_weights,
@@ -24,7 +25,9 @@ __all__ = [
     "AUTOENCODER_FORMAT",
     "SUBJECT_FORMAT",
     "FitConfig",
+    "PRESETS",
     "FittedSubject",
+    "PREDICT_SOURCES",
     "Prediction",
     "PretrainConfig",
     "PretrainResult",
@@ -38,4 +41,5 @@ __all__ = [
     "mean_endpoint_error",
     "pretrain_autoencoder",
     "read_checkpoint",
+    "subject_template",
 ]

@@ -12,12 +12,13 @@ import torch
 from monai.networks.blocks import Warp
 
 from noder_monai import __version__
-from noder_monai.data import IntensityMapping
+from noder_monai.data import IntensityMapping, compose_displacements
 from noder_monai.metrics import jacobian_determinant
 from noder_monai.networks import NODER
 
 __all__ = [
     "AUTOENCODER_FORMAT",
+    "PREDICT_SOURCES",
     "SUBJECT_FORMAT",
     "FittedSubject",
     "Prediction",
@@ -27,6 +28,8 @@ __all__ = [
 ]
 
 SUBJECT_FORMAT = "noder-monai/fitted-subject"
+PREDICT_SOURCES = ("baseline", "template", "nearest")
+"""The appearance of predicted images: see :meth:`FittedSubject.predict`."""
 AUTOENCODER_FORMAT = "noder-monai/deformation-autoencoder"
 
 
@@ -117,13 +120,15 @@ class FittedSubject:
 
     Args:
         model: the fitted :class:`NODER`.
-        baseline: (1, 1, *S) first scan, normalised intensities (the only image ever warped).
+        baseline: (1, 1, *S) first scan, normalised intensities.
         times: (T,) observed times in the user's unit; time is scaled as (t - times[0]) / (times[-1] - times[0]).
         affine: (4, 4) voxel-to-world matrix of the scans.
         intensity: the intensity mapping used for every scan of the subject; predictions are mapped back with it.
         subject: subject identifier.
         fit_config: the plain optimisation settings used.
         history: per-epoch loss records.
+        scans: (T, 1, *S) every observed scan, normalised (needed by ``source="nearest"``); None if not kept.
+        template: (1, 1, *S) the subject template the fit warped (``FitConfig(source="template")``), or None.
     """
 
     def __init__(
@@ -136,9 +141,13 @@ class FittedSubject:
         subject: str = "subject",
         fit_config: dict | None = None,
         history: list[dict] | None = None,
+        scans: torch.Tensor | None = None,
+        template: torch.Tensor | None = None,
     ):
         self.model = model
         self.baseline = baseline
+        self.scans = scans
+        self.template = template
         self.times = torch.as_tensor(times, dtype=torch.float64).cpu()
         self.affine = torch.as_tensor(affine, dtype=torch.float64).cpu()
         self.intensity = intensity
@@ -171,10 +180,38 @@ class FittedSubject:
                 f"{len(self.spatial_size)}D images of size {tuple(self.spatial_size)}."
             )
 
+    @property
+    def default_source(self) -> str:
+        """The fit's ``source`` setting (``FitConfig.source``); ``"baseline"`` for files that record none."""
+        source = self.fit_config.get("source", "baseline")
+        return source if source in PREDICT_SOURCES else "baseline"
+
     @torch.inference_mode()
     def displacement(self, times: Sequence[float] | torch.Tensor) -> torch.Tensor:
         """Displacement fields (Q, D, *S) in voxels at user ``times`` (Q,)."""
         return self.model.displacement(self.scaled_time(times))
+
+    def _nearest_scans(self, times: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+        """Appearance from the observed scans that bracket each time (``source="nearest"``), normalised (Q, 1, *S).
+
+        Scan k is carried to time t through the fitted maps, ``I_k o phi_k^-1 o phi_t`` (one displacement,
+        ``ddf_t + inverse_k(x + ddf_t)``, so one interpolation), and the two bracketing scans are blended linearly in
+        time; before the first and after the last scan only that scan is used. At an observed time the composed map
+        is the identity, so that scan is returned unchanged.
+        """
+        observed = self.times.to(times.dtype)
+        after = torch.searchsorted(observed, times, right=True).clamp(1, len(observed) - 1)
+        before = after - 1
+        weight = ((times - observed[before]) / (observed[after] - observed[before])).clamp(0, 1)
+        inverse = self.model.displacement(self.scaled_time(observed), inverse=True)
+        blended = torch.zeros(len(times), 1, *self.spatial_size, device=self.device)
+        for index, weights in ((before, 1 - weight), (after, weight)):
+            carried = compose_displacements(inverse[index], ddf)
+            exact = observed[index] == times
+            carried[exact.to(carried.device)] = 0.0
+            scans = self.model.warp(self.scans[index], carried)
+            blended += scans * weights.to(device=self.device, dtype=scans.dtype).view(-1, *[1] * (scans.ndim - 1))
+        return blended
 
     @torch.inference_mode()
     def predict(
@@ -182,6 +219,7 @@ class FittedSubject:
         times: Sequence[float] | torch.Tensor,
         labels: torch.Tensor | None = None,
         batch_size: int = 8,
+        source: str | None = None,
     ) -> Prediction:
         """Images, fields, Jacobian maps and (optionally) carried labels at any user ``times``.
 
@@ -189,13 +227,29 @@ class FittedSubject:
             times: (Q,) query times in the user's unit, inside or outside the observed span, any order.
             labels: optional baseline label map (*S), (1, *S) or (1, 1, *S), warped with nearest-neighbour sampling.
             batch_size: time points decoded and warped at once (bounds memory on large images).
+            source: the appearance of the predicted images: ``"baseline"`` warps the first scan (the paper),
+                ``"template"`` warps the subject template built by the fit, ``"nearest"`` carries the observed
+                scans that bracket each time to it and blends them by time distance (for sequences whose texture
+                changes, e.g. ultrasound speckle); None (default) uses :attr:`default_source`. The fields, Jacobian
+                maps and labels do not depend on it.
 
         Returns:
             a :class:`Prediction` on the CPU.
+
+        Raises:
+            ValueError: for an empty ``times``, an unknown ``source``, or a source this subject does not hold.
         """
         times = torch.as_tensor(times, dtype=torch.float64).reshape(-1)
         if times.numel() == 0:
             raise ValueError("times must contain at least one time point.")
+        source = self.default_source if source is None else source
+        if source not in PREDICT_SOURCES:
+            raise ValueError(f"source must be one of {PREDICT_SOURCES}, got {source!r}.")
+        if source == "template" and self.template is None:
+            raise ValueError(f"source='template': subject {self.subject!r} was fitted without a template.")
+        if source == "nearest" and self.scans is None:
+            raise ValueError(f"source='nearest': the file of subject {self.subject!r} holds no observed scans.")
+        image = self.template if source == "template" else self.baseline
         if labels is not None:
             labels = torch.as_tensor(labels)
             while labels.ndim > self.model.spatial_dims and labels.shape[0] == 1:
@@ -205,7 +259,10 @@ class FittedSubject:
         images, ddfs, jacobians, warped_labels = [], [], [], []
         for chunk in times.split(batch_size):
             ddf = self.model.displacement(self.scaled_time(chunk))
-            moved = self.model.warp(self.baseline.expand(len(chunk), *self.baseline.shape[1:]), ddf)
+            if source == "nearest":
+                moved = self._nearest_scans(chunk, ddf)
+            else:
+                moved = self.model.warp(image.expand(len(chunk), *image.shape[1:]), ddf)
             images.append(self.intensity.inverse(moved).cpu())
             ddfs.append(ddf.cpu())
             jacobians.append(jacobian_determinant(ddf).cpu())
@@ -230,6 +287,8 @@ class FittedSubject:
             "network": dict(self.model.config),
             "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "baseline": self.baseline.detach().cpu(),
+            "scans": None if self.scans is None else self.scans.detach().cpu(),
+            "template": None if self.template is None else self.template.detach().cpu(),
             "times": self.times.tolist(),
             "time_origin": float(self.times[0]),
             "time_scale": float(self.times[-1] - self.times[0]),
@@ -267,9 +326,19 @@ class FittedSubject:
                 f"checkpoint {str(path)!r}: baseline of size {list(baseline.shape[2:])} does not match the recorded "
                 f"image size {network['spatial_size']}."
             )
+        images = {}
+        for key, count in (("scans", len(checkpoint["times"])), ("template", 1)):
+            image = checkpoint.get(key)
+            if image is not None and tuple(image.shape) != (count, 1, *network["spatial_size"]):
+                raise ValueError(
+                    f"checkpoint {str(path)!r}: {key} of shape {tuple(image.shape)} does not match "
+                    f"{(count, 1, *network['spatial_size'])}."
+                )
+            images[key] = None if image is None else image.to(map_location)
         return cls(
             model=model.to(map_location).eval(),
             baseline=baseline.to(map_location),
+            **images,
             times=torch.tensor(checkpoint["times"], dtype=torch.float64),
             affine=torch.tensor(checkpoint["affine"], dtype=torch.float64),
             intensity=IntensityMapping.from_dict(checkpoint["intensity"]),

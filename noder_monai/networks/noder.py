@@ -23,6 +23,7 @@ from noder_monai.networks.autoencoder import (
     DeformationEncoder,
     smooth_upsample,
 )
+from noder_monai.functional import invert_displacement
 from noder_monai.networks.dynamics import LatentDynamics
 
 __all__ = ["NODER", "FIELD_TYPES", "LEVELS", "scale_window"]
@@ -152,8 +153,15 @@ class NODER(nn.Module):
         order = torch.cat(positions).argsort()
         return torch.cat(pieces)[order]
 
-    def displacement(self, times: torch.Tensor, level: int = 1) -> torch.Tensor:
+    def displacement(self, times: torch.Tensor, level: int = 1, inverse: bool = False) -> torch.Tensor:
         """Displacement fields at ``times`` (T,) scaled, on the grid of ``level`` (image voxels per level voxel).
+
+        Args:
+            times: (T,) scaled times.
+            level: one of :data:`LEVELS`.
+            inverse: return the inverse maps' displacements instead: ``Warp(Warp(x, ddf), inverse_ddf) ~ x``,
+                by :func:`~noder_monai.functional.invert_displacement` on the level grid, started (for
+                ``field="velocity"``) from the integral of the negated velocity.
 
         Returns:
             (T, D, *ceil(S / level)) in level-grid voxels; exactly zero at time 0.
@@ -164,9 +172,17 @@ class NODER(nn.Module):
         decoded = self.decoder(torch.cat([self.initial_state, self.latent_trajectory(times)]))
         coarse = decoded[1:] - decoded[:1]
         if self.field == "displacement":
-            return smooth_upsample(coarse, DECODER_STRIDE // level, size, scale_window(self.smoothing_kernel, level)) / level
+            ddf = smooth_upsample(coarse, DECODER_STRIDE // level, size, scale_window(self.smoothing_kernel, level)) / level
+            return invert_displacement(ddf) if inverse else ddf
         coarse_size = coarse.shape[2:]
         velocity = smooth_upsample(coarse, 1, coarse_size, scale_window(self.smoothing_kernel, DECODER_STRIDE)) / DECODER_STRIDE
+        if not inverse:
+            return self._upsampled_exponential(velocity, level, size)
+        ddf = self._upsampled_exponential(velocity, level, size)
+        return invert_displacement(ddf, 10, initial=self._upsampled_exponential(-velocity, level, size))
+
+    def _upsampled_exponential(self, velocity: torch.Tensor, level: int, size: list[int]) -> torch.Tensor:
+        """Scaling and squaring of a decoder-grid velocity (decoder voxels), upsampled to ``level`` (level voxels)."""
         coarse_ddf = self.integrate_velocity(velocity) * (DECODER_STRIDE / level)
         return smooth_upsample(coarse_ddf, DECODER_STRIDE // level, size)
 
