@@ -266,7 +266,7 @@ def test_parse_times_accepts(text, expected):
     ("[abc]", r"--times: 'abc' in '\[abc\]' is not a number; expected a number or a list of numbers"),
     ("[]", r"--times: '\[\]' holds no time"),
     (["1.0"], r"--times\[0\] is the string '1.0', not a number"),
-    ([1.0, float("inf")], r"--times\[1\] must be finite, got inf"),
+    ([1.0, float("inf")], r"--times must be finite, got inf at index 1"),
     ([True], r"--times\[0\] is True \(bool\), not a number"),
 ])
 def test_parse_times_errors_name_the_entry(value, message):

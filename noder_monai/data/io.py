@@ -564,7 +564,7 @@ def parse_times(value: Any, name: str = "times") -> list[float]:
         raise ValueError(f"{name} is {value!r} ({type(value).__name__}); {expected}.")
     for index, entry in enumerate(values):
         if not math.isfinite(entry):
-            raise ValueError(f"{name}[{index}] must be finite, got {entry!r}.")
+            raise ValueError(f"{name} must be finite, got {entry!r} at index {index}.")
     return values
 
 
