@@ -31,6 +31,7 @@ from noder_monai.data.io import (
     save_image,
     voxel_volume_mm3,
 )
+from noder_monai.data.itk_field import ddf_to_itk, save_itk_displacement
 from noder_monai.data.sequence import SubjectSequence, file_fingerprint, load_sequence, load_series
 from noder_monai.data.synthetic import DEFAULT_TIMES, SyntheticSequence, synthetic_sequence
 
@@ -52,6 +53,7 @@ __all__ = [
     "check_output_dir",
     "clean_stale_temporaries",
     "compose_displacements",
+    "ddf_to_itk",
     "demo_labels",
     "demo_volume",
     "file_fingerprint",
@@ -66,6 +68,7 @@ __all__ = [
     "make_demo_dataset",
     "parse_times",
     "save_image",
+    "save_itk_displacement",
     "synthetic_sequence",
     "voxel_volume_mm3",
 ]

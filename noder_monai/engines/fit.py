@@ -195,7 +195,13 @@ def fit_sequence(
         callback: called after every epoch with that epoch's record (epoch, level and loss terms as floats).
 
     Returns:
-        the :class:`FittedSubject`, with the loss history of every epoch.
+        the :class:`FittedSubject`, with the loss history of every epoch, the scans' geometry and a record of what it
+        was fitted on (``fitted_on``).
+
+    Raises:
+        ValueError: before any work, from :func:`check_fit_inputs` (sizes, NCC window, constant baseline), naming
+            the subject and file.
+        FloatingPointError: the loss or the weights became NaN/Inf (the fit diverged); nothing is returned.
     """
     config = check_fit_inputs(sequence, config or FitConfig())
     device = torch.device(device)

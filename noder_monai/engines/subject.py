@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,7 +14,7 @@ from monai.networks.blocks import Warp
 
 from noder_monai import __version__
 from noder_monai.data import IntensityMapping
-from noder_monai.data.io import Geometry, parse_times
+from noder_monai.data.io import Geometry, atomic_write, parse_times
 from noder_monai.data.sequence import file_fingerprint
 from noder_monai.metrics import jacobian_determinant
 from noder_monai.networks import NODER
@@ -36,20 +35,12 @@ AUTOENCODER_FORMAT = "noder-monai/deformation-autoencoder"
 
 
 def atomic_torch_save(obj: dict, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file in the target folder, then rename: no half-written file is ever visible."""
+    """``torch.save`` to a temporary file in the target folder, then rename: no half-written file is ever visible.
+
+    Uses :func:`noder_monai.data.io.atomic_write` (one temporary-name pattern, one file mode for every output).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(obj, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda temporary: torch.save(obj, temporary))
     return path
 
 
