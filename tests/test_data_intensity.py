@@ -44,9 +44,25 @@ def test_errors_name_the_argument_and_value():
         IntensityMapping(2.0, 1.0)
     with pytest.raises(ValueError, match=r"lower_percentile=50, upper_percentile=50"):
         IntensityMapping.fit(torch.rand(2, 1, 4, 4), lower_percentile=50, upper_percentile=50)
-    with pytest.raises(ValueError, match=r"constant intensity between the 0.5 and 99.5 percentiles \(both 3\)"):
-        IntensityMapping.fit(torch.full((2, 1, 4, 4), 3.0))
+    with pytest.raises(ValueError, match=r"^subject 's1' scans have a constant intensity \(every voxel is 3\)"):
+        IntensityMapping.fit(torch.full((2, 1, 4, 4), 3.0), name="subject 's1' scans")
     with pytest.raises(ValueError, match=r"images must contain at least one voxel"):
         IntensityMapping.fit([])
     with pytest.raises(ValueError, match=r"state is missing key\(s\) \['upper'\]"):
         IntensityMapping.from_dict({"lower": 0.0})
+
+
+def test_sparse_scans_fall_back_to_min_max():
+    """12 bright voxels of 4096: the 0.5/99.5 percentiles coincide, the mapping uses min and max instead."""
+    images = torch.zeros(2, 1, 16, 16, 16)
+    images.view(2, -1)[:, :12] = 100.0
+    mapping = IntensityMapping.fit(images)
+    assert (mapping.lower, mapping.upper) == (0.0, 100.0)
+    assert float(mapping(images).max()) == 1.0
+
+
+def test_non_finite_voxels_are_named():
+    images = torch.rand(2, 1, 4, 4)
+    images[1, 0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"^scan 'b.nii' contain NaN or Inf"):
+        IntensityMapping.fit(images, name="scan 'b.nii'")

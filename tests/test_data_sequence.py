@@ -93,7 +93,7 @@ def test_load_sequence_grid_mismatch_names_both_files(tmp_path):
     nearly = save_image(torch.rand(1, 6, 5, 4), _affine(offset=1e-5), tmp_path / "nearly.nii.gz")
     assert load_sequence([paths[0], nearly], [0, 1]).images.shape == (2, 1, 6, 5, 4)
     ddf = save_image(torch.rand(3, 6, 5, 4), _affine(), tmp_path / "ddf.nii.gz")
-    with pytest.raises(ValueError, match=r"scan '.*ddf.nii.gz' has 3 channels, expected a single-channel image"):
+    with pytest.raises(ValueError, match=r"scan '.*ddf.nii.gz' has 3 channels, shape \(6, 5, 4\) each; a scan must be one single-channel image"):
         load_sequence([paths[0], ddf], [0, 1])
 
 

@@ -127,3 +127,21 @@ def test_jacobian_rejects_bad_fields():
     with pytest.raises(ValueError, match=r"ddf must have at least 2 voxels along every spatial axis,"
                        r" got \(1, 2, 4, 1\)"):
         percent_folded(torch.zeros(1, 2, 4, 1))
+
+
+def test_constant_or_nan_held_out_scans_are_named():
+    image = torch.rand(2, 1, 12, 12)
+    flat = torch.cat([image[:1], torch.full((1, 1, 12, 12), 7.0)])
+    names = ["sub-01/heldout/t2.nii.gz", "sub-01/heldout/t5.nii.gz"]
+    for metric in (psnr, ssim):
+        with pytest.raises(ValueError, match=r"^target 'sub-01/heldout/t5.nii.gz' is constant \(every voxel 7\): PSNR "
+                                             r"and SSIM are undefined") as error:
+            metric(image, flat, names=names)
+        assert "data_range" not in str(error.value)  # no option to pass it where names are given (the jobs)
+    broken = image.clone()
+    broken[0, 0, 3, 3] = float("nan")
+    for metric in (nrmse, psnr, ssim):
+        with pytest.raises(ValueError, match=r"^target 'sub-01/heldout/t2.nii.gz' contains NaN or Inf voxels"):
+            metric(image, broken, names=names)
+    with pytest.raises(ValueError, match=r"names must give one name per batch item \(2\)"):
+        nrmse(image, image, names=["one"])

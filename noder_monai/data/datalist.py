@@ -78,6 +78,11 @@ def _path(value: Any, base: str, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{where} must be a non-empty path string, got {value!r}.")
     path = os.path.normpath(os.path.join(base, value))
+    if os.path.isdir(path):
+        raise ValueError(
+            f"{where}: '{path}' is a folder, not an image file: folders (e.g. a DICOM series) are not read; convert "
+            f"the series to one NIfTI file (e.g. with dcm2niix) and list that file."
+        )
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{where}: file not found: '{path}'.")
     return path

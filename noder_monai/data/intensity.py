@@ -35,20 +35,24 @@ class IntensityMapping:
         images: torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray],
         lower_percentile: float = 0.5,
         upper_percentile: float = 99.5,
+        name: str = "images",
     ) -> IntensityMapping:
         """Fit ``lower`` and ``upper`` as percentiles of all voxels of all scans together.
 
         Args:
             images: ``(T, 1, *spatial)`` scans, or a sequence of arrays of any shape, pooled jointly.
             lower_percentile: percentile in ``[0, 100)`` giving ``lower``.
-            upper_percentile: percentile in ``(lower_percentile, 100]`` giving ``upper``.
+            upper_percentile: percentile in ``(lower_percentile, 100]`` giving ``upper``. When the two percentiles
+                coincide (sparse content: a few bright voxels on a constant background) the minimum and maximum are
+                used instead.
+            name: what the images are, for messages (e.g. "subject 'sub-01' scans 'a.nii.gz', 'b.nii.gz'").
 
         Returns:
             The fitted mapping.
 
         Raises:
-            ValueError: percentiles out of range or not increasing, no voxels, or a constant intensity (the two
-                percentiles coincide).
+            ValueError: percentiles out of range or not increasing, no voxels, NaN/Inf voxels, or every voxel has
+                the same intensity; the message starts with ``name``.
         """
         if not 0.0 <= lower_percentile < upper_percentile <= 100.0:
             raise ValueError(
@@ -65,11 +69,17 @@ class IntensityMapping:
         )
         if values.size == 0:
             raise ValueError("images must contain at least one voxel, got none.")
-        lower, upper = np.percentile(values.astype(np.float64), [lower_percentile, upper_percentile])
+        values = values.astype(np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError(f"{name} contain NaN or Inf voxels; cannot fit an intensity mapping.")
+        lower, upper = np.percentile(values, [lower_percentile, upper_percentile])
+        if upper <= lower:
+            # sparse content (a few bright voxels on a constant background): the percentiles coincide, the extremes
+            # do not; fall back to the minimum and maximum
+            lower, upper = float(values.min()), float(values.max())
         if upper <= lower:
             raise ValueError(
-                f"images have a constant intensity between the {lower_percentile} and {upper_percentile} "
-                f"percentiles (both {lower:g}); cannot fit an intensity mapping."
+                f"{name} have a constant intensity (every voxel is {lower:g}); cannot fit an intensity mapping."
             )
         return cls(lower, upper)
 

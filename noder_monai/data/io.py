@@ -1,17 +1,33 @@
-"""Reading and writing single images and displacement fields as NIfTI.
+"""Reading and writing single images and displacement fields as NIfTI, with the input's geometry kept exactly.
 
 Reading goes through MONAI :class:`~monai.transforms.LoadImage` (ITK or nibabel reader, channel first, affine in RAS
-world coordinates). Writing goes through nibabel to a temporary name in the destination folder followed by
-:func:`os.replace`, so a reader never sees a half-written file. Multi-channel arrays (displacement fields) are stored
-channels last as ``(*spatial, 1, C)`` with NIfTI intent ``vector``: the layout ITK and ANTs use for displacement
-fields.
+world coordinates). :func:`load_scan` also returns the file's :class:`Geometry`: the NIfTI header's qform and sform
+(matrices and codes, copied field by field), the layout of a 2D image stored with one singleton axis, and the affine
+ITK reads. Writing an output with that geometry (:func:`save_image` with ``geometry``) copies the header forms, so
+nibabel and ITK (ITK-SNAP, ANTs) each place the output exactly where they place the input, even when the input's
+qform and sform disagree (a warning says so when the input is read).
+
+Writing goes to a temporary name in the destination folder (``.<name>.noder-<host>-<pid>-<random>.tmp``) followed
+by :func:`os.replace`, so a reader never sees a half-written file; every file gets the same mode (``0o666`` less
+the umask). :func:`clean_stale_temporaries` removes the temporaries a killed run of ours left behind.
+Multi-channel arrays (displacement fields) are stored channels last as ``(*spatial, 1, C)`` with NIfTI intent
+``vector``: the layout ITK and ANTs use for displacement fields.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
+import math
 import os
+import re
+import socket
+import time as _time
 import uuid
-from typing import Union
+import warnings
+from collections.abc import Mapping, Sequence
+from numbers import Real
+from typing import Any, Union
 
 import nibabel as nib
 import numpy as np
@@ -19,12 +35,35 @@ import torch
 from monai.transforms import LoadImage
 from numpy.typing import DTypeLike
 
-__all__ = ["READERS", "load_image", "save_image"]
+__all__ = [
+    "READERS",
+    "Geometry",
+    "atomic_write",
+    "check_output_dir",
+    "clean_stale_temporaries",
+    "load_image",
+    "load_label_map",
+    "load_scan",
+    "parse_times",
+    "save_image",
+    "voxel_volume_mm3",
+]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 #: Accepted values of the ``reader`` argument and the MONAI reader each selects (``None``: MONAI's default choice).
 READERS = {"itk": "ITKReader", "nibabel": "NibabelReader", None: None}
+
+#: NIfTI qform and sform farther apart than this (mm, any matrix entry) are reported as disagreeing.
+FORM_ATOL = 1e-3
+
+#: Header fields that define a NIfTI file's world geometry; copied verbatim from an input to its outputs.
+NIFTI_GEOMETRY_FIELDS = (
+    "qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z",
+    "srow_x", "srow_y", "srow_z", "pixdim", "xyzt_units",
+)
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_TEMP_MARK = "noder"
 
 
 def _resolve_reader(reader: str | None) -> str | None:
@@ -34,27 +73,220 @@ def _resolve_reader(reader: str | None) -> str | None:
     return READERS[key]
 
 
-def load_image(path: PathLike, reader: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read one image or vector field with MONAI ``LoadImage`` (``image_only=True``, ``ensure_channel_first=True``).
+def _plain(value: Any) -> Any:
+    """numpy scalars/arrays -> Python floats/ints/lists (exact for float32 values)."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()] if value.ndim else _plain(value.item())
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    return value
 
-    Singleton axes beyond the third spatial axis (the NIfTI time axis of a vector image) are dropped, and a third
-    spatial axis of length 1 is dropped too, so a 2D image or 2D displacement field comes back 2D whichever reader is
-    used. The affine is the MetaTensor's (RAS world coordinates, mm), embedded in a 4x4 matrix for 2D images.
+
+@dataclasses.dataclass
+class Geometry:
+    """World geometry of an input file, carried to every output written on its grid.
+
+    Attributes:
+        affine: ``(4, 4)`` voxel-to-world matrix (RAS, mm) the reader returned, columns in the order of the loaded
+            array's axes (for a 2D image stored with a singleton axis, the two in-plane axes then the singleton one).
+        file_shape: the file's spatial shape, singleton axis included, e.g. ``(48, 1, 48)``.
+        squeezed_axis: the file axis of length 1 dropped to make a 2D image, or ``None``.
+        nifti: the NIfTI header's geometry fields (:data:`NIFTI_GEOMETRY_FIELDS`) as plain values, or ``None`` for
+            other formats (outputs then get qform = sform = ``affine``).
+        itk_affine: ``(4, 4)`` RAS matrix of the same grid as ITK reads the file (differs from ``affine`` only when
+            the reader was nibabel and the file's qform and sform disagree), columns ordered like ``affine``.
+        source: the file read.
+    """
+
+    affine: np.ndarray
+    file_shape: tuple[int, ...]
+    squeezed_axis: int | None = None
+    nifti: dict | None = None
+    itk_affine: np.ndarray | None = None
+    source: str | None = None
+
+    def __post_init__(self) -> None:
+        self.affine = np.asarray(self.affine, dtype=np.float64).reshape(4, 4)
+        self.itk_affine = self.affine.copy() if self.itk_affine is None else np.asarray(
+            self.itk_affine, dtype=np.float64).reshape(4, 4)
+        self.file_shape = tuple(int(s) for s in self.file_shape)
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        """Shape of the loaded array's spatial axes (the singleton axis of a stored-2D image removed)."""
+        if self.squeezed_axis is None:
+            return self.file_shape
+        return tuple(s for axis, s in enumerate(self.file_shape) if axis != self.squeezed_axis)
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        """Volume of one voxel in mm^3; for a 2D image stored with a singleton axis, area times slice thickness."""
+        return voxel_volume_mm3(self.affine)
+
+    def to_dict(self) -> dict:
+        """Plain-value description (lists, floats, ints, strings) for checkpoints and JSON."""
+        return {
+            "affine": self.affine.tolist(),
+            "file_shape": list(self.file_shape),
+            "squeezed_axis": self.squeezed_axis,
+            "nifti": self.nifti,
+            "itk_affine": self.itk_affine.tolist(),
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any]) -> Geometry:
+        """Rebuild from :meth:`to_dict`'s output; ``ValueError`` naming the field if one is missing or malformed."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"geometry must be a dictionary, got {type(state).__name__}.")
+        for key in ("affine", "file_shape"):
+            if key not in state:
+                raise ValueError(f"geometry is missing field {key!r}, got fields {sorted(state)}.")
+        try:
+            geometry = cls(
+                affine=np.asarray(state["affine"], dtype=np.float64),
+                file_shape=tuple(state["file_shape"]),
+                squeezed_axis=state.get("squeezed_axis"),
+                nifti=dict(state["nifti"]) if state.get("nifti") is not None else None,
+                itk_affine=state.get("itk_affine"),
+                source=state.get("source"),
+            )
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"geometry field is malformed: {error}") from error
+        if not np.isfinite(geometry.affine).all():
+            raise ValueError("geometry field 'affine' must be finite.")
+        return geometry
+
+    @classmethod
+    def from_affine(cls, affine: np.ndarray | torch.Tensor, spatial_shape: Sequence[int]) -> Geometry:
+        """Geometry of a grid known only by its affine (no source file): 2D grids are stored as ``(H, W, 1)``."""
+        matrix = affine.detach().cpu().numpy() if isinstance(affine, torch.Tensor) else np.asarray(affine)
+        shape = tuple(int(s) for s in spatial_shape)
+        if len(shape) == 2:
+            return cls(affine=matrix, file_shape=shape + (1,), squeezed_axis=2)
+        return cls(affine=matrix, file_shape=shape)
+
+
+def voxel_volume_mm3(affine: np.ndarray | torch.Tensor) -> float:
+    """``|det(affine[:3, :3])|``: the voxel volume in mm^3, slice thickness included for a stored-2D image."""
+    matrix = affine.detach().cpu().numpy() if isinstance(affine, torch.Tensor) else np.asarray(affine)
+    return float(abs(np.linalg.det(np.asarray(matrix, dtype=np.float64)[:3, :3])))
+
+
+def _embed(affine: np.ndarray) -> np.ndarray:
+    if affine.shape == (4, 4):
+        return affine.astype(np.float64)
+    full = np.eye(4)
+    rank = affine.shape[0] - 1
+    full[:rank, :rank] = affine[:rank, :rank]
+    full[:rank, 3] = affine[:rank, rank]
+    return full
+
+
+def _itk_affine(path: str) -> np.ndarray | None:
+    """The RAS voxel-to-world matrix of ``path`` as ITK reads its header (no voxel data read), or None."""
+    try:
+        import itk
+
+        image_io = itk.ImageIOFactory.CreateImageIO(path, itk.CommonEnums.IOFileMode_ReadMode)
+        if image_io is None:
+            return None
+        image_io.SetFileName(path)
+        image_io.ReadImageInformation()
+        dims = min(int(image_io.GetNumberOfDimensions()), 3)
+        matrix = np.eye(4)
+        for axis in range(dims):
+            direction = np.asarray(list(image_io.GetDirection(axis))[:dims], dtype=np.float64)
+            matrix[:dims, axis] = direction * float(image_io.GetSpacing(axis))
+            matrix[axis, 3] = float(image_io.GetOrigin(axis))
+    except Exception:  # a format ITK cannot read: nothing to compare with
+        return None
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
+    return lps_to_ras @ matrix
+
+
+def _nifti_fields(header: nib.Nifti1Header) -> dict:
+    return {key: _plain(np.asarray(header[key])) for key in NIFTI_GEOMETRY_FIELDS}
+
+
+def _check_forms(path: str, header: nib.Nifti1Header, used: np.ndarray) -> None:
+    """Warn when a NIfTI file's qform and sform both apply but disagree, saying which one the reader used."""
+    qcode, scode = int(header["qform_code"]), int(header["sform_code"])
+    if qcode <= 0 or scode <= 0:
+        return
+    qform, sform = header.get_qform(), header.get_sform()
+    if np.allclose(qform, sform, atol=FORM_ATOL, rtol=0.0):
+        return
+    gap = float(np.abs(qform[:3, 3] - sform[:3, 3]).max())
+    if np.allclose(used[:3], sform[:3], atol=FORM_ATOL, rtol=0.0):
+        which = "sform"
+    elif np.allclose(used[:3], qform[:3], atol=FORM_ATOL, rtol=0.0):
+        which = "qform"
+    else:
+        which = "neither form (the reader's own choice)"
+    warnings.warn(
+        f"'{path}': qform (code {qcode}, origin {np.round(qform[:3, 3], 3).tolist()}) and sform (code {scode}, "
+        f"origin {np.round(sform[:3, 3], 3).tolist()}) disagree (origins {gap:.3g} mm apart); nibabel and MONAI's "
+        f"NibabelReader use the sform, ITK (ITK-SNAP, ANTs) the qform. This run used the {which}. Outputs keep both "
+        f"forms and codes, so every tool places them where it places this input.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _squeeze_singleton(data: torch.Tensor, affine: np.ndarray, path: str) -> tuple[torch.Tensor, np.ndarray, int | None]:
+    """Drop the one singleton spatial axis of a 3D array (C, X, Y, Z): a 2D image kept in its plane."""
+    spatial = tuple(data.shape[1:])
+    if len(spatial) != 3:
+        return data, affine, None
+    singletons = [axis for axis, size in enumerate(spatial) if size == 1]
+    if not singletons:
+        return data, affine, None
+    if len(singletons) > 1:
+        raise ValueError(
+            f"image '{path}' has spatial size {spatial}: {len(singletons)} axes of length 1 (axes {singletons}); "
+            f"a 3D image needs at least 3 voxels along every axis and a 2D image exactly one singleton axis."
+        )
+    axis = singletons[0]
+    kept = [a for a in range(3) if a != axis]
+    order = kept + [axis]
+    affine = affine.copy()
+    affine[:3, :3] = affine[:3, order]
+    return data.squeeze(axis + 1), affine, axis
+
+
+def load_scan(path: PathLike, reader: str | None = None) -> tuple[torch.Tensor, Geometry]:
+    """Read one image or vector field with MONAI ``LoadImage`` and return it with its :class:`Geometry`.
+
+    Singleton axes beyond the third spatial axis (the NIfTI time axis of a vector image) are dropped. A 3D file with
+    exactly one axis of length 1 (``(48, 1, 48)``, ``(1, 48, 48)``, ``(48, 48, 1)``) is a 2D image: that axis is
+    dropped and recorded, and :func:`save_image` puts it back, so outputs have the input's layout and geometry.
 
     Args:
-        path: image file (NIfTI or any format the chosen reader supports).
+        path: image file (NIfTI, NRRD, MetaImage or any format the chosen reader supports).
         reader: ``"itk"`` (MONAI ``ITKReader``), ``"nibabel"`` (MONAI ``NibabelReader``) or ``None`` (MONAI picks).
 
     Returns:
-        ``(image, affine)``: image ``(C, *spatial)`` float32 with ``C = 1`` for a scalar image and ``C = spatial_dims``
-        for a displacement field; affine ``(4, 4)`` float64 voxel-to-world matrix.
+        ``(image, geometry)``: image ``(C, *spatial)`` float32; ``geometry.affine`` the ``(4, 4)`` voxel-to-world
+        matrix (RAS, mm) whose first columns follow the returned spatial axes.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: ``reader`` is not recognised, or the file cannot be read as an image (the message names the path).
+        ValueError: ``reader`` is not recognised; ``path`` is a folder (DICOM series are not read: convert them to
+            NIfTI); the file cannot be read as an image; it has more than 3 spatial axes or more than one singleton
+            axis. Every message names the path.
     """
     reader_name = _resolve_reader(reader)
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(
+            f"image '{path}' is a folder, not an image file: folders (e.g. a DICOM series) are not read; convert the "
+            f"series to one NIfTI file (e.g. with dcm2niix) and give that file."
+        )
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: '{path}'.")
     loader = LoadImage(reader=reader_name, image_only=True, ensure_channel_first=True, dtype=np.float32)
@@ -62,40 +294,299 @@ def load_image(path: PathLike, reader: str | None = None) -> tuple[torch.Tensor,
         image = loader(path)
     except Exception as err:  # readers raise RuntimeError, OSError, ImageFileError, ... for a bad file
         raise ValueError(f"cannot read image '{path}': {err}") from err
-    affine = torch.as_tensor(np.asarray(image.affine), dtype=torch.float64)
+    affine = _embed(np.asarray(image.affine, dtype=np.float64))
     data = image.as_tensor().to(torch.float32)
     while data.ndim > 4 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim > 4:
         raise ValueError(f"image '{path}' has shape {tuple(data.shape)} (channel first): more than 3 spatial axes.")
-    if data.ndim == 4 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if affine.shape != (4, 4):
-        full = torch.eye(4, dtype=torch.float64)
-        rank = affine.shape[0] - 1
-        full[:rank, :rank] = affine[:rank, :rank]
-        full[:rank, 3] = affine[:rank, rank]
-        affine = full
-    return data.contiguous(), affine
+    file_shape = tuple(data.shape[1:])
+    data, affine, squeezed = _squeeze_singleton(data, affine, path)
+    nifti = None
+    if path.endswith(_NIFTI_SUFFIXES):
+        try:
+            header = nib.load(path).header
+        except Exception:  # MONAI read it, so this does not happen for a valid NIfTI file
+            header = None
+        if isinstance(header, nib.Nifti1Header):
+            nifti = _nifti_fields(header)
+            full = affine.copy()
+            if squeezed is not None:
+                full[:3, :3] = full[:3, np.argsort([a for a in range(3) if a != squeezed] + [squeezed])]
+            _check_forms(path, header, full)
+    itk_affine = _itk_affine(path)
+    if itk_affine is not None and squeezed is not None:
+        itk_affine[:3, :3] = itk_affine[:3, [a for a in range(3) if a != squeezed] + [squeezed]]
+    geometry = Geometry(affine=affine, file_shape=file_shape, squeezed_axis=squeezed, nifti=nifti,
+                        itk_affine=itk_affine, source=path)
+    return data.contiguous(), geometry
+
+
+def load_image(path: PathLike, reader: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read one image or vector field; see :func:`load_scan` (which also returns the file's :class:`Geometry`).
+
+    Returns:
+        ``(image, affine)``: image ``(C, *spatial)`` float32 with ``C = 1`` for a scalar image and ``C = spatial_dims``
+        for a displacement field; affine ``(4, 4)`` float64 voxel-to-world matrix (RAS, mm).
+    """
+    data, geometry = load_scan(path, reader)
+    return data, torch.as_tensor(geometry.affine, dtype=torch.float64)
+
+
+def load_label_map(path: PathLike, reader: str | None = None) -> tuple[torch.Tensor, Geometry]:
+    """Read an integer label map ``(1, *spatial)``; errors name the file and say what is wrong.
+
+    Raises:
+        ValueError: the file has several channels (a one-hot or 4D label map: give one volume of integer labels),
+            or non-integer or non-finite values.
+    """
+    data, geometry = load_scan(path, reader)
+    path = os.fspath(path)
+    if data.shape[0] != 1:
+        raise ValueError(
+            f"label map '{path}' has {data.shape[0]} channels (shape {tuple(data.shape[1:])} per channel): a one-hot "
+            f"or 4D label map is not supported; give one volume of integer labels (e.g. argmax over the channels)."
+        )
+    if not bool(torch.isfinite(data).all()) or not bool((data == data.round()).all()):
+        raise ValueError(f"label map '{path}' has non-integer or non-finite values; labels must be integers.")
+    return data, geometry
+
+
+def _as_geometry(affine: Any, spatial_shape: tuple[int, ...]) -> Geometry:
+    if isinstance(affine, Geometry):
+        if tuple(affine.spatial_shape) != spatial_shape:
+            raise ValueError(
+                f"array has spatial size {spatial_shape} but the geometry of '{affine.source}' is for "
+                f"{tuple(affine.spatial_shape)}."
+            )
+        return affine
+    matrix = affine.detach().cpu().numpy() if isinstance(affine, torch.Tensor) else np.asarray(affine)
+    matrix = matrix.astype(np.float64)
+    if matrix.shape != (4, 4):
+        raise ValueError(f"affine must be a (4, 4) matrix, got shape {matrix.shape}.")
+    return Geometry.from_affine(matrix, spatial_shape)
+
+
+def _file_affine(geometry: Geometry) -> np.ndarray:
+    """The voxel-to-world matrix of the file layout (singleton axis back in place)."""
+    matrix = geometry.affine.copy()
+    if geometry.squeezed_axis is not None:
+        order = [a for a in range(3) if a != geometry.squeezed_axis] + [geometry.squeezed_axis]
+        matrix[:3, :3] = matrix[:3, np.argsort(order)]
+    return matrix
+
+
+def _is_rigid(matrix: np.ndarray) -> bool:
+    linear = matrix[:3, :3]
+    zooms = np.linalg.norm(linear, axis=0)
+    if np.any(zooms == 0):
+        return False
+    rotation = linear / zooms
+    return bool(np.allclose(rotation.T @ rotation, np.eye(3), atol=1e-5))
+
+
+def _nifti_image(volume: np.ndarray, geometry: Geometry) -> nib.Nifti1Image:
+    if geometry.nifti is not None:
+        header = nib.Nifti1Header()
+        header.set_data_dtype(volume.dtype)
+        header.set_data_shape(volume.shape)
+        for key, value in geometry.nifti.items():
+            if key == "pixdim":
+                pixdim = np.asarray(header["pixdim"]).copy()
+                pixdim[:4] = np.asarray(value, dtype=np.float32)[:4]
+                header["pixdim"] = pixdim
+            else:
+                header[key] = np.asarray(value)
+        image = nib.Nifti1Image(volume, None, header=header)
+        return image
+    matrix = _file_affine(geometry)
+    image = nib.Nifti1Image(volume, matrix)
+    image.header.set_sform(matrix, code="scanner")
+    image.header.set_qform(matrix, code="scanner" if _is_rigid(matrix) else "unknown")
+    image.header.set_xyzt_units("mm", "sec")
+    return image
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _temporary_name(path: str) -> str:
+    host = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32] or "host"
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.{_TEMP_MARK}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def atomic_write(path: PathLike, write: Any) -> str:
+    """Write ``path`` atomically with mode ``0o666 & ~umask``: ``write`` (bytes, or a callable taking a temporary
+    path) fills a temporary file in the same folder, which then replaces ``path``. One helper, one mode, for every
+    output of the package (NIfTI, JSON, CSV, PNG, checkpoints).
+
+    Returns:
+        ``path`` as a string.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    temporary = _temporary_name(path)
+    try:
+        if callable(write):
+            write(temporary)
+        else:
+            with open(temporary, "wb") as handle:
+                handle.write(bytes(write))
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path
+
+
+_OWN_TEMP = re.compile(r"^\..+\." + _TEMP_MARK + r"-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+_LEGACY_TEMP = re.compile(r"^(\.tmp-[0-9a-f]{32}-.+|\..+\.[A-Za-z0-9_]{8}\.tmp)$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(folder: PathLike, legacy_age_s: float = 3600.0) -> list[str]:
+    """Remove the temporary files a killed run of this package left under ``folder`` (recursively).
+
+    Removed: our own temporaries (``.<name>.noder-<host>-<pid>-<hex>.tmp``) whose writing process on this host is no
+    longer running (on another host: older than ``legacy_age_s``), and temporaries of older package versions
+    (``.tmp-<uuid>-<name>``, ``.<name>.<8 chars>.tmp``) older than ``legacy_age_s``. Nothing else is touched.
+
+    Returns:
+        the removed paths.
+    """
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return []
+    host = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32] or "host"
+    now = _time.time()
+    removed = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            full = os.path.join(root, name)
+            match = _OWN_TEMP.match(name)
+            try:
+                age = now - os.lstat(full).st_mtime
+            except OSError:
+                continue
+            if match:
+                stale = not _alive(int(match["pid"])) if match["host"] == host else age > legacy_age_s
+            else:
+                stale = bool(_LEGACY_TEMP.match(name)) and age > legacy_age_s
+            if stale:
+                try:
+                    os.remove(full)
+                    removed.append(full)
+                except FileNotFoundError:
+                    pass
+    return removed
+
+
+def check_output_dir(path: PathLike) -> str:
+    """Make sure ``path`` is a folder this process can write into, before any work starts.
+
+    Creates it (with parents) when missing, then creates and removes a probe file in it.
+
+    Returns:
+        the absolute path.
+
+    Raises:
+        ValueError: ``path`` (or a parent) exists and is not a folder, or the folder is not writable; the message
+            names the path and the reason.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"output_dir '{path}' exists and is not a folder.")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"output_dir '{path}' cannot be created: {error.strerror or error}.") from error
+    probe = _temporary_name(os.path.join(path, "write-check"))
+    try:
+        with open(probe, "wb"):
+            pass
+    except OSError as error:
+        raise ValueError(f"output_dir '{path}' is not writable: {error.strerror or error}.") from error
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
+    return path
+
+
+def parse_times(value: Any, name: str = "times") -> list[float]:
+    """Query or acquisition times from the command line or an API call, as a list of finite floats.
+
+    Accepts a number, a sequence of numbers, or a string such as ``"[1.0, 2.5]"``, ``"1.0,2.5"``, ``"[1.0 2.5]"`` or
+    ``"2"``. Strings inside a list (``["1.0"]``) are refused: pass numbers.
+
+    Raises:
+        ValueError: naming ``name``, the offending entry and what was expected.
+    """
+    expected = f'expected a number or a list of numbers such as "[1.0, 2.5]"'
+    if isinstance(value, torch.Tensor) or isinstance(value, np.ndarray):
+        value = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value).reshape(-1).tolist()
+    if isinstance(value, str):
+        text = value.strip()
+        inner = text[1:-1] if len(text) >= 2 and text[0] + text[-1] in ("[]", "()") else text
+        tokens = [token for token in re.split(r"[\s,]+", inner.strip()) if token]
+        if not tokens:
+            raise ValueError(f"{name}: {value!r} holds no time; {expected}.")
+        values = []
+        for token in tokens:
+            try:
+                values.append(float(token))
+            except ValueError:
+                raise ValueError(f"{name}: {token!r} in {value!r} is not a number; {expected}.") from None
+    elif isinstance(value, Real) and not isinstance(value, bool):
+        values = [float(value)]
+    elif isinstance(value, (Sequence, set)) and not isinstance(value, (bytes, bytearray)):
+        values = []
+        for index, entry in enumerate(value):
+            if isinstance(entry, bool) or not isinstance(entry, Real):
+                kind = f"the string {entry!r}" if isinstance(entry, str) else f"{entry!r} ({type(entry).__name__})"
+                raise ValueError(f"{name}[{index}] is {kind}, not a number; {expected}.")
+            values.append(float(entry))
+    else:
+        raise ValueError(f"{name} is {value!r} ({type(value).__name__}); {expected}.")
+    for index, entry in enumerate(values):
+        if not math.isfinite(entry):
+            raise ValueError(f"{name} must be finite, got {entry!r} at index {index}.")
+    return values
 
 
 def save_image(
     array: np.ndarray | torch.Tensor,
-    affine: np.ndarray | torch.Tensor,
+    affine: np.ndarray | torch.Tensor | Geometry,
     path: PathLike,
     dtype: DTypeLike = np.float32,
 ) -> str:
-    """Write a channel-first image or displacement field as NIfTI, atomically.
+    """Write a channel-first image or displacement field as NIfTI, atomically, in the input's geometry.
 
-    The data go to a temporary file in the destination folder which then replaces ``path`` (``os.replace``), so an
-    interrupted write leaves no partial file under ``path``. ``C = 1`` is stored as a plain ``(*spatial)`` volume;
-    ``C > 1`` is stored channels last as ``(*spatial3, 1, C)`` with intent ``vector`` (2D fields get a third spatial
-    axis of length 1), the displacement-field layout of ITK and ANTs. Values are written as given (a ddf in this
-    package is in voxel units, MONAI ``Warp`` convention); integer ``dtype`` rounds to the nearest integer.
+    ``affine`` is either a :class:`Geometry` read with the input (:func:`load_scan`): the NIfTI header's qform,
+    sform, their codes, pixdim and units are copied verbatim, and a 2D image gets its singleton axis back where the
+    input had it; or a plain ``(4, 4)`` matrix (RAS, mm), written as sform and, when it is a rotation times zooms,
+    qform too (both code 1), so nibabel and ITK read the same grid. ``C = 1`` is stored as a plain volume; ``C > 1``
+    channels last as ``(*spatial3, 1, C)`` with intent ``vector``. Values are written as given (a ddf in this package
+    is in voxel units, MONAI ``Warp`` convention; see :mod:`noder_monai.data.itk_field` for ITK/ANTs fields);
+    integer ``dtype`` rounds to the nearest integer. See :func:`atomic_write` for the temporary name and file mode.
 
     Args:
         array: ``(C, *spatial)`` with 2 or 3 spatial axes.
-        affine: ``(4, 4)`` voxel-to-world matrix (RAS, mm).
+        affine: the input's :class:`Geometry`, or a ``(4, 4)`` voxel-to-world matrix.
         path: destination file, ``.nii`` or ``.nii.gz``; missing parent folders are created.
         dtype: on-disk data type, e.g. ``np.float32`` (default) or ``np.uint8`` for label maps.
 
@@ -103,40 +594,29 @@ def save_image(
         ``path`` as a string.
 
     Raises:
-        ValueError: ``array`` is not ``(C, *spatial)`` with 2-3 spatial axes, ``affine`` is not ``(4, 4)``, or
-            ``path`` does not end in ``.nii`` / ``.nii.gz``.
+        ValueError: ``array`` is not ``(C, *spatial)`` with 2-3 spatial axes or does not fit the geometry, ``affine``
+            is not ``(4, 4)``, or ``path`` does not end in ``.nii`` / ``.nii.gz``.
     """
     path = os.fspath(path)
-    if not path.endswith((".nii", ".nii.gz")):
+    if not path.endswith(_NIFTI_SUFFIXES):
         raise ValueError(f"path must end with '.nii' or '.nii.gz', got '{path}'.")
     data = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
     if data.ndim not in (3, 4):
         raise ValueError(f"array must be (C, *spatial) with 2 or 3 spatial axes, got shape {data.shape}.")
-    matrix = affine.detach().cpu().numpy() if isinstance(affine, torch.Tensor) else np.asarray(affine)
-    matrix = matrix.astype(np.float64)
-    if matrix.shape != (4, 4):
-        raise ValueError(f"affine must be a (4, 4) matrix, got shape {matrix.shape}.")
+    geometry = _as_geometry(affine, tuple(data.shape[1:]))
     if np.issubdtype(np.dtype(dtype), np.integer):
         data = np.rint(data)
     data = data.astype(dtype)
     channels = data.shape[0]
+    data = data.reshape((channels,) + geometry.file_shape)
     if channels == 1:
         volume = data[0]
     else:
-        spatial = data.shape[1:] + (1,) * (4 - data.ndim)
-        volume = np.moveaxis(data, 0, -1).reshape(spatial + (1, channels))
-    image = nib.Nifti1Image(volume, matrix)
-    image.header.set_xyzt_units("mm", "sec")
+        volume = np.moveaxis(data, 0, -1).reshape(geometry.file_shape + (1, channels))
+    image = _nifti_image(volume, geometry)
     if channels > 1:
         image.header.set_intent("vector")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-    try:
-        nib.save(image, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-    return path
+    payload = image.to_bytes()
+    if path.endswith(".gz"):
+        payload = gzip.compress(payload, compresslevel=1)
+    return atomic_write(path, payload)

@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 import numpy as np
 import torch
 
-from noder_monai.data.io import PathLike, load_image
+from noder_monai.data.io import Geometry, PathLike, load_scan
 
-__all__ = ["SubjectSequence", "load_sequence"]
+__all__ = ["SubjectSequence", "file_fingerprint", "load_sequence", "load_series"]
 
 AFFINE_ATOL = 1e-4
+
+
+def file_fingerprint(path: PathLike) -> dict:
+    """What identifies a scan file's content: ``{"path", "size", "mtime_ns", "sha256"}`` (plain values)."""
+    path = os.fspath(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    stat = os.stat(path)
+    return {"path": os.path.abspath(path), "size": int(stat.st_size), "mtime_ns": int(stat.st_mtime_ns),
+            "sha256": digest.hexdigest()}
 
 
 def _scan_name(index: int, paths: Sequence[str] | None) -> str:
@@ -32,6 +46,9 @@ class SubjectSequence:
         affine: ``(4, 4)`` float64 voxel-to-world matrix shared by all scans (RAS, mm).
         subject: subject identifier used in messages and outputs.
         paths: the file of each scan when read from disk, else ``None``.
+        geometry: the first scan's :class:`~noder_monai.data.io.Geometry` (header forms, 2D layout) that outputs are
+            written with; ``None`` builds one from ``affine``.
+        fingerprints: :func:`file_fingerprint` of each scan when read from disk, else ``None``.
     """
 
     images: torch.Tensor
@@ -39,6 +56,8 @@ class SubjectSequence:
     affine: torch.Tensor
     subject: str = "subject"
     paths: list[str] | None = None
+    geometry: Geometry | None = None
+    fingerprints: list[dict] | None = None
 
     def __post_init__(self) -> None:
         images = torch.as_tensor(self.images)
@@ -89,6 +108,18 @@ class SubjectSequence:
                 f"{tuple(affine.shape)}."
             )
         self.affine = affine
+        if self.geometry is None:
+            self.geometry = Geometry.from_affine(affine, self.spatial_size)
+
+    def fitted_on(self) -> dict:
+        """Plain description of what a model fitted to this sequence saw: grid, affine, times and scan files."""
+        return {
+            "subject": self.subject,
+            "spatial_size": list(self.spatial_size),
+            "affine": self.affine.tolist(),
+            "times": self.times.tolist(),
+            "scans": [dict(item) for item in self.fingerprints] if self.fingerprints is not None else None,
+        }
 
     @property
     def spatial_dims(self) -> int:
@@ -159,14 +190,17 @@ def load_sequence(
             )
     images = []
     affine = None
+    geometry = None
     for index, name in enumerate(names):
-        image, scan_affine = load_image(name, reader=reader)
+        image, scan_geometry = load_scan(name, reader=reader)
+        scan_affine = torch.as_tensor(scan_geometry.affine, dtype=torch.float64)
         if image.shape[0] != 1:
             raise ValueError(
-                f"subject '{subject}': scan '{name}' has {image.shape[0]} channels, expected a single-channel image."
+                f"subject '{subject}': scan '{name}' has {image.shape[0]} {_channel_kind(name)}, shape "
+                f"{tuple(image.shape[1:])} each; a scan must be one single-channel image. {_series_hint(name)}"
             )
         if index == 0:
-            affine = scan_affine
+            affine, geometry = scan_affine, scan_geometry
         elif image.shape != images[0].shape:
             raise ValueError(
                 f"subject '{subject}': scan '{name}' has shape {tuple(image.shape[1:])} but '{names[0]}' has "
@@ -185,4 +219,71 @@ def load_sequence(
         affine=affine,
         subject=subject,
         paths=names,
+        geometry=geometry,
+        fingerprints=[file_fingerprint(name) for name in names],
+    )
+
+
+def _is_time_series(path: str) -> bool:
+    """A NIfTI file whose 4th axis is time (not a vector field stored as ``(X, Y, Z, 1, C)``)."""
+    if not path.endswith((".nii", ".nii.gz")):
+        return False
+    try:
+        import nibabel as nib
+
+        header = nib.load(path).header
+    except Exception:
+        return False
+    dims = header["dim"]
+    return int(dims[0]) == 4 and int(dims[4]) > 1
+
+
+def _channel_kind(path: str) -> str:
+    return "time points (a 4D series)" if _is_time_series(path) else "channels"
+
+
+def _series_hint(path: str) -> str:
+    if _is_time_series(path):
+        return (
+            "Give one file per time point, or read the 4D series (e.g. a cine) with "
+            "noder_monai.data.load_series(path, times)."
+        )
+    return "Give one single-channel file per time point."
+
+
+def load_series(
+    path: PathLike,
+    times: Sequence[float],
+    subject: str = "subject",
+    reader: str | None = None,
+) -> SubjectSequence:
+    """Read a 4D series (one file, last axis = time, e.g. a cardiac cine) as one subject's sequence.
+
+    Args:
+        path: a 4D image file ``(*spatial, T)`` (2D series may be stored as ``(X, Y, 1, T)``).
+        times: the acquisition time of each of the ``T`` frames, strictly increasing.
+        subject: subject identifier used in messages.
+        reader: see :func:`noder_monai.data.io.load_image`.
+
+    Raises:
+        ValueError: naming the file, if it has one frame or the number of times differs from the number of frames.
+    """
+    name = os.fspath(path)
+    data, geometry = load_scan(name, reader=reader)
+    values = times.tolist() if isinstance(times, (torch.Tensor, np.ndarray)) else list(times)
+    if data.shape[0] < 2:
+        raise ValueError(f"subject '{subject}': series '{name}' has 1 frame; a series needs at least 2.")
+    if len(values) != data.shape[0]:
+        raise ValueError(
+            f"subject '{subject}': series '{name}' has {data.shape[0]} frames but {len(values)} times were given."
+        )
+    fingerprint = file_fingerprint(name)
+    return SubjectSequence(
+        images=data[:, None],
+        times=[float(value) for value in values],
+        affine=torch.as_tensor(geometry.affine, dtype=torch.float64),
+        subject=subject,
+        paths=[name] * data.shape[0],
+        geometry=geometry,
+        fingerprints=[fingerprint] * data.shape[0],
     )

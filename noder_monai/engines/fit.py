@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from pathlib import Path
 from typing import Callable, Sequence
@@ -19,7 +20,12 @@ from noder_monai.losses import NODERLoss
 from noder_monai.networks import LEVELS, NODER, scale_window
 from noder_monai.networks.autoencoder import pad_to_multiple
 
-__all__ = ["PRESETS", "FitConfig", "fit_sequence", "downsample_image", "subject_template"]
+__all__ = ["PRESETS", "FitConfig", "check_fit_inputs", "fit_sequence", "downsample_image", "level_window", "subject_template"]
+
+logger = logging.getLogger(__name__)
+
+#: The loss (smoothness and boundary terms, NCC windows) needs this many voxels along every axis at every level.
+MIN_LEVEL_VOXELS = 3
 
 
 @dataclasses.dataclass
@@ -155,6 +161,83 @@ def subject_template(model: NODER, images: torch.Tensor, scaled_times: torch.Ten
     return robust_mean(torch.cat([images[:1], pulled]), dim=0)[None]
 
 
+def level_window(kernel_size: int, level: int) -> int:
+    """The NCC window at ``level``: ``scale_window`` clamped to at least 3 voxels (a 1-voxel window has zero local
+    variance, so its similarity is 0 whatever the alignment and the fit would not move)."""
+    return max(MIN_LEVEL_VOXELS, scale_window(kernel_size, level))
+
+
+def _where(sequence: SubjectSequence, index: int = 0) -> str:
+    if sequence.paths:
+        return f"subject '{sequence.subject}': scan '{sequence.paths[index]}'"
+    return f"subject '{sequence.subject}': scan {index}"
+
+
+def check_fit_inputs(sequence: SubjectSequence, config: FitConfig) -> FitConfig:
+    """Refuse what a fit cannot handle before any work, and adapt the levels to the image size.
+
+    Checks: ``ncc_kernel_size`` is an odd integer >= 3; every spatial axis has at least :data:`MIN_LEVEL_VOXELS`
+    voxels (a 2D image must be stored with one singleton axis, which is dropped on reading); the baseline (the only
+    image ever warped) is not constant; every scan is finite. Levels too coarse for some axis (fewer than 3 level
+    voxels along it) are dropped, their epochs given to the next finer level, and this is logged.
+
+    Returns:
+        the configuration actually used (``config`` itself when nothing was dropped).
+
+    Raises:
+        ValueError: naming the subject, the file, the size and the axis or field at fault.
+    """
+    kernel = config.ncc_kernel_size
+    if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < MIN_LEVEL_VOXELS or kernel % 2 == 0:
+        raise ValueError(
+            f"subject '{sequence.subject}': field 'ncc_kernel_size' must be an odd integer >= {MIN_LEVEL_VOXELS}, "
+            f"got {kernel!r}."
+        )
+    size = sequence.spatial_size
+    for axis, length in enumerate(size):
+        if length < MIN_LEVEL_VOXELS:
+            raise ValueError(
+                f"{_where(sequence)} has size {size}: axis {axis} has {length} voxel(s), the fit needs at least "
+                f"{MIN_LEVEL_VOXELS} along every axis (a 2D image must be stored with exactly one axis of length 1)."
+            )
+    baseline = sequence.images[0]
+    low, high = float(baseline.min()), float(baseline.max())
+    if not high > low:
+        raise ValueError(
+            f"{_where(sequence)} (the baseline, the only image warped) is constant (every voxel {low:g}): every "
+            f"prediction would be that constant; check the file or put a scan with content first."
+        )
+    for index in range(1, len(sequence.images)):
+        scan = sequence.images[index]
+        if not float(scan.max()) > float(scan.min()):
+            logger.warning("%s is constant (every voxel %g): it cannot guide the fit.", _where(sequence, index),
+                           float(scan.min()))
+    kept = [level for level in config.levels if all(math.ceil(s / level) >= MIN_LEVEL_VOXELS for s in size)]
+    if not kept:
+        raise ValueError(f"{_where(sequence)} has size {size}: no level of {config.levels} leaves at least "
+                         f"{MIN_LEVEL_VOXELS} voxels along every axis; add level 1.")
+    if len(kept) == len(config.levels):
+        return config
+    fractions, carry = [], 0.0
+    for level, fraction in zip(config.levels, config.level_fractions):
+        if level in kept:
+            fractions.append(fraction + carry)
+            carry = 0.0
+        else:
+            carry += fraction
+    fractions[-1] += carry
+    dropped = [level for level in config.levels if level not in kept]
+    for level in dropped:
+        coarse = tuple(math.ceil(s / level) for s in size)
+        axis = min(range(len(size)), key=lambda a: coarse[a])
+        logger.warning(
+            "%s has size %s: level %d dropped (axis %d would have %d voxel(s), fewer than %d); levels %s, "
+            "fractions %s.", _where(sequence), size, level, axis, coarse[axis], MIN_LEVEL_VOXELS, tuple(kept),
+            tuple(round(f, 6) for f in fractions))
+    total = sum(fractions)
+    return dataclasses.replace(config, levels=tuple(kept), level_fractions=tuple(f / total for f in fractions))
+
+
 def fit_sequence(
     sequence: SubjectSequence,
     config: FitConfig | None = None,
@@ -180,12 +263,18 @@ def fit_sequence(
         callback: called after every epoch with that epoch's record (epoch, level and loss terms as floats).
 
     Returns:
-        the :class:`FittedSubject`, with the loss history of every epoch.
+        the :class:`FittedSubject`, with the loss history of every epoch, the scans' geometry and a record of what it
+        was fitted on (``fitted_on``).
+
+    Raises:
+        ValueError: before any work, from :func:`check_fit_inputs` (sizes, NCC window, constant baseline), naming
+            the subject and file.
+        FloatingPointError: the loss or the weights became NaN/Inf (the fit diverged); nothing is returned.
     """
-    config = config or FitConfig()
+    config = check_fit_inputs(sequence, config or FitConfig())
     device = torch.device(device)
     torch.manual_seed(seed)
-    intensity = IntensityMapping.fit(sequence.images)
+    intensity = IntensityMapping.fit(sequence.images, name=f"subject '{sequence.subject}' scans")
     images = intensity(sequence.images).to(device=device, dtype=torch.float32)
     times = sequence.times.to(torch.float64)
     scaled = ((times - times[0]) / (times[-1] - times[0])).to(device=device, dtype=torch.float32)
@@ -211,7 +300,7 @@ def fit_sequence(
         baseline = downsample_image(source, level)
         criterion = NODERLoss(
             spatial_dims=sequence.spatial_dims,
-            ncc_kernel_size=scale_window(config.ncc_kernel_size, level),
+            ncc_kernel_size=level_window(config.ncc_kernel_size, level),
             smoothness_weight=config.smoothness_weight,
             boundary_weight=config.boundary_weight,
         )
@@ -224,6 +313,8 @@ def fit_sequence(
             optimizer.zero_grad(set_to_none=True)
             warped, ddf = model(baseline, scaled[1:], level)
             terms = criterion(warped, targets, ddf)
+            if not bool(torch.isfinite(terms["total"])):
+                _diverged(sequence, config, len(history), level, float(terms["total"].detach()))
             terms["total"].backward()
             optimizer.step()
             scheduler.step()
@@ -241,6 +332,8 @@ def fit_sequence(
                 if stale >= config.patience:
                     break
     bar.close()
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        _diverged(sequence, config, len(history), config.levels[-1], math.nan)
     if config.source == "template":
         source = subject_template(model, images, scaled)
     return FittedSubject(
@@ -254,4 +347,13 @@ def fit_sequence(
         history=history,
         scans=images,
         template=source if config.source == "template" else None,
+        geometry=sequence.geometry,
+        fitted_on=sequence.fitted_on(),
+    )
+
+
+def _diverged(sequence: SubjectSequence, config: FitConfig, epoch: int, level: int, value: float) -> None:
+    raise FloatingPointError(
+        f"subject '{sequence.subject}': the fit diverged: loss is {value} at epoch {epoch} (level {level}); nothing "
+        f"was saved. Lower learning_rate (now {config.learning_rate:g}) and fit again."
     )

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-import tempfile
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from monai.networks.blocks import Warp
 
 from noder_monai import __version__
 from noder_monai.data import IntensityMapping, compose_displacements
+from noder_monai.data.io import Geometry, atomic_write, parse_times
+from noder_monai.data.sequence import file_fingerprint
 from noder_monai.metrics import jacobian_determinant
 from noder_monai.networks import NODER
 
@@ -25,6 +28,7 @@ __all__ = [
     "atomic_torch_save",
     "load_autoencoder_weights",
     "read_checkpoint",
+    "validate_subject_checkpoint",
 ]
 
 SUBJECT_FORMAT = "noder-monai/fitted-subject"
@@ -34,20 +38,12 @@ AUTOENCODER_FORMAT = "noder-monai/deformation-autoencoder"
 
 
 def atomic_torch_save(obj: dict, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file in the target folder, then rename: no half-written file is ever visible."""
+    """``torch.save`` to a temporary file in the target folder, then rename: no half-written file is ever visible.
+
+    Uses :func:`noder_monai.data.io.atomic_write` (one temporary-name pattern, one file mode for every output).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(obj, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda temporary: torch.save(obj, temporary))
     return path
 
 
@@ -105,6 +101,8 @@ class Prediction:
         jacobians: (Q, 1, *S) determinant of the Jacobian of x -> x + ddf(x) (local volume change).
         labels: (Q, 1, *S) the given baseline label map carried along (nearest neighbour), or None.
         affine: (4, 4) voxel-to-world matrix shared by every output.
+        geometry: the scans' :class:`~noder_monai.data.io.Geometry`; pass it as ``affine`` of ``save_image`` so the
+            outputs keep the input's header forms and 2D layout.
     """
 
     times: torch.Tensor
@@ -113,6 +111,7 @@ class Prediction:
     jacobians: torch.Tensor
     labels: torch.Tensor | None
     affine: torch.Tensor
+    geometry: Geometry | None = None
 
 
 class FittedSubject:
@@ -129,7 +128,19 @@ class FittedSubject:
         history: per-epoch loss records.
         scans: (T, 1, *S) every observed scan, normalised (needed by ``source="nearest"``); None if not kept.
         template: (1, 1, *S) the subject template the fit warped (``FitConfig(source="template")``), or None.
+        geometry: the scans' :class:`~noder_monai.data.io.Geometry`; ``None`` builds one from ``affine``.
+        fitted_on: what the model was fitted on (``SubjectSequence.fitted_on()``: grid, affine, times, scan file
+            fingerprints), compared by :meth:`stale_reasons` on every reuse.
+
+    Query times are bounded (:meth:`query_times`): beyond ``warn_extrapolation`` fitted spans outside the observed
+    times a warning is given, beyond ``max_extrapolation`` spans the query is refused (the ODE is integrated from the
+    first scan, so the cost grows with the distance). Both are instance attributes, settable per subject.
     """
+
+    #: Warn for query times more than this many fitted spans before the first or after the last observed time.
+    WARN_EXTRAPOLATION = 1.0
+    #: Refuse query times more than this many fitted spans outside the observed times (bounds the ODE's cost).
+    MAX_EXTRAPOLATION = 10.0
 
     def __init__(
         self,
@@ -143,6 +154,8 @@ class FittedSubject:
         history: list[dict] | None = None,
         scans: torch.Tensor | None = None,
         template: torch.Tensor | None = None,
+        geometry: Geometry | None = None,
+        fitted_on: dict | None = None,
     ):
         self.model = model
         self.baseline = baseline
@@ -155,6 +168,12 @@ class FittedSubject:
         self.fit_config = fit_config or {}
         self.history = history or []
         self._label_warp = Warp(mode="nearest", padding_mode="border")
+        self.geometry = geometry if geometry is not None else Geometry.from_affine(self.affine, model.spatial_size)
+        self.fitted_on = fitted_on
+        self.warn_extrapolation = self.WARN_EXTRAPOLATION
+        self.max_extrapolation = self.MAX_EXTRAPOLATION
+        self.path: str | None = None  # the file it was loaded from, for messages
+        self._warned: set[float] = set()
 
     @property
     def spatial_size(self) -> tuple[int, ...]:
@@ -164,11 +183,40 @@ class FittedSubject:
     def device(self) -> torch.device:
         return self.baseline.device
 
+    def query_times(self, times: Any) -> torch.Tensor:
+        """Check query times (numbers, finite, within the extrapolation bounds) and return them as (Q,) float64.
+
+        Raises:
+            ValueError: an entry is not a finite number (the message names it), or lies more than
+                ``max_extrapolation`` fitted spans outside the observed times.
+        Warns:
+            UserWarning: once per time, for times more than ``warn_extrapolation`` spans outside.
+        """
+        values = torch.tensor(parse_times(times, name="times"), dtype=torch.float64)
+        first, last = float(self.times[0]), float(self.times[-1])
+        span = last - first
+        for value in values.tolist():
+            beyond = max(first - value, value - last, 0.0) / span
+            if beyond > self.max_extrapolation:
+                raise ValueError(
+                    f"subject {self.subject!r}: time {value:g} is {beyond:.3g} fitted spans outside the observed times "
+                    f"[{first:g}, {last:g}] (span {span:g}); the limit is max_extrapolation={self.max_extrapolation:g} "
+                    f"spans. Check the time unit (days given for years?) or raise the limit."
+                )
+            if beyond > self.warn_extrapolation and value not in self._warned:
+                self._warned.add(value)
+                warnings.warn(
+                    f"subject {self.subject!r}: time {value:g} is {beyond:.3g} fitted spans outside the observed times "
+                    f"[{first:g}, {last:g}]; predictions that far from the data are extrapolations of the fitted "
+                    f"trajectory and may fold (check percent_folded).",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        return values
+
     def scaled_time(self, times: Sequence[float] | torch.Tensor) -> torch.Tensor:
         """User times (Q,) -> scaled times (Q,) float32, 0 at the first scan and 1 at the last."""
-        times = torch.as_tensor(times, dtype=torch.float64).reshape(-1).cpu()
-        if not torch.isfinite(times).all():
-            raise ValueError(f"times must be finite numbers, got {times.tolist()}.")
+        times = self.query_times(times)
         scaled = (times - self.times[0]) / (self.times[-1] - self.times[0])
         return scaled.to(device=self.device, dtype=torch.float32)
 
@@ -239,7 +287,7 @@ class FittedSubject:
         Raises:
             ValueError: for an empty ``times``, an unknown ``source``, or a source this subject does not hold.
         """
-        times = torch.as_tensor(times, dtype=torch.float64).reshape(-1)
+        times = self.query_times(times)
         if times.numel() == 0:
             raise ValueError("times must contain at least one time point.")
         source = self.default_source if source is None else source
@@ -276,6 +324,7 @@ class FittedSubject:
             jacobians=torch.cat(jacobians),
             labels=torch.cat(warped_labels) if labels is not None else None,
             affine=self.affine.clone(),
+            geometry=self.geometry,
         )
 
     def state(self) -> dict:
@@ -297,7 +346,67 @@ class FittedSubject:
             "intensity": self.intensity.to_dict(),
             "fit_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.fit_config.items()},
             "history": self.history,
+            "geometry": self.geometry.to_dict(),
+            "fitted_on": self.fitted_on,
         }
+
+    def stale_reasons(
+        self,
+        paths: Sequence[str] | None = None,
+        times: Sequence[float] | None = None,
+        spatial_size: Sequence[int] | None = None,
+        affine: torch.Tensor | None = None,
+    ) -> list[str]:
+        """Why this model does not match the given inputs any more (empty list: it does).
+
+        Compares with what the model recorded at fitting time: the observed times, the grid size and affine, and each
+        scan file (same path, and same size and modification time or else the same SHA-256). Call it before reusing
+        a model (``--skip_existing``, ``predict``, ``evaluate``).
+
+        Args:
+            paths: the subject's observed scan files now.
+            times: their acquisition times now.
+            spatial_size: the grid size of the scans now (e.g. ``sequence.spatial_size``).
+            affine: their (4, 4) affine now.
+        """
+        reasons: list[str] = []
+        if times is not None:
+            now = [float(t) for t in times]
+            if now != [float(t) for t in self.times.tolist()]:
+                reasons.append(f"times changed from {self.times.tolist()} to {now}")
+        if spatial_size is not None and tuple(int(s) for s in spatial_size) != tuple(self.spatial_size):
+            reasons.append(f"grid size changed from {tuple(self.spatial_size)} to {tuple(int(s) for s in spatial_size)}")
+        if affine is not None:
+            current = torch.as_tensor(affine, dtype=torch.float64).cpu()
+            if current.shape != (4, 4) or not torch.allclose(current, self.affine, atol=1e-4, rtol=0.0):
+                reasons.append(f"affine changed from {self.affine.tolist()} to {current.tolist()}")
+        if paths is not None:
+            recorded = (self.fitted_on or {}).get("scans")
+            if not recorded:
+                reasons.append("the model records no scan files (written by an older version); refit to be sure")
+                return reasons
+            names = [os.path.abspath(os.fspath(p)) for p in paths]
+            before = [item["path"] for item in recorded]
+            if names != before:
+                reasons.append(f"scan files changed from {before} to {names}")
+                return reasons
+            for name, item in zip(names, recorded):
+                if not os.path.isfile(name):
+                    reasons.append(f"scan '{name}' no longer exists")
+                    continue
+                stat = os.stat(name)
+                if stat.st_size == item["size"] and stat.st_mtime_ns == item["mtime_ns"]:
+                    continue
+                if stat.st_size != item["size"] or file_fingerprint(name)["sha256"] != item["sha256"]:
+                    reasons.append(f"scan '{name}' changed since the fit (size {item['size']} -> {stat.st_size} bytes)")
+        return reasons
+
+    def check_inputs(self, **inputs: Any) -> None:
+        """Raise a ValueError naming the model file and every difference if :meth:`stale_reasons` finds any."""
+        reasons = self.stale_reasons(**inputs)
+        if reasons:
+            where = f"model '{self.path}'" if self.path else f"the model of subject {self.subject!r}"
+            raise ValueError(f"{where} is stale: {'; '.join(reasons)}. Fit the subject again.")
 
     def save(self, path: str | Path) -> Path:
         """Write the subject to ``path`` atomically (temporary name, then rename). Returns the path."""
@@ -312,6 +421,7 @@ class FittedSubject:
             ValueError: naming the file, if it is not a fitted subject or its weights do not fit its recorded size.
         """
         checkpoint = read_checkpoint(path, SUBJECT_FORMAT, map_location)
+        validate_subject_checkpoint(checkpoint, path)
         network = dict(checkpoint["network"])
         model = NODER(**network)
         try:
@@ -326,16 +436,15 @@ class FittedSubject:
                 f"checkpoint {str(path)!r}: baseline of size {list(baseline.shape[2:])} does not match the recorded "
                 f"image size {network['spatial_size']}."
             )
-        images = {}
-        for key, count in (("scans", len(checkpoint["times"])), ("template", 1)):
-            image = checkpoint.get(key)
-            if image is not None and tuple(image.shape) != (count, 1, *network["spatial_size"]):
-                raise ValueError(
-                    f"checkpoint {str(path)!r}: {key} of shape {tuple(image.shape)} does not match "
-                    f"{(count, 1, *network['spatial_size'])}."
-                )
-            images[key] = None if image is None else image.to(map_location)
-        return cls(
+        images = {key: None if checkpoint.get(key) is None else checkpoint[key].to(map_location)
+                  for key in ("scans", "template")}
+        geometry = None
+        if checkpoint.get("geometry") is not None:
+            try:
+                geometry = Geometry.from_dict(checkpoint["geometry"])
+            except ValueError as error:
+                raise ValueError(f"checkpoint {str(path)!r}: field 'geometry': {error}") from error
+        subject = cls(
             model=model.to(map_location).eval(),
             baseline=baseline.to(map_location),
             **images,
@@ -345,4 +454,83 @@ class FittedSubject:
             subject=checkpoint["subject"],
             fit_config=checkpoint["fit_config"],
             history=checkpoint["history"],
+            geometry=geometry,
+            fitted_on=checkpoint.get("fitted_on"),
         )
+        subject.path = str(path)
+        return subject
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_subject_checkpoint(checkpoint: dict, path: str | Path) -> None:
+    """Check every field of a fitted-subject file before it is used; a ValueError names the file and the field.
+
+    Required: ``network`` (dict with a 2-3 entry positive ``spatial_size``), ``state_dict`` (dict of tensors),
+    ``baseline`` (finite tensor ``(1, 1, *spatial)``, its size checked against the weights when loading), ``times`` (>= 2 finite, strictly increasing numbers),
+    ``affine`` (finite 4x4), ``intensity`` (finite ``lower`` < ``upper``), ``subject`` (string), ``fit_config``
+    (dict), ``history`` (list). Optional: ``geometry`` and ``fitted_on`` (dicts, or None), ``scans``
+    (``(T, 1, *spatial)``) and ``template`` (``(1, 1, *spatial)``) tensors or None.
+    """
+    where = f"checkpoint {str(path)!r}"
+    required = ("network", "state_dict", "baseline", "times", "affine", "intensity", "subject", "fit_config", "history")
+    missing = [key for key in required if key not in checkpoint]
+    if missing:
+        raise ValueError(f"{where}: field(s) {missing} missing; the file is damaged or not a fitted subject.")
+
+    def bad(field: str, expected: str, value: Any) -> ValueError:
+        shown = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+        if len(shown) > 120:
+            shown = shown[:117] + "..."
+        return ValueError(f"{where}: field {field!r} must be {expected}, got {shown}.")
+
+    network = checkpoint["network"]
+    if not isinstance(network, dict):
+        raise bad("network", "a dictionary of NODER arguments", network)
+    size = network.get("spatial_size")
+    if not isinstance(size, (list, tuple)) or len(size) not in (2, 3) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
+        raise bad("network.spatial_size", "2 or 3 positive integers", size)
+    state = checkpoint["state_dict"]
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise bad("state_dict", "a non-empty dictionary of tensors", type(state).__name__)
+    baseline = checkpoint["baseline"]
+    if not isinstance(baseline, torch.Tensor) or baseline.ndim != 2 + len(size) or tuple(baseline.shape[:2]) != (1, 1):
+        raise bad("baseline", f"a tensor of shape (1, 1, {', '.join('S' * len(size))})", baseline)
+    if not bool(torch.isfinite(baseline).all()):
+        raise ValueError(f"{where}: field 'baseline' contains NaN or Inf.")
+    times = checkpoint["times"]
+    if not isinstance(times, (list, tuple)) or len(times) < 2 or not all(_is_number(t) for t in times):
+        raise bad("times", "a list of at least 2 finite numbers", times)
+    if any(b <= a for a, b in zip(times, times[1:])):
+        raise bad("times", "strictly increasing", times)
+    affine = checkpoint["affine"]
+    try:
+        matrix = torch.as_tensor(affine, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise bad("affine", "a finite 4x4 matrix", affine) from None
+    if matrix.shape != (4, 4) or not bool(torch.isfinite(matrix).all()):
+        raise bad("affine", "a finite 4x4 matrix", affine)
+    intensity = checkpoint["intensity"]
+    if not isinstance(intensity, dict) or not all(_is_number(intensity.get(k)) for k in ("lower", "upper")) \
+            or not intensity["upper"] > intensity["lower"]:
+        raise bad("intensity", "{'lower': finite, 'upper': finite > lower}", intensity)
+    if not isinstance(checkpoint["subject"], str):
+        raise bad("subject", "a string", checkpoint["subject"])
+    if not isinstance(checkpoint["fit_config"], dict):
+        raise bad("fit_config", "a dictionary", checkpoint["fit_config"])
+    if not isinstance(checkpoint["history"], list):
+        raise bad("history", "a list", type(checkpoint["history"]).__name__)
+    for key in ("geometry", "fitted_on"):
+        if checkpoint.get(key) is not None and not isinstance(checkpoint[key], dict):
+            raise bad(key, "a dictionary or None", checkpoint[key])
+    for key, count in (("scans", len(times)), ("template", 1)):
+        image = checkpoint.get(key)
+        expected = (count, 1, *size)
+        if image is not None and (not isinstance(image, torch.Tensor) or tuple(image.shape) != expected):
+            raise bad(key, f"None or a tensor of shape {expected}", image)
+        if image is not None and not bool(torch.isfinite(image).all()):
+            raise ValueError(f"{where}: field {key!r} contains NaN or Inf.")

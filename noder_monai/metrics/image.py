@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from numbers import Real
 
 import torch
@@ -24,8 +25,26 @@ def _check_pair(pred: torch.Tensor, target: torch.Tensor, spatial_dims: tuple[in
         raise ValueError(f"pred must have the shape of target {tuple(target.shape)}, got {shape}.")
 
 
-def _data_ranges(target: torch.Tensor, data_range: float | None) -> list[float]:
+def _label(item: int, names: Sequence[str] | None) -> str:
+    return f"target '{names[item]}'" if names is not None else f"target item {item}"
+
+
+def _check_names(target: torch.Tensor, names: Sequence[str] | None) -> None:
+    if names is not None and (isinstance(names, str) or len(names) != target.shape[0]):
+        raise ValueError(f"names must give one name per batch item ({target.shape[0]}), got {names!r}.")
+
+
+def _check_finite(target: torch.Tensor, names: Sequence[str] | None) -> None:
+    finite = torch.isfinite(target.detach().flatten(1)).all(dim=1)
+    if not bool(finite.all()):
+        item = int((~finite).nonzero()[0])
+        raise ValueError(f"{_label(item, names)} contains NaN or Inf voxels; metrics need finite images.")
+
+
+def _data_ranges(target: torch.Tensor, data_range: float | None, names: Sequence[str] | None = None) -> list[float]:
     """One positive data range per batch item: ``data_range`` itself, or each item's ``max - min``."""
+    _check_names(target, names)
+    _check_finite(target, names)
     if data_range is not None:
         if isinstance(data_range, bool) or not isinstance(data_range, Real) or not math.isfinite(data_range) \
                 or data_range <= 0:
@@ -35,13 +54,19 @@ def _data_ranges(target: torch.Tensor, data_range: float | None) -> list[float]:
     ranges = (flat.amax(dim=1) - flat.amin(dim=1)).tolist()
     for item, value in enumerate(ranges):
         if not value > 0:
+            if names is not None:
+                raise ValueError(
+                    f"{_label(item, names)} is constant (every voxel {float(target[item].min()):g}): PSNR and SSIM "
+                    f"are undefined for an image without contrast; check that file."
+                )
             raise ValueError(
-                f"data_range is None and target item {item} has max - min = {value}; pass data_range explicitly."
+                f"data_range is None and target item {item} has max - min = {value} (a constant image); pass "
+                f"data_range explicitly."
             )
     return ranges
 
 
-def nrmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def nrmse(pred: torch.Tensor, target: torch.Tensor, names: Sequence[str] | None = None) -> torch.Tensor:
     """Normalized root-mean-square error ``||pred - target||_2 / ||target||_2`` per batch item.
 
     This is scikit-image's ``normalized_root_mse(target, pred, normalization="euclidean")``; 0 is a perfect
@@ -50,19 +75,24 @@ def nrmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     Args:
         pred: predicted images, shape ``(B, C, *spatial)``.
         target: reference images, same shape.
+        names: optional name of each target item (e.g. its file), used in error messages.
 
     Returns:
         Tensor of shape ``(B,)``, dimensionless.
 
     Raises:
-        ValueError: if the shapes differ or have no spatial axis.
+        ValueError: if the shapes differ or have no spatial axis, or a target item has NaN/Inf voxels (named).
     """
     _check_pair(pred, target, (1, 2, 3))
+    _check_names(target, names)
+    _check_finite(target, names)
     error = torch.linalg.vector_norm((pred - target).flatten(1), dim=1)
     return error / torch.linalg.vector_norm(target.flatten(1), dim=1)
 
 
-def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float | None = None) -> torch.Tensor:
+def psnr(
+    pred: torch.Tensor, target: torch.Tensor, data_range: float | None = None, names: Sequence[str] | None = None
+) -> torch.Tensor:
     """Peak signal-to-noise ratio per batch item, ``20 log10(data_range) - 10 log10(MSE)``, by MONAI ``PSNRMetric``.
 
     Args:
@@ -70,24 +100,27 @@ def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float | None = No
         target: reference images, same shape.
         data_range: the intensity range (peak value) of the images, > 0; ``None`` (default) uses each target
             item's ``max - min``.
+        names: optional name of each target item (e.g. the held-out scan's file), used in error messages.
 
     Returns:
         Tensor of shape ``(B,)`` in dB (``inf`` where ``pred`` equals ``target``).
 
     Raises:
         ValueError: if the shapes differ, ``data_range`` is not positive, or it is ``None`` and a target item is
-            constant.
+            constant, or a target item has NaN/Inf voxels (items are named by ``names`` when given).
     """
     _check_pair(pred, target, (1, 2, 3))
     pred, target = convert_to_tensor(pred, track_meta=False), convert_to_tensor(target, track_meta=False)
     values = [
         PSNRMetric(max_val=value, reduction="none")(pred[item : item + 1], target[item : item + 1])
-        for item, value in enumerate(_data_ranges(target, data_range))
+        for item, value in enumerate(_data_ranges(target, data_range, names))
     ]
     return torch.cat(values).reshape(-1)
 
 
-def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float | None = None) -> torch.Tensor:
+def ssim(
+    pred: torch.Tensor, target: torch.Tensor, data_range: float | None = None, names: Sequence[str] | None = None
+) -> torch.Tensor:
     """Structural similarity per batch item, by MONAI ``SSIMMetric`` (Gaussian window 11, sigma 1.5, no padding).
 
     ``spatial_dims`` is taken from ``target.ndim``; the SSIM map is averaged over channels and the voxels at
@@ -98,13 +131,15 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float | None = No
         target: reference images, same shape.
         data_range: the intensity range of the images, > 0; ``None`` (default) uses each target item's
             ``max - min``.
+        names: optional name of each target item (e.g. the held-out scan's file), used in error messages.
 
     Returns:
         Tensor of shape ``(B,)``, at most 1 (identical images).
 
     Raises:
         ValueError: if the shapes differ, are not 2D/3D or shorter than 11 voxels, ``data_range`` is not positive,
-            or it is ``None`` and a target item is constant.
+            or it is ``None`` and a target item is
+            constant, or a target item has NaN/Inf voxels (items are named by ``names`` when given).
     """
     _check_pair(pred, target, (2, 3))
     win_size = 11
@@ -118,6 +153,6 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float | None = No
         SSIMMetric(spatial_dims=spatial_dims, data_range=value, win_size=win_size, reduction="none")(
             pred[item : item + 1], target[item : item + 1]
         )
-        for item, value in enumerate(_data_ranges(target, data_range))
+        for item, value in enumerate(_data_ranges(target, data_range, names))
     ]
     return torch.cat(values).reshape(-1)
