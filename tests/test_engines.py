@@ -11,7 +11,7 @@ from noder_monai.engines import FitConfig, FittedSubject, fit_sequence
 from noder_monai.metrics import nrmse
 
 SMALL_NETWORK = {"smoothing_kernel": 7}
-SMALL_CONFIG = {"ncc_kernel_size": 9, "levels": (2, 1), "level_fractions": (0.6, 0.4)}
+SMALL_CONFIG = {"ncc_kernel_size": 9, "levels": (2, 1), "level_fractions": (0.6, 0.4), "source": "baseline"}  # noiseless scans
 HELDOUT = [2, 5, 9]  # two frames between observed ones and one after the last
 
 

@@ -98,7 +98,7 @@ def test_oblique_lps_fit_predict_outputs_keep_geometry(oblique_fit, tmp_path):
 
 def test_itk_displacement_field_warps_like_our_prediction(oblique_fit, tmp_path):
     folder, paths, sequence, fitted = oblique_fit
-    prediction = fitted.predict([2.0, 3.0])
+    prediction = fitted.predict([2.0, 3.0], source="baseline")
     for index in range(2):
         ddf = prediction.ddfs[index]
         assert float(ddf.abs().max()) > 0.05  # a real deformation, not the identity
@@ -134,7 +134,7 @@ def test_2d_slice_fit_predict_keeps_geometry_and_thickness(tmp_path):
         assert voxel_volume_mm3(sequence.affine) == pytest.approx(0.9 * 3.0 * 1.1, abs=1e-6)
     fitted = fit_sequence(sequence, FitConfig(**TINY), progress=False)
     fitted.save(tmp_path / "model.pt")
-    prediction = FittedSubject.load(tmp_path / "model.pt").predict([0.75])
+    prediction = FittedSubject.load(tmp_path / "model.pt").predict([0.75], source="baseline")
     for name, array in {"image": prediction.images[0], "jac": prediction.jacobians[0]}.items():
         out = save_image(array, prediction.geometry, tmp_path / f"{name}.nii.gz")
         assert nib.load(out).shape == (20, 1, 18)

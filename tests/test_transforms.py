@@ -37,7 +37,7 @@ def fitted(tmp_path_factory):
 def test_array_transform_equals_predict(fitted):
     subject, baseline = fitted["subject"], fitted["sequence"].images[0]
     warp = ODEWarp(fitted["path"])
-    expected = subject.predict(QUERY).images
+    expected = subject.predict(QUERY, source="baseline").images
     for index, time in enumerate(QUERY):
         out = warp(baseline, time)
         assert out.shape == (1, 16, 16, 16) and out.dtype == torch.float32
@@ -54,7 +54,7 @@ def test_numpy_input_returns_numpy_and_time_zero_is_identity(fitted):
 
 def test_dictionary_transform_in_dataloader_workers_matches_predict(fitted):
     subject, baseline, label = fitted["subject"], fitted["sequence"].images[0], fitted["label"]
-    expected = subject.predict(QUERY, labels=label)
+    expected = subject.predict(QUERY, labels=label, source="baseline")
     items = [
         {"image": MetaTensor(baseline.clone(), affine=AFFINE), "label": MetaTensor(label.clone().to(torch.int16), affine=AFFINE),
          "time": time}

@@ -69,8 +69,8 @@ class FitConfig:
     patience: int = 0
     min_improvement: float = 1e-4
     finetune_decoder: bool = True
-    source: str = "baseline"
-    template_rounds: int = 3
+    source: str = "template"
+    template_rounds: int = 1
     template_start: float = 0.5
 
     def __post_init__(self) -> None:
