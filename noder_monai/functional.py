@@ -10,7 +10,7 @@ from numbers import Integral
 import torch
 import torch.nn.functional as F
 
-__all__ = ["box_filter", "check_ddf", "check_odd_kernel_size", "check_spatial_dims", "invert_displacement", "robust_mean"]
+__all__ = ["box_filter", "check_ddf", "check_odd_kernel_size", "check_spatial_dims", "invert_displacement"]
 
 _PADDING_MODES = ("zeros", "replicate")
 
@@ -215,21 +215,3 @@ def invert_displacement(
     for _ in range(iterations):
         inverse = inverse - damping * (inverse + warp(ddf, inverse))
     return inverse
-
-
-def robust_mean(stack: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """Mean along ``dim`` without the smallest and the largest value when there are at least 4 (a trimmed mean).
-
-    Averages noisy, roughly aligned images while a single misaligned value at an edge does not pull the result.
-
-    Args:
-        stack: any tensor; ``dim`` indexes the values to average.
-        dim: the axis averaged away.
-
-    Returns:
-        ``stack`` reduced along ``dim``.
-    """
-    count = stack.shape[dim]
-    if count < 4:
-        return stack.mean(dim)
-    return stack.sort(dim).values.narrow(dim, 1, count - 2).mean(dim)

@@ -7,7 +7,7 @@ import torch
 
 from noder_monai.data import SubjectSequence, compose_displacements, synthetic_sequence
 from noder_monai.engines import FitConfig, FittedSubject, fit_sequence
-from noder_monai.functional import invert_displacement, robust_mean
+from noder_monai.functional import invert_displacement
 from noder_monai.metrics import nrmse
 
 SMALL = {"levels": (2, 1), "level_fractions": (0.5, 0.5), "ncc_kernel_size": 7}
@@ -48,12 +48,6 @@ def test_fixed_point_inverse_of_a_translation_is_its_negation():
     assert torch.allclose(invert_displacement(ddf), -ddf, atol=1e-6)
     with pytest.raises(ValueError, match="iterations"):
         invert_displacement(ddf, iterations=0)
-
-
-def test_robust_mean_drops_one_outlier_per_end():
-    stack = torch.tensor([[1.0], [2.0], [3.0], [100.0], [-50.0]])
-    assert robust_mean(stack).item() == pytest.approx(2.0)
-    assert robust_mean(stack[:3]).item() == pytest.approx(2.0)  # fewer than 4: plain mean
 
 
 def test_template_is_closer_to_the_clean_baseline_than_any_single_scan(fitted_template):

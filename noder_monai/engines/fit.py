@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from noder_monai.data import IntensityMapping, SubjectSequence
-from noder_monai.functional import robust_mean
 from noder_monai.engines.pretrain import default_autoencoder_path
 from noder_monai.engines.subject import PREDICT_SOURCES, FittedSubject, load_autoencoder_weights
 from noder_monai.losses import NODERLoss
@@ -49,7 +48,7 @@ class FitConfig:
         source: the appearance of the predictions (one of ``PREDICT_SOURCES``, the default of
             :meth:`FittedSubject.predict`): ``"baseline"`` warps the first scan (the paper); ``"template"`` warps a
             denoised subject template (every observed scan pulled back to the first time through the inverse of its
-            current fitted map and averaged with :func:`~noder_monai.functional.robust_mean`, rebuilt
+            current fitted map, per-voxel median: :func:`subject_template`, rebuilt
             ``template_rounds`` times during the fit, as ANTs builds single-subject templates; the fit then warps
             the template to every observed time); ``"nearest"`` fits as ``"baseline"`` and predicts by carrying
             the observed scans that bracket a time to it (for sequences whose texture changes, e.g. ultrasound).
@@ -146,7 +145,11 @@ def downsample_image(image: torch.Tensor, level: int) -> torch.Tensor:
 
 @torch.no_grad()
 def subject_template(model: NODER, images: torch.Tensor, scaled_times: torch.Tensor) -> torch.Tensor:
-    """Every scan pulled back to the first time through the inverse of its fitted map, robustly averaged.
+    """Every scan pulled back to the first time through the inverse of its fitted map, and their per-voxel median.
+
+    The median (for an even count the lower of the two middle values, as ``torch.median``) is not pulled by a scan
+    that is misaligned at an edge, and on magnitude MRI, whose Rician noise is skewed upwards in dark regions, it
+    stays closer to the noise-free intensity than a mean.
 
     Args:
         model: the (partly) fitted trajectory.
@@ -158,7 +161,7 @@ def subject_template(model: NODER, images: torch.Tensor, scaled_times: torch.Ten
     """
     inverse = model.displacement(scaled_times[1:], inverse=True)
     pulled = model.warp(images[1:], inverse)
-    return robust_mean(torch.cat([images[:1], pulled]), dim=0)[None]
+    return torch.cat([images[:1], pulled]).median(dim=0).values[None]
 
 
 def level_window(kernel_size: int, level: int) -> int:
