@@ -1,4 +1,9 @@
-"""Fit NODER to one subject's sequence: coarse-to-fine Adam on NCC + smoothness + boundary terms."""
+"""Fit NODER to one subject's sequence: coarse-to-fine Adam on NCC + smoothness + boundary terms.
+
+:func:`fit_sequence` is the Python face of the bundle's training run: it builds the same
+:class:`~noder_monai.engines.trainer.NODERTrainer`, loss, optimizer, schedule and handlers as
+``bundle/configs/train.json`` for an in-memory sequence.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,24 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
+from monai.data import DataLoader, MetaTensor
+from ignite.handlers import ProgressBar
+from monai.handlers import LrScheduleHandler
+from monai.utils import CommonKeys as Keys
 
-from noder_monai.data import IntensityMapping, SubjectSequence
-from noder_monai.engines.pretrain import default_autoencoder_path
-from noder_monai.engines.subject import FittedSubject, load_autoencoder_weights
+from noder_monai.data import SubjectSequence
+from noder_monai.engines.subject import FittedSubject
+from noder_monai.engines.trainer import (
+    CoarseToFineHandler,
+    EpochCallbackHandler,
+    NODERTrainer,
+    downsample_image,
+    fitted_subject,
+    init_network,
+)
 from noder_monai.losses import NODERLoss
-from noder_monai.networks import LEVELS, NODER, scale_window
-from noder_monai.networks.autoencoder import pad_to_multiple
+from noder_monai.networks import LEVELS, NODER
+from noder_monai.transforms.intensity import IntensityMappingd
 
 __all__ = ["FitConfig", "fit_sequence", "downsample_image"]
 
@@ -76,17 +90,6 @@ class FitConfig:
         return counts + [max(1, self.epochs - sum(counts))]
 
 
-def downsample_image(image: torch.Tensor, level: int) -> torch.Tensor:
-    """Average ``level``^d blocks: (N, C, *S) -> (N, C, *ceil(S / level)), edge-replicated at the far border.
-
-    Level voxel ``i`` covers image voxels ``[i * level, (i + 1) * level)``, the grid of ``NODER.displacement``.
-    """
-    if level == 1:
-        return image
-    pool = F.avg_pool3d if image.ndim == 5 else F.avg_pool2d
-    return pool(pad_to_multiple(image, level, mode="replicate"), level)
-
-
 def fit_sequence(
     sequence: SubjectSequence,
     config: FitConfig | None = None,
@@ -117,64 +120,43 @@ def fit_sequence(
     config = config or FitConfig()
     device = torch.device(device)
     torch.manual_seed(seed)
-    intensity = IntensityMapping.fit(sequence.images)
-    images = intensity(sequence.images).to(device=device, dtype=torch.float32)
-    times = sequence.times.to(torch.float64)
-    scaled = ((times - times[0]) / (times[-1] - times[0])).to(device=device, dtype=torch.float32)
-    model = NODER(sequence.spatial_size, **(network or {})).to(device)
-    if pretrained == "auto":
-        pretrained = default_autoencoder_path(sequence.spatial_dims)
-    if pretrained is not None:
-        load_autoencoder_weights(model, pretrained)
-    model.set_initial_state()
-    model.encoder.requires_grad_(False)
-    model.decoder.requires_grad_(config.finetune_decoder)
+    item = IntensityMappingd(keys=Keys.IMAGE)(
+        {
+            Keys.IMAGE: MetaTensor(sequence.images[:, 0], affine=sequence.affine),
+            "time": sequence.times.to(torch.float64),
+            "subject": sequence.subject,
+        }
+    )
+    dataset = [item]
+    network_def = NODER(sequence.spatial_size, **(network or {}))
+    model = init_network(network_def, pretrained, config.finetune_decoder).to(device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
     epochs = config.epochs_per_level()
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, sum(epochs), eta_min=config.learning_rate * 0.05)
-    history: list[dict] = []
-    bar = tqdm(total=sum(epochs), desc=f"fit {sequence.subject}", disable=not progress, leave=False)
-    for level, level_epochs in zip(config.levels, epochs):
-        if level_epochs == 0:
-            continue
-        pyramid = downsample_image(images, level)
-        baseline, targets = pyramid[:1], pyramid[1:]
-        criterion = NODERLoss(
-            spatial_dims=sequence.spatial_dims,
-            ncc_kernel_size=scale_window(config.ncc_kernel_size, level),
-            smoothness_weight=config.smoothness_weight,
-            boundary_weight=config.boundary_weight,
-        )
-        is_last = level == config.levels[-1]
-        best, stale = math.inf, 0
-        for _ in range(level_epochs):
-            optimizer.zero_grad(set_to_none=True)
-            warped, ddf = model(baseline, scaled[1:], level)
-            terms = criterion(warped, targets, ddf)
-            terms["total"].backward()
-            optimizer.step()
-            scheduler.step()
-            record = {"epoch": len(history), "level": level, **{k: v.item() for k, v in terms.items()}}
-            history.append(record)
-            if callback is not None:
-                callback(record)
-            bar.update()
-            bar.set_postfix(level=level, loss=f"{record['total']:.4f}")
-            if is_last and config.patience:
-                if best == math.inf or record["total"] < best - abs(best) * config.min_improvement:
-                    best, stale = record["total"], 0
-                else:
-                    stale += 1
-                if stale >= config.patience:
-                    break
-    bar.close()
-    return FittedSubject(
-        model=model.eval(),
-        baseline=images[:1],
-        times=times,
-        affine=sequence.affine,
-        intensity=intensity,
-        subject=sequence.subject,
-        fit_config=dataclasses.asdict(config),
-        history=history,
+    loss = NODERLoss(
+        spatial_dims=sequence.spatial_dims,
+        ncc_kernel_size=config.ncc_kernel_size,
+        smoothness_weight=config.smoothness_weight,
+        boundary_weight=config.boundary_weight,
     )
+    handlers = [
+        CoarseToFineHandler(config.levels, epochs, config.patience, config.min_improvement),
+        LrScheduleHandler(scheduler, print_lr=False),
+    ]
+    if callback is not None:
+        handlers.append(EpochCallbackHandler(callback))
+    trainer = NODERTrainer(
+        device=device,
+        max_epochs=sum(epochs),
+        train_data_loader=DataLoader(dataset, batch_size=1),
+        network=model,
+        optimizer=optimizer,
+        loss_function=loss,
+        train_handlers=handlers,
+    )
+    if progress:
+        ProgressBar(desc=f"fit {sequence.subject}", persist=False).attach(
+            trainer, output_transform=lambda output: {"loss": float(output[Keys.LOSS])}
+        )
+    trainer.run()
+    return fitted_subject(trainer, item, dataclasses.asdict(config))

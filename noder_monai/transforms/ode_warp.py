@@ -29,7 +29,7 @@ from monai.networks.blocks import Warp
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, ensure_tuple_rep
 
-from noder_monai.engines import FittedSubject
+from noder_monai.engines.subject import FittedSubject
 
 __all__ = ["ODEWarp", "ODEWarpd", "ODEWarpD", "ODEWarpDict", "load_fitted_subject", "WARP_MODES", "PADDING_MODES"]
 
