@@ -19,6 +19,7 @@ _EXPORTS = {
         "downsample_image",
         "fitted_subject",
         "init_network",
+        "cosine_schedule",
         "prepare_sequence_batch",
     ),
     "pretrain": (
@@ -39,7 +40,8 @@ _EXPORTS = {
         "load_autoencoder_weights",
         "read_checkpoint",
     ),
-    "cohort": ("CohortWorkflow", "datalist_subjects", "subject_item"),
+    "cohort": ("CohortWorkflow", "bundle_root", "datalist_subjects", "query_items", "select_subject", "subject_item"),
+    "predictor": ("PredictionEvaluator", "TimeNameFormatter", "fitted_subject_from_checkpoint", "time_tag"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -24,6 +24,7 @@ from noder_monai.engines.trainer import (
     CoarseToFineHandler,
     EpochCallbackHandler,
     NODERTrainer,
+    cosine_schedule,
     downsample_image,
     fitted_subject,
     init_network,
@@ -41,8 +42,8 @@ class FitConfig:
 
     Args:
         epochs: maximum number of epochs over all levels (one epoch = one Adam step on all observed times).
-        learning_rate: initial Adam learning rate; it decays along a cosine to 5% of this value over all epochs
-            (measured more stable across the level changes than a constant rate).
+        learning_rate: initial Adam learning rate; it decays along a cosine to ``FINAL_LR_FRACTION`` (5%) of this
+            value over all epochs (``engines.trainer.cosine_schedule``).
         ncc_kernel_size: local NCC window in image voxels (odd); scaled with the level.
         smoothness_weight: weight of the gradient smoothness of the field.
         boundary_weight: weight of the L2 norm of the field on the boundary planes.
@@ -132,7 +133,7 @@ def fit_sequence(
     model = init_network(network_def, pretrained, config.finetune_decoder).to(device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
     epochs = config.epochs_per_level()
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, sum(epochs), eta_min=config.learning_rate * 0.05)
+    scheduler = cosine_schedule(optimizer, sum(epochs))
     loss = NODERLoss(
         spatial_dims=sequence.spatial_dims,
         ncc_kernel_size=config.ncc_kernel_size,
@@ -156,7 +157,7 @@ def fit_sequence(
     )
     if progress:
         ProgressBar(desc=f"fit {sequence.subject}", persist=False).attach(
-            trainer, output_transform=lambda output: {"loss": float(output[Keys.LOSS])}
+            trainer, output_transform=lambda output: {"loss": float(output[0][Keys.LOSS])}
         )
     trainer.run()
     return fitted_subject(trainer, item, dataclasses.asdict(config))

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.engines import SupervisedTrainer
+from monai.data import MetaTensor
+from monai.engines import IterationEvents, SupervisedTrainer
 from monai.utils import CommonKeys as Keys
 
 from noder_monai.data import IntensityMapping
@@ -37,6 +38,8 @@ __all__ = [
     "EpochCallbackHandler",
     "prepare_sequence_batch",
     "init_network",
+    "cosine_schedule",
+    "FINAL_LR_FRACTION",
     "fitted_subject",
     "downsample_image",
 ]
@@ -56,6 +59,28 @@ def downsample_image(image: torch.Tensor, level: int) -> torch.Tensor:
         return image
     pool = F.avg_pool3d if image.ndim == 5 else F.avg_pool2d
     return pool(pad_to_multiple(image, level, mode="replicate"), level)
+
+
+FINAL_LR_FRACTION = 0.05
+"""The fit's learning rate decays along a cosine to this fraction of the initial rate (measured more stable across
+the level changes than a constant rate)."""
+
+
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, final_lr: float | None = None
+) -> torch.optim.lr_scheduler.CosineAnnealingLR:
+    """Cosine decay of every parameter group's rate to ``final_lr`` over ``total_steps`` scheduler steps.
+
+    Args:
+        optimizer: the optimizer; its current rates are the initial ones.
+        total_steps: steps (epochs of a fit) of the whole decay, >= 1.
+        final_lr: the rate at the end; None uses :data:`FINAL_LR_FRACTION` of the first group's initial rate.
+    """
+    if int(total_steps) < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}.")
+    if final_lr is None:
+        final_lr = FINAL_LR_FRACTION * optimizer.param_groups[0]["lr"]
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, int(total_steps), eta_min=float(final_lr))
 
 
 def init_network(network: NODER, pretrained: str | os.PathLike | None = "auto", finetune_decoder: bool = True) -> NODER:
@@ -110,7 +135,8 @@ class NODERTrainer(SupervisedTrainer):
 
     The iteration runs at ``engine.state.level`` (set per epoch by :class:`CoarseToFineHandler`, default 1):
     baseline and targets are block-averaged to that level (once per level) and the loss's NCC window is scaled to
-    cover the same physical extent (:func:`~noder_monai.networks.scale_window`). ``engine.state.output`` holds
+    cover the same physical extent (:func:`~noder_monai.networks.scale_window`). ``engine.state.output`` is a list
+    of one dict (one subject is one sample, as after decollation, so ``from_engine(["loss"], first=True)`` works):
     ``image`` (baseline), ``label`` (targets), ``pred`` (warped), ``loss`` and ``terms`` (the loss terms as floats);
     ``engine.state.history`` the per-epoch records ``{"epoch", "level", "total", "similarity", "smoothness",
     "boundary"}`` stored in the fitted subject.
@@ -173,7 +199,7 @@ class NODERTrainer(SupervisedTrainer):
             self._levels[level] = (loss, downsample_image(baseline, level), downsample_image(targets, level), times)
         return self._levels[level]
 
-    def _iteration(self, engine: NODERTrainer, batchdata: dict[str, Any]) -> dict:
+    def _iteration(self, engine: NODERTrainer, batchdata: dict[str, Any]) -> list[dict]:
         if batchdata is None:
             raise ValueError("must provide batch data for current iteration.")
         level = int(getattr(engine.state, "level", 1))
@@ -181,18 +207,21 @@ class NODERTrainer(SupervisedTrainer):
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         warped, ddf = engine.network(baseline, times, level)
+        # one subject is one sample: the output is the decollated form, a list of one dict
+        output = {Keys.IMAGE: baseline, Keys.LABEL: targets, Keys.PRED: warped}
+        engine.state.output = [output]
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         terms = loss_function(warped, targets, ddf)
+        output[Keys.LOSS] = terms["total"]
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
         terms["total"].backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         engine.optimizer.step()
         values = {k: float(v.detach()) for k, v in terms.items()}
         engine.state.history.append({"epoch": len(engine.state.history), "level": level, **values})
-        return {
-            Keys.IMAGE: baseline,
-            Keys.LABEL: targets,
-            Keys.PRED: warped.detach(),
-            Keys.LOSS: terms["total"].detach(),
-            "terms": values,
-        }
+        output.update({Keys.PRED: warped.detach(), Keys.LOSS: terms["total"].detach(), "terms": values})
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
 
 
 class CoarseToFineHandler:
@@ -246,7 +275,7 @@ class CoarseToFineHandler:
     def iteration_completed(self, engine: Any) -> None:
         if not self.patience or engine.state.level != self.levels[-1]:
             return
-        loss = float(engine.state.output[Keys.LOSS])
+        loss = float(engine.state.output[0][Keys.LOSS])
         if self._best == math.inf or loss < self._best - abs(self._best) * self.min_improvement:
             self._best, self._stale = loss, 0
         else:
@@ -285,7 +314,8 @@ def fitted_subject(engine: NODERTrainer, item: Mapping[str, Any], fit_config: Ma
     config["ncc_kernel_size"] = int(engine.loss_function.ncc_kernel_size)
     config["smoothness_weight"] = float(engine.loss_function.smoothness_weight)
     config["boundary_weight"] = float(engine.loss_function.boundary_weight)
-    baseline = torch.as_tensor(image[:1]).to(device=engine.state.device, dtype=torch.float32)[None]
+    values = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+    baseline = values[:1].to(device=engine.state.device, dtype=torch.float32)[None]
     return FittedSubject(
         model=engine.network.eval(),
         baseline=baseline,

@@ -30,6 +30,7 @@ from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, ensure_tuple_rep
 
 from noder_monai.engines.subject import FittedSubject
+from noder_monai.metrics import jacobian_determinant
 
 __all__ = ["ODEWarp", "ODEWarpd", "ODEWarpD", "ODEWarpDict", "load_fitted_subject", "WARP_MODES", "PADDING_MODES"]
 
@@ -184,6 +185,8 @@ class ODEWarpd(MapTransform):
             pipelines over many subjects; exclusive with ``subject``.
         ddf_key: if given, also store the field ``(D, *spatial)`` in voxels under this key (a ``MetaTensor`` with
             the subject's affine).
+        jacobian_key: if given, also store the Jacobian determinant ``(1, *spatial)`` of ``x -> x + ddf(x)`` (local
+            volume change) under this key (a ``MetaTensor`` with the subject's affine).
         device: device on which subjects are loaded and warps computed. Defaults to ``"cpu"``.
         allow_missing_keys: do not raise if a key is missing.
 
@@ -205,6 +208,7 @@ class ODEWarpd(MapTransform):
         ddf_key: str | None = None,
         device: str | torch.device = "cpu",
         allow_missing_keys: bool = False,
+        jacobian_key: str | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         if (subject is None) == (subject_key is None):
@@ -220,6 +224,7 @@ class ODEWarpd(MapTransform):
         ]
         self.subject_key = subject_key
         self.ddf_key = ddf_key
+        self.jacobian_key = jacobian_key
         self.device = torch.device(device)
         self.warper = None if subject is None else ODEWarp(subject, device=self.device)
 
@@ -238,11 +243,17 @@ class ODEWarpd(MapTransform):
             if self.subject_key not in d:
                 raise KeyError(f"subject key {self.subject_key!r} is not in the data (keys: {list(d)}).")
             warper = ODEWarp(d[self.subject_key], device=self.device)
-        ddf = warper.displacement(self._time(d))
+        time = self._time(d)
+        ddf = warper.displacement(time)
         for key, mode, padding_mode in self.key_iterator(d, self.mode, self.padding_mode):
             d[key] = warper.warp(d[key], ddf, mode, padding_mode, name=f"data[{key!r}]")
+            if isinstance(d[key], MetaTensor):
+                d[key].meta["time"] = time
         if self.ddf_key is not None:
-            d[self.ddf_key] = MetaTensor(ddf.clone(), affine=warper.subject.affine.clone())
+            d[self.ddf_key] = MetaTensor(ddf.clone(), affine=warper.subject.affine.clone(), meta={"time": time})
+        if self.jacobian_key is not None:
+            jacobian = jacobian_determinant(ddf[None])[0]
+            d[self.jacobian_key] = MetaTensor(jacobian, affine=warper.subject.affine.clone(), meta={"time": time})
         return d
 
 
