@@ -10,9 +10,14 @@ from numbers import Integral
 import torch
 import torch.nn.functional as F
 
-__all__ = ["box_filter", "check_ddf", "check_odd_kernel_size", "check_spatial_dims"]
+__all__ = ["box_filter", "check_ddf", "check_odd_kernel_size", "check_spatial_dims", "odd_window"]
 
 _PADDING_MODES = ("zeros", "replicate")
+
+
+def odd_window(width: float) -> int:
+    """The odd integer >= 1 nearest to ``width`` (a window width in voxels, e.g. a width scaled to another grid)."""
+    return max(1, 2 * int(round((float(width) - 1) / 2)) + 1)
 
 
 def check_odd_kernel_size(kernel_size: int, name: str = "kernel_size") -> int:
@@ -27,14 +32,15 @@ def check_odd_kernel_size(kernel_size: int, name: str = "kernel_size") -> int:
     return int(kernel_size)
 
 
-def check_spatial_dims(spatial_dims: int) -> int:
-    """Return ``spatial_dims`` as an ``int`` after checking that it is 1, 2 or 3.
+def check_spatial_dims(spatial_dims: int, allowed: tuple[int, ...] = (1, 2, 3)) -> int:
+    """Return ``spatial_dims`` as an ``int`` after checking that it is one of ``allowed`` (default 1, 2 or 3).
 
     Raises:
         ValueError: naming ``spatial_dims`` and the value received otherwise.
     """
-    if isinstance(spatial_dims, bool) or spatial_dims not in (1, 2, 3):
-        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}.")
+    if isinstance(spatial_dims, bool) or spatial_dims not in allowed:
+        choices = ", ".join(map(str, allowed[:-1])) + f" or {allowed[-1]}" if len(allowed) > 1 else str(allowed[0])
+        raise ValueError(f"spatial_dims must be {choices}, got {spatial_dims!r}.")
     return int(spatial_dims)
 
 

@@ -10,7 +10,6 @@ fields.
 from __future__ import annotations
 
 import os
-import uuid
 from typing import Union
 
 import nibabel as nib
@@ -18,6 +17,8 @@ import numpy as np
 import torch
 from monai.transforms import LoadImage
 from numpy.typing import DTypeLike
+
+from noder_monai.utils import atomic_write
 
 __all__ = ["READERS", "load_image", "save_image"]
 
@@ -129,14 +130,5 @@ def save_image(
     image.header.set_xyzt_units("mm", "sec")
     if channels > 1:
         image.header.set_intent("vector")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-    try:
-        nib.save(image, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    atomic_write(path, lambda temporary: nib.save(image, temporary))
     return path

@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
@@ -42,8 +41,10 @@ from noder_monai.data.deformation_fields import (
     GeneratedDeformationFields,
     list_displacement_fields,
 )
-from noder_monai.engines.subject import AUTOENCODER_FORMAT, read_checkpoint, atomic_torch_save
+from noder_monai.functional import check_spatial_dims
+from noder_monai.engines.subject import AUTOENCODER_FORMAT, atomic_torch_save, read_checkpoint
 from noder_monai.networks import DeformationAutoencoder
+from noder_monai.utils import summary_writer, write_json
 
 __all__ = [
     "PretrainConfig",
@@ -79,8 +80,7 @@ def default_autoencoder_path(spatial_dims: int) -> Path:
         ValueError: if ``spatial_dims`` is not 2 or 3.
         FileNotFoundError: if the installed package lacks the file (a build without its package data).
     """
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
+    check_spatial_dims(spatial_dims, (2, 3))
     path = WEIGHTS_DIR / f"autoencoder_{spatial_dims}d.pt"
     if not path.is_file():
         raise FileNotFoundError(f"the shipped {spatial_dims}D autoencoder '{path}' is missing from this installation.")
@@ -139,8 +139,7 @@ class PretrainConfig:
         self.encoder_channels = [int(c) for c in self.encoder_channels]
         self.decoder_channels = [int(c) for c in self.decoder_channels]
         self.generator = dict(self.generator or {})
-        if self.spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims!r}.")
+        check_spatial_dims(self.spatial_dims, (2, 3))
         for name in ("spatial_size", "epochs", "steps_per_epoch", "batch_size", "validation_fields"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}.")
@@ -296,26 +295,6 @@ def _learning_rate(config: PretrainConfig, step: int) -> float:
     return config.final_learning_rate + 0.5 * span * (1 + math.cos(math.pi * progress))
 
 
-def _summary_writer(folder: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        logger.info("TensorBoard is not installed: metrics go to history.json and the log only.")
-        return None
-    return SummaryWriter(str(folder))
-
-
-def _atomic_json(obj: Any, path: Path) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(obj, stream, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _resume_state(path: Path, config: PretrainConfig, source: Any, device: torch.device) -> dict | None:
     if not path.is_file():
         return None
@@ -396,7 +375,7 @@ def pretrain_autoencoder(
     streams = {"training": 0, "validation": 1}
     training = {"config": config.to_dict(), "source": source, "generator_seed_streams": streams}
 
-    writer = _summary_writer(output_dir / "tensorboard")
+    writer = summary_writer(None, output_dir / "tensorboard")
     steps = config.steps_per_epoch
     bar = tqdm(total=config.epochs * steps, initial=len(history) * steps, desc="pretrain", disable=not progress)
     for epoch in range(len(history), config.epochs):
@@ -441,7 +420,7 @@ def pretrain_autoencoder(
             atomic_torch_save({**header, "state_dict": weights, "training": selected}, best_path)
         resumable = {"optimizer": optimizer.state_dict(), "history": history, "best": best}
         atomic_torch_save({**header, "state_dict": weights, "training": training, **resumable}, checkpoint_path)
-        _atomic_json(history, output_dir / "history.json")
+        write_json(history, output_dir / "history.json", indent=1)
         if writer is not None:
             for key in ("train_loss", "train_epe", "validation_mse", "validation_epe", "learning_rate"):
                 writer.add_scalar(f"pretrain/{key}", record[key], epoch)

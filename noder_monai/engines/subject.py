@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -15,6 +13,7 @@ from noder_monai import __version__
 from noder_monai.data import IntensityMapping
 from noder_monai.metrics import jacobian_determinant
 from noder_monai.networks import NODER
+from noder_monai.utils import atomic_write
 
 __all__ = [
     "AUTOENCODER_FORMAT",
@@ -32,20 +31,7 @@ AUTOENCODER_FORMAT = "noder-monai/deformation-autoencoder"
 
 def atomic_torch_save(obj: dict, path: str | Path) -> Path:
     """``torch.save`` to a temporary file in the target folder, then rename: no half-written file is ever visible."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(obj, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write(path, lambda temporary: torch.save(obj, temporary))
 
 
 def read_checkpoint(path: str | Path, expected_format: str, map_location: str | torch.device = "cpu") -> dict:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
-from noder_monai.functional import box_filter
+from noder_monai.functional import box_filter, check_spatial_dims
 
 __all__ = [
     "ENCODER_STRIDE",
@@ -33,11 +33,6 @@ ENCODER_STRIDE = 8
 """Image voxels per latent voxel along each axis."""
 DECODER_STRIDE = 4
 """Image voxels per decoder-output voxel along each axis."""
-
-
-def _check_spatial_dims(spatial_dims: int) -> None:
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "constant") -> torch.Tensor:
@@ -113,7 +108,7 @@ class DeformationEncoder(nn.Module):
 
     def __init__(self, spatial_dims: int = 3, latent_channels: int = 4, channels: Sequence[int] = (16, 32, 32)):
         super().__init__()
-        _check_spatial_dims(spatial_dims)
+        check_spatial_dims(spatial_dims, (2, 3))
         if len(channels) != 3:
             raise ValueError(f"channels must have exactly 3 entries (stride {ENCODER_STRIDE}), got {tuple(channels)}.")
         if latent_channels < 1:
@@ -152,7 +147,7 @@ class DeformationDecoder(nn.Module):
 
     def __init__(self, spatial_dims: int = 3, latent_channels: int = 4, channels: Sequence[int] = (32, 16)):
         super().__init__()
-        _check_spatial_dims(spatial_dims)
+        check_spatial_dims(spatial_dims, (2, 3))
         if len(channels) != 2:
             raise ValueError(f"channels must have exactly 2 entries, got {tuple(channels)}.")
         act = ("leakyrelu", {"negative_slope": 0.2})

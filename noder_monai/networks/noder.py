@@ -16,6 +16,7 @@ from monai.networks.blocks import DVF2DDF, Warp
 from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
 
+from noder_monai.functional import odd_window
 from noder_monai.networks.autoencoder import (
     DECODER_STRIDE,
     ENCODER_STRIDE,
@@ -38,7 +39,7 @@ LEVELS = (1, 2, 4)
 
 def scale_window(kernel_size: int, level: int) -> int:
     """The odd window width at ``level`` that covers about the same physical extent as ``kernel_size`` at level 1."""
-    return 2 * max(0, round((kernel_size / level - 1) / 2)) + 1
+    return odd_window(kernel_size / level)
 
 
 class NODER(nn.Module):
