@@ -50,6 +50,8 @@ __all__ = [
     "PretrainConfig",
     "PretrainResult",
     "WEIGHTS_DIR",
+    "BUNDLE_MODELS_DIR",
+    "WEIGHT_FILES",
     "default_autoencoder_path",
     "evaluate_autoencoder",
     "load_autoencoder",
@@ -62,7 +64,11 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-"""Folder of the pretrained autoencoders shipped with the package (``autoencoder_2d.pt``, ``autoencoder_3d.pt``)."""
+"""Where a wheel holds the pretrained autoencoders (copied there from ``bundle/models/`` at build time, see setup.py)."""
+BUNDLE_MODELS_DIR = Path(__file__).resolve().parents[2] / "bundle" / "models"
+"""The one copy in a checkout (an editable install): the bundle's ``models/`` folder, which the configs load."""
+WEIGHT_FILES = {3: "model.pt", 2: "model_2d.pt"}
+"""File name of the pretrained autoencoder per spatial dims."""
 
 ARCHITECTURE_KEYS = ("spatial_dims", "latent_channels", "encoder_channels", "decoder_channels", "smoothing_kernel")
 """The ``PretrainConfig`` fields that define the network (the ``config`` of an autoencoder file)."""
@@ -75,15 +81,21 @@ def default_autoencoder_path(spatial_dims: int) -> Path:
 
     The file fits NODER's default network (``latent_channels=4``, ``encoder_channels=(16, 32, 32)``,
     ``decoder_channels=(32, 16)``, ``smoothing_kernel=15``); how it was trained is in ``bundle/docs/pretraining.md``.
+    It is ``bundle/models/model.pt`` (3D) or ``model_2d.pt`` (2D): from the wheel's package data, else from the
+    checkout this package is imported from.
 
     Raises:
         ValueError: if ``spatial_dims`` is not 2 or 3.
         FileNotFoundError: if the installed package lacks the file (a build without its package data).
     """
     check_spatial_dims(spatial_dims, (2, 3))
-    path = WEIGHTS_DIR / f"autoencoder_{spatial_dims}d.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"the shipped {spatial_dims}D autoencoder '{path}' is missing from this installation.")
+    candidates = [folder / WEIGHT_FILES[spatial_dims] for folder in (WEIGHTS_DIR, BUNDLE_MODELS_DIR)]
+    path = next((candidate for candidate in candidates if candidate.is_file()), None)
+    if path is None:
+        raise FileNotFoundError(
+            f"the shipped {spatial_dims}D autoencoder is missing from this installation (looked for "
+            f"{[str(c) for c in candidates]})."
+        )
     return path
 
 

@@ -63,7 +63,8 @@ class NODER(nn.Module):
 
     Shapes:
         ``displacement(times, level)``: times (T,) -> (T, D, *ceil(S / level)) in level-grid voxels.
-        ``forward(image, times, level)``: image (1, 1, *ceil(S / level)) -> warped (T, 1, *ceil(S / level)) and the field.
+        ``forward(image, times, level, return_ddf)``: image (1, 1, *ceil(S / level)) -> warped (T, 1, *ceil(S / level))
+        and, with ``return_ddf`` (default), the field.
     """
 
     def __init__(
@@ -171,9 +172,14 @@ class NODER(nn.Module):
         coarse_ddf = self.integrate_velocity(velocity) * (DECODER_STRIDE / level)
         return smooth_upsample(coarse_ddf, DECODER_STRIDE // level, size)
 
-    def forward(self, image: torch.Tensor, times: torch.Tensor, level: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, image: torch.Tensor, times: torch.Tensor, level: int = 1, return_ddf: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """Warp ``image`` (1, C, *ceil(S / level)) to every time of ``times`` (T,); returns the warped images
+        (T, C, ...) and, with ``return_ddf`` (default), the fields (T, D, ...)."""
         ddf = self.displacement(times, level)
         expected = tuple(ddf.shape[2:])
         if image.ndim != self.spatial_dims + 2 or image.shape[0] != 1 or tuple(image.shape[2:]) != expected:
             raise ValueError(f"image must have shape (1, C, {', '.join(map(str, expected))}), got {tuple(image.shape)}.")
-        return self.warp(image.expand(ddf.shape[0], *image.shape[1:]), ddf), ddf
+        warped = self.warp(image.expand(ddf.shape[0], *image.shape[1:]), ddf)
+        return (warped, ddf) if return_ddf else warped
