@@ -121,9 +121,10 @@ def fit_sequence(
     config = config or FitConfig()
     device = torch.device(device)
     torch.manual_seed(seed)
+    images = sequence.images.as_tensor() if isinstance(sequence.images, MetaTensor) else sequence.images
     item = IntensityMappingd(keys=Keys.IMAGE)(
         {
-            Keys.IMAGE: MetaTensor(sequence.images[:, 0], affine=sequence.affine),
+            Keys.IMAGE: MetaTensor(images[:, 0], affine=sequence.affine),
             "time": sequence.times.to(torch.float64),
             "subject": sequence.subject,
         }
