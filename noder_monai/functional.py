@@ -143,23 +143,7 @@ def box_filter(x: torch.Tensor, kernel_size: int, padding_mode: str = "zeros") -
     (``torch.cumsum``), so its cost per voxel does not depend on ``kernel_size``; the backward pass applies the
     filter's adjoint (one more box mean) rather than autograd through the running sums, about 2x cheaper.
 
-    Measured on this project's 2-core CPU with one thread, forward + backward of one float32 volume, median of 5
-    with the two methods run in turn (other jobs were running: absolute times are about twice the idle ones):
-
-    ===========  ===========  =========  ============  ==========
-    kernel_size  64^3 cumsum  64^3 pool  128^3 cumsum  128^3 pool
-    ===========  ===========  =========  ============  ==========
-    3            0.020 s      0.016 s    0.162 s       0.131 s
-    7            0.018 s      0.024 s    0.172 s       0.198 s
-    9            0.016 s      0.029 s    0.179 s       0.229 s
-    15           0.016 s      0.053 s    0.153 s       0.426 s
-    21           0.016 s      0.087 s    0.180 s       0.732 s
-    ===========  ===========  =========  ============  ==========
-
-    ("pool" is three separable ``F.avg_pool3d`` passes of ``kernel_size`` taps.) Running sums are faster from
-    ``kernel_size`` 7 on and 3-5x faster at the sizes this package uses (15 for the field smoothing, 21 for the
-    local NCC); separable pooling wins only below 7 (by about 20%), so running sums are the one implementation.
-    ``benchmarks/losses_speed.py`` re-measures it.
+    Timings against ``avg_pool``: ``benchmarks/README.md`` (running sums win from ``kernel_size`` 7 on).
 
     Args:
         x: tensor of shape ``(N, C, *spatial)`` with 1, 2 or 3 spatial dimensions, any floating dtype.

@@ -4,7 +4,7 @@ Both are fully convolutional, so one set of (pretrained) weights serves every im
 displacement field on the image grid to a latent map on a grid 8 times coarser; the decoder maps a latent map to a
 displacement field on a grid 4 times coarser than the image. A 15-voxel box filter after the decoder removes
 everything above about 1/8 of the voxel frequency, so decoding at stride 4 and upsampling loses nothing that
-matters and costs a fraction of a full-resolution decoder (design.md, "levers").
+matters and costs a fraction of a full-resolution decoder (``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -68,8 +68,7 @@ def smooth_upsample(field: torch.Tensor, factor: int, spatial_size: Sequence[int
 
     Equal to ``box_filter(interpolate(field, scale_factor=factor, mode="(tri|bi)linear")[crop], kernel_size)`` up to
     float rounding, but computed as one small matrix product per axis, because both operators are separable and
-    linear: 8 fields of 64^3 with a 15-voxel kernel take 0.014 s forward and backward on one thread, against 0.25 s
-    for ``interpolate`` followed by the (running-sum) ``box_filter``. Voxel centres follow ``align_corners=False``: output voxel
+    linear (many times cheaper than ``interpolate`` then ``box_filter``, see ``benchmarks/README.md``). Voxel centres follow ``align_corners=False``: output voxel
     ``i`` lies in input voxel ``i // factor``. Values are interpolated, not rescaled (the caller converts units).
 
     Args:
