@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -13,9 +14,15 @@ from typing import Any, Union
 
 import torch
 
-__all__ = ["atomic_write", "write_json", "write_csv", "free_cores", "set_threads", "resolve_device", "summary_writer"]
+__all__ = ["cosine_decay", "atomic_write", "write_json", "write_csv", "free_cores", "set_threads", "resolve_device", "summary_writer"]
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+def cosine_decay(step: int, total_steps: int, initial: float, final: float) -> float:
+    """The value at ``step`` of a cosine from ``initial`` (step 0) to ``final`` (step ``total_steps`` and after)."""
+    progress = min(1.0, max(0, step) / max(1, total_steps))
+    return final + 0.5 * (initial - final) * (1 + math.cos(math.pi * progress))
 
 
 def atomic_write(path: PathLike, data: bytes | Callable[[str], None]) -> Path:

@@ -218,3 +218,22 @@ def test_network_and_loss_defaults_come_from_the_constructors():
     assert set(train["network_def"]) == {"_target_", "spatial_size"}
     assert train["fit"] == {"_target_": "noder_monai.engines.FitConfig"}
     assert all(str(value).startswith(("$@fit.", "$len(")) for key, value in train["loss"].items() if key != "_target_")
+
+
+def test_evaluation_logs_the_heldout_metrics_to_mlflow(cohort, tmp_path):
+    import mlflow
+
+    output_dir = str(tmp_path / "tracked")
+    shutil.copytree(cohort["output_dir"], output_dir, ignore=shutil.ignore_patterns("mlruns*", "config_*"))
+    overrides = {"datalist": cohort["datalist"], "output_dir": output_dir, "eval_dir": str(tmp_path / "eval"),
+                 "num_threads": 1}
+    result = runner("run_workflow", "noder_monai.engines.CohortWorkflow", "--config_file",
+                    json.dumps(layered("inference.json", "evaluate.json")), "--tracking", "mlflow",
+                    *cli_overrides(overrides))
+    assert result.returncode == 0, result.stderr[-4000:]
+    client = mlflow.MlflowClient(tracking_uri="sqlite:///" + os.path.join(output_dir, "mlruns.db"))
+    runs = [run for experiment in client.search_experiments() for run in client.search_runs([experiment.experiment_id])]
+    assert sorted(run.info.run_name for run in runs) == ["sub-001", "sub-002"]
+    for run in runs:
+        assert set(run.data.metrics) == {"nrmse", "ssim", "psnr", "percent_folded"}
+        assert 0.0 < run.data.metrics["nrmse"] < 1.0 and run.data.metrics["percent_folded"] == 0.0

@@ -21,6 +21,7 @@ Files written to ``output_dir``:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -44,7 +45,7 @@ from noder_monai.data.deformation_fields import (
 from noder_monai.functional import check_spatial_dims
 from noder_monai.engines.subject import AUTOENCODER_FORMAT, atomic_torch_save, read_checkpoint
 from noder_monai.networks import DeformationAutoencoder
-from noder_monai.utils import summary_writer, write_json
+from noder_monai.utils import cosine_decay, summary_writer, write_json
 
 __all__ = [
     "PretrainConfig",
@@ -99,6 +100,11 @@ def default_autoencoder_path(spatial_dims: int) -> Path:
     return path
 
 
+_AUTOENCODER_DEFAULTS = {
+    name: parameter.default for name, parameter in inspect.signature(DeformationAutoencoder).parameters.items()
+}
+
+
 @dataclasses.dataclass
 class PretrainConfig:
     """Settings of one pretraining run (plain values, stored in every file it writes).
@@ -116,7 +122,7 @@ class PretrainConfig:
         validation_fraction: share of the user's files held out for validation when the datalist names no
             ``validation`` list (at least one file).
         latent_channels, encoder_channels, decoder_channels, smoothing_kernel: the network, see
-            :class:`~noder_monai.networks.DeformationAutoencoder`.
+            :class:`~noder_monai.networks.DeformationAutoencoder` (its defaults are these defaults).
         generator: keyword arguments of :class:`~noder_monai.data.deformation_fields.DeformationFieldGenerator`
             other than ``spatial_size`` (generated source).
         units, frame: how the user's files are read, see
@@ -136,10 +142,10 @@ class PretrainConfig:
     smoothness_weight: float = 0.0
     validation_fields: int = 64
     validation_fraction: float = 0.1
-    latent_channels: int = 4
-    encoder_channels: Sequence[int] = (16, 32, 32)
-    decoder_channels: Sequence[int] = (32, 16)
-    smoothing_kernel: int = 15
+    latent_channels: int = _AUTOENCODER_DEFAULTS["latent_channels"]
+    encoder_channels: Sequence[int] = _AUTOENCODER_DEFAULTS["encoder_channels"]
+    decoder_channels: Sequence[int] = _AUTOENCODER_DEFAULTS["decoder_channels"]
+    smoothing_kernel: int = _AUTOENCODER_DEFAULTS["smoothing_kernel"]
     generator: dict = dataclasses.field(default_factory=dict)
     units: str = "voxel"
     frame: str = "LPS"
@@ -301,10 +307,8 @@ def _datasets(config: PretrainConfig, fields: Any) -> tuple[Any, Any, Any]:
 
 def _learning_rate(config: PretrainConfig, step: int) -> float:
     """Cosine decay from ``learning_rate`` at step 0 to ``final_learning_rate`` at the last step."""
-    total = max(1, config.epochs * config.steps_per_epoch - 1)
-    progress = min(1.0, step / total)
-    span = config.learning_rate - config.final_learning_rate
-    return config.final_learning_rate + 0.5 * span * (1 + math.cos(math.pi * progress))
+    total = config.epochs * config.steps_per_epoch - 1
+    return cosine_decay(step, total, config.learning_rate, config.final_learning_rate)
 
 
 def _resume_state(path: Path, config: PretrainConfig, source: Any, device: torch.device) -> dict | None:

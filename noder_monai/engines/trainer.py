@@ -30,6 +30,7 @@ from noder_monai.engines.subject import FittedSubject, load_autoencoder_weights
 from noder_monai.losses import NODERLoss
 from noder_monai.networks import LEVELS, NODER, scale_window
 from noder_monai.networks.autoencoder import pad_to_multiple
+from noder_monai.utils import cosine_decay
 
 __all__ = [
     "NODERTrainer",
@@ -67,20 +68,20 @@ the level changes than a constant rate)."""
 
 
 def cosine_schedule(
-    optimizer: torch.optim.Optimizer, total_steps: int, final_lr: float | None = None
-) -> torch.optim.lr_scheduler.CosineAnnealingLR:
-    """Cosine decay of every parameter group's rate to ``final_lr`` over ``total_steps`` scheduler steps.
+    optimizer: torch.optim.Optimizer, total_steps: int, final_fraction: float = FINAL_LR_FRACTION
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine decay of every parameter group's rate to ``final_fraction`` of its initial value over ``total_steps``
+    scheduler steps (the curve of ``CosineAnnealingLR``, computed in closed form by :func:`noder_monai.utils.cosine_decay`).
 
     Args:
         optimizer: the optimizer; its current rates are the initial ones.
         total_steps: steps (epochs of a fit) of the whole decay, >= 1.
-        final_lr: the rate at the end; None uses :data:`FINAL_LR_FRACTION` of the first group's initial rate.
+        final_fraction: the final rate as a fraction of the initial one. Defaults to :data:`FINAL_LR_FRACTION`.
     """
     if int(total_steps) < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}.")
-    if final_lr is None:
-        final_lr = FINAL_LR_FRACTION * optimizer.param_groups[0]["lr"]
-    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, int(total_steps), eta_min=float(final_lr))
+    total = int(total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_decay(step, total, 1.0, final_fraction))
 
 
 def init_network(network: NODER, pretrained: str | os.PathLike | None = "auto", finetune_decoder: bool = True) -> NODER:
