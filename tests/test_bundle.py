@@ -237,3 +237,24 @@ def test_evaluation_logs_the_heldout_metrics_to_mlflow(cohort, tmp_path):
     for run in runs:
         assert set(run.data.metrics) == {"nrmse", "ssim", "psnr", "percent_folded"}
         assert 0.0 < run.data.metrics["nrmse"] < 1.0 and run.data.metrics["percent_folded"] == 0.0
+
+
+def test_wheel_carries_the_weights_that_live_once_in_bundle_models(tmp_path):
+    import zipfile
+
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", REPO, "--no-deps", "--no-build-isolation", "-q",
+                             "-w", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = tmp_path.glob("noder_monai-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        for name in ("model.pt", "model_2d.pt"):
+            packaged = archive.read(f"noder_monai/engines/weights/{name}")
+            assert packaged == open(os.path.join(BUNDLE, "models", name), "rb").read()
+    assert not os.path.exists(os.path.join(REPO, "noder_monai", "engines", "weights"))
+
+
+def test_transforms_and_the_file_format_do_not_import_the_training_code():
+    code = ("import sys, noder_monai.transforms, noder_monai.engines.subject; "
+            "print(sorted(m for m in sys.modules if m.startswith('noder_monai.engines')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "['noder_monai.engines', 'noder_monai.engines.subject']", result.stderr[-2000:]
