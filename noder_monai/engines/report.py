@@ -62,7 +62,8 @@ def save_montage(observed: torch.Tensor, predicted: torch.Tensor, path: PathLike
             axes[row, column].imshow(image, interpolation="nearest", **options)
             axes[row, column].set_axis_off()
         if times is not None:
-            axes[row, 0].set_title(f"t = {times[row]:g}", fontsize=8, loc="left")
+            axes[row, 0].text(-0.04, 0.5, f"t = {times[row]:g}", transform=axes[row, 0].transAxes, fontsize=8,
+                              rotation=90, ha="right", va="center")
     for column, title in enumerate(("observed", "predicted", "predicted - observed")):
         axes[0, column].set_title(title, fontsize=8)
     figure.tight_layout()
