@@ -242,8 +242,15 @@ def test_evaluation_logs_the_heldout_metrics_to_mlflow(cohort, tmp_path):
 def test_wheel_carries_the_weights_that_live_once_in_bundle_models(tmp_path):
     import zipfile
 
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", REPO, "--no-deps", "--no-build-isolation", "-q",
-                             "-w", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout
+    source.mkdir()
+    for name in ("setup.py", "setup.cfg", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"):
+        shutil.copy2(os.path.join(REPO, name), source / name)
+    shutil.copytree(os.path.join(REPO, "noder_monai"), source / "noder_monai",
+                    ignore=shutil.ignore_patterns("__pycache__", "weights"))
+    shutil.copytree(os.path.join(BUNDLE, "models"), source / "bundle" / "models")
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
+                             "-q", "-w", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     (wheel,) = tmp_path.glob("noder_monai-*.whl")
     with zipfile.ZipFile(wheel) as archive:
