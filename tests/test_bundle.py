@@ -172,8 +172,11 @@ def test_evaluate_writes_monai_metrics_equal_to_the_package_metrics(cohort, tmp_
     from noder_monai.metrics import nrmse
 
     eval_dir = tmp_path / "eval"
+    events = os.path.join(cohort["output_dir"], "tensorboard", "sub-001")
+    before = set(os.listdir(events))
     run_workflow(layered("inference.json", "evaluate.json"), "infer", datalist=cohort["datalist"],
                  output_dir=cohort["output_dir"], eval_dir=str(eval_dir), subject_id="sub-001", num_threads=1)
+    assert len(set(os.listdir(events)) - before) == 1  # the held-out metrics went to TensorBoard too
     folder = eval_dir / "sub-001"
     assert {"metrics.csv", "nrmse_raw.csv", "ssim_raw.csv", "psnr_raw.csv", "percent_folded_raw.csv"} <= set(os.listdir(folder))
     rows = [line.split(",") for line in (folder / "nrmse_raw.csv").read_text().splitlines()[1:]]
