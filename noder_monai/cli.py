@@ -1,7 +1,8 @@
 """The ``noder`` command: fit, predict, evaluate, run the demo, pretrain the autoencoder.
 
-Every verb calls the same function of :mod:`noder_monai.engines.workflows` (or :mod:`noder_monai.engines.pretrain`)
-as the MONAI bundle does, so ``noder fit`` and ``python -m monai.bundle run training`` write the same files.
+Every verb is a job of :mod:`noder_monai.engines.jobs` (or :mod:`noder_monai.engines.pretrain`): ``noder fit``
+runs the bundle's trainer (``bundle/configs/train.json``'s ``NODERTrainer`` and handlers) once per subject, and
+``noder predict`` writes the predictions ``bundle/configs/inference.json`` writes.
 ``noder <verb> --help`` explains the verb's arguments. Examples::
 
     noder demo
@@ -55,10 +56,10 @@ def fit(
             num_hidden_layers, smoothing_kernel, step_size, adjoint, field, integration_steps),
             e.g. --epochs 100 --levels "[2,1]" --level_fractions "[0.5,0.5]".
     """
-    from noder_monai.engines import workflows
+    from noder_monai.engines import jobs
 
-    fit_settings, network = workflows.split_settings(**settings)
-    summary = workflows.train(
+    fit_settings, network = jobs.split_settings(**settings)
+    summary = jobs.train(
         datalist=datalist, dataset_dir=dataset_dir, output_dir=output_dir, network=network, fit=fit_settings,
         pretrained=pretrained, device=device, seed=seed, num_threads=threads, skip_existing=skip_existing,
         progress=progress,
@@ -94,11 +95,11 @@ def predict(
         threads: torch CPU threads (default: the cores idle at start, i.e. cores minus the load average).
         batch_size: time points decoded and warped at once (lower it if memory is short).
     """
-    from noder_monai.engines import workflows
+    from noder_monai.engines import jobs
 
     if isinstance(times, (int, float)):
         times = [times]
-    summary = workflows.infer(
+    summary = jobs.infer(
         datalist=datalist, dataset_dir=dataset_dir, output_dir=output_dir, predict_times=times, device=device,
         num_threads=threads, batch_size=batch_size,
     )
@@ -131,14 +132,15 @@ def evaluate(
         threads: torch CPU threads (default: the cores idle at start, i.e. cores minus the load average).
         montage: write the PNG montages (--nomontage to skip).
     """
-    from noder_monai.engines import workflows
+    from noder_monai.engines import jobs
+    from noder_monai.engines.report import markdown_table
 
     eval_dir = eval_dir or os.path.join(output_dir, "eval")
-    report = workflows.evaluate(
+    report = jobs.evaluate(
         datalist=datalist, dataset_dir=dataset_dir, output_dir=output_dir, eval_dir=eval_dir, device=device,
         num_threads=threads, montage=montage,
     )
-    print(workflows.markdown_table(report))
+    print(markdown_table(report))
     print(f"report: {os.path.join(os.path.abspath(eval_dir), 'metrics.json')}")
 
 
@@ -167,10 +169,10 @@ def demo(
         progress: show a progress bar per subject.
         settings: fit and network settings as for `noder fit`, e.g. --epochs 100.
     """
-    from noder_monai.engines import workflows
+    from noder_monai.engines import jobs
 
-    fit_settings, network = workflows.split_settings(**settings)
-    result = workflows.run_demo(
+    fit_settings, network = jobs.split_settings(**settings)
+    result = jobs.run_demo(
         directory=directory, n_subjects=subjects, size=size, network=network, fit=fit_settings,
         pretrained=pretrained, device=device, num_threads=threads, progress=progress,
     )
@@ -205,7 +207,7 @@ def pretrain(
         settings: PretrainConfig fields, e.g. --epochs 30 --spatial_dims 3 --spatial_size 32 --batch_size 8.
     """
     from noder_monai.engines import pretrain as pretraining
-    from noder_monai.engines.workflows import resolve_device
+    from noder_monai.utils import resolve_device
 
     result = pretraining.pretrain_autoencoder(
         output_dir, fields=fields, device=resolve_device(device), resume=resume, progress=progress, **settings

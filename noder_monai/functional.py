@@ -10,9 +10,14 @@ from numbers import Integral
 import torch
 import torch.nn.functional as F
 
-__all__ = ["box_filter", "check_ddf", "check_odd_kernel_size", "check_spatial_dims", "invert_displacement"]
+__all__ = ["box_filter", "check_ddf", "check_odd_kernel_size", "check_spatial_dims", "invert_displacement", "odd_window"]
 
 _PADDING_MODES = ("zeros", "replicate")
+
+
+def odd_window(width: float) -> int:
+    """The odd integer >= 1 nearest to ``width`` (a window width in voxels, e.g. a width scaled to another grid)."""
+    return max(1, 2 * int(round((float(width) - 1) / 2)) + 1)
 
 
 def check_odd_kernel_size(kernel_size: int, name: str = "kernel_size") -> int:
@@ -27,14 +32,15 @@ def check_odd_kernel_size(kernel_size: int, name: str = "kernel_size") -> int:
     return int(kernel_size)
 
 
-def check_spatial_dims(spatial_dims: int) -> int:
-    """Return ``spatial_dims`` as an ``int`` after checking that it is 1, 2 or 3.
+def check_spatial_dims(spatial_dims: int, allowed: tuple[int, ...] = (1, 2, 3)) -> int:
+    """Return ``spatial_dims`` as an ``int`` after checking that it is one of ``allowed`` (default 1, 2 or 3).
 
     Raises:
         ValueError: naming ``spatial_dims`` and the value received otherwise.
     """
-    if isinstance(spatial_dims, bool) or spatial_dims not in (1, 2, 3):
-        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}.")
+    if isinstance(spatial_dims, bool) or spatial_dims not in allowed:
+        choices = ", ".join(map(str, allowed[:-1])) + f" or {allowed[-1]}" if len(allowed) > 1 else str(allowed[0])
+        raise ValueError(f"spatial_dims must be {choices}, got {spatial_dims!r}.")
     return int(spatial_dims)
 
 
@@ -137,23 +143,7 @@ def box_filter(x: torch.Tensor, kernel_size: int, padding_mode: str = "zeros") -
     (``torch.cumsum``), so its cost per voxel does not depend on ``kernel_size``; the backward pass applies the
     filter's adjoint (one more box mean) rather than autograd through the running sums, about 2x cheaper.
 
-    Measured on this project's 2-core CPU with one thread, forward + backward of one float32 volume, median of 5
-    with the two methods run in turn (other jobs were running: absolute times are about twice the idle ones):
-
-    ===========  ===========  =========  ============  ==========
-    kernel_size  64^3 cumsum  64^3 pool  128^3 cumsum  128^3 pool
-    ===========  ===========  =========  ============  ==========
-    3            0.020 s      0.016 s    0.162 s       0.131 s
-    7            0.018 s      0.024 s    0.172 s       0.198 s
-    9            0.016 s      0.029 s    0.179 s       0.229 s
-    15           0.016 s      0.053 s    0.153 s       0.426 s
-    21           0.016 s      0.087 s    0.180 s       0.732 s
-    ===========  ===========  =========  ============  ==========
-
-    ("pool" is three separable ``F.avg_pool3d`` passes of ``kernel_size`` taps.) Running sums are faster from
-    ``kernel_size`` 7 on and 3-5x faster at the sizes this package uses (15 for the field smoothing, 21 for the
-    local NCC); separable pooling wins only below 7 (by about 20%), so running sums are the one implementation.
-    ``benchmarks/losses_speed.py`` re-measures it.
+    Timings against ``avg_pool``: ``benchmarks/README.md`` (running sums win from ``kernel_size`` 7 on).
 
     Args:
         x: tensor of shape ``(N, C, *spatial)`` with 1, 2 or 3 spatial dimensions, any floating dtype.

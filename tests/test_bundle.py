@@ -1,160 +1,270 @@
-"""The MONAI bundle: the real runner (training, inference, evaluating) on tiny data, overrides, metadata schema."""
+"""The MONAI bundle as MONAI users and the model-zoo CI run it: runner, cohort, tracking, properties, checks."""
 
 import json
 import os
-import re
+import shutil
 import subprocess
 import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+from monai.bundle import ConfigWorkflow
 
-import noder_monai
 from noder_monai.data import make_demo_dataset
+from noder_monai.engines import FittedSubject, time_tag
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = os.path.join(REPO, "bundle")
 CONFIGS = os.path.join(BUNDLE, "configs")
-TINY = ["--fit#epochs", "2", "--fit#levels", "[2,1]", "--fit#level_fractions", "[0.5,0.5]", "--pretrained", "None"]
+SCHEMA = os.path.join(REPO, "tests", "data", "meta_schema_offline.json")
+TINY = {"fit#epochs": 2, "fit#levels": [2, 1], "fit#level_fractions": [0.5, 0.5], "pretrained": None,
+        "num_threads": 1}
 
 
-def monai_run(run_id, config_file, cwd, *overrides):
-    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file, "--num_threads", "1",
-               *overrides]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=120)
+def layered(*names, absolute=False):
+    folder = CONFIGS if absolute else "bundle/configs"
+    return [os.path.join(folder, name) for name in ("common.json", *names)]
+
+
+def runner(*args, cwd=REPO, timeout=180):
+    command = [sys.executable, "-m", "monai.bundle", *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def cli_overrides(overrides):
+    return [item for key, value in overrides.items() for item in (f"--{key}", "None" if value is None else json.dumps(value))]
+
+
+def run_workflow(config_file, workflow_type, **overrides):
+    workflow = ConfigWorkflow(config_file=config_file, workflow_type=workflow_type, logging_file=False, **overrides)
+    workflow.initialize()
+    result = workflow.run()
+    workflow.finalize()
+    return workflow, result
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """training from the repository root, inference from bundle/, evaluating from elsewhere (absolute config)."""
+def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("bundle")
-    datalist = make_demo_dataset(root / "data", n_subjects=1, size=16)
-    output_dir, eval_dir = str(root / "outputs"), str(root / "eval")
-    data = ["--datalist", datalist, "--output_dir", output_dir]
-    results = {
-        "training": monai_run("training", "bundle/configs/train.json", REPO, *data, *TINY),
-        "inference": monai_run("inference", "configs/inference.json", BUNDLE, *data),
-        "evaluating": monai_run("evaluating", os.path.join(CONFIGS, "evaluate.json"), str(root), *data,
-                                "--eval_dir", eval_dir),
-    }
-    return {"root": root, "datalist": datalist, "output_dir": output_dir, "eval_dir": eval_dir, **results}
+    datalist = make_demo_dataset(root / "data", n_subjects=2, size=16)
+    return {"root": root, "datalist": datalist, "document": json.load(open(datalist))}
 
 
-@pytest.mark.parametrize("run_id", ["training", "inference", "evaluating"])
-def test_runner_succeeds(runs, run_id):
-    assert runs[run_id].returncode == 0, runs[run_id].stdout[-2000:] + runs[run_id].stderr[-4000:]
+@pytest.fixture(scope="module")
+def cohort(data):
+    """``run_workflow`` of the cohort from bundle/ with MLflow tracking: every subject fitted, one run each."""
+    output_dir = str(data["root"] / "cohort")
+    overrides = {"datalist": data["datalist"], "output_dir": output_dir, **TINY}
+    result = runner("run_workflow", "noder_monai.engines.CohortWorkflow", "--config_file",
+                    json.dumps(["configs/common.json", "configs/train.json"]), "--tracking", "mlflow",
+                    *cli_overrides(overrides), cwd=BUNDLE)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return {"output_dir": output_dir, **data}
 
 
-def test_training_files_and_overrides(runs):
-    folder = os.path.join(runs["output_dir"], "sub-001")
-    assert sorted(os.listdir(folder)) == ["fitted", "loss.csv", "loss.json", "model.pt", "predictions"]
-    history = json.load(open(os.path.join(folder, "loss.json")))
-    assert [record["level"] for record in history] == [2, 1]  # the --fit#... overrides reached the fit
-    assert "sub-001: 2 epochs" in runs["training"].stdout
+def test_plain_runner_fits_one_subject_from_the_repository_root(data):
+    output_dir = data["root"] / "plain"
+    result = runner("run", "--config_file", json.dumps(layered("train.json")),
+                    *cli_overrides({"datalist": data["datalist"], "output_dir": str(output_dir),
+                                    "subject_id": "sub-002", **TINY}))
+    assert result.returncode == 0, result.stderr[-4000:]
+    subject = FittedSubject.load(output_dir / "sub-002" / "model.pt")
+    assert subject.subject == "sub-002" and [r["level"] for r in subject.history] == [2, 1]
+    assert not (output_dir / "sub-001").exists()
+    assert os.listdir(output_dir / "tensorboard" / "sub-002")  # TensorBoardStatsHandler wrote events
 
 
-def test_inference_outputs_keep_the_input_affine(runs):
-    document = json.load(open(runs["datalist"]))["subjects"][0]
-    source = nib.load(os.path.join(os.path.dirname(runs["datalist"]), document["scans"][0]["image"]))
-    folder = os.path.join(runs["output_dir"], "sub-001", "predictions")
-    for time in document["predict_times"]:
-        for kind in ("image", "ddf", "jacobian", "label"):
-            written = nib.load(os.path.join(folder, f"{kind}_t{float(time)!r}.nii.gz"))
-            np.testing.assert_allclose(written.affine, source.affine, atol=1e-6)
-            assert written.shape[:3] == source.shape
-    image = nib.load(os.path.join(folder, "image_t1.0.nii.gz")).get_fdata()
-    assert np.isfinite(image).all() and 0.1 * source.get_fdata().max() < image.max() < 2 * source.get_fdata().max()
+def test_cohort_fits_every_subject_with_one_mlflow_run_each(cohort):
+    import mlflow
+
+    for subject_id in ("sub-001", "sub-002"):
+        subject = FittedSubject.load(os.path.join(cohort["output_dir"], subject_id, "model.pt"))
+        assert subject.subject == subject_id and len(subject.history) == 2
+    client = mlflow.MlflowClient(tracking_uri="sqlite:///" + os.path.join(cohort["output_dir"], "mlruns.db"))
+    runs = [run for experiment in client.search_experiments() for run in client.search_runs([experiment.experiment_id])]
+    assert sorted(run.info.run_name for run in runs) == ["sub-001", "sub-002"]
+    for run in runs:
+        losses = [metric.value for metric in client.get_metric_history(run.info.run_id, "train_loss")]
+        subject = FittedSubject.load(os.path.join(cohort["output_dir"], run.info.run_name, "model.pt"))
+        np.testing.assert_allclose(losses, [record["total"] for record in subject.history], rtol=1e-6)
 
 
-def test_evaluation_metrics_finite_and_in_range(runs):
-    metrics = json.load(open(os.path.join(runs["eval_dir"], "metrics.json")))
-    assert metrics["overall"]["count"] == 3
-    for row in metrics["subjects"]["sub-001"]["scans"]:
-        assert 0.0 <= row["nrmse"] < 1.0 and -1.0 <= row["ssim"] <= 1.0 and 0.0 < row["psnr"] < 100.0
-        assert 0.0 <= row["percent_folded"] <= 100.0
-    assert os.path.getsize(os.path.join(runs["eval_dir"], "sub-001_montage.png")) > 1000
-    assert "| **overall** (n=3) |" in open(os.path.join(runs["eval_dir"], "metrics.md")).read()
+def test_cohort_skip_existing_keeps_fitted_subjects(cohort):
+    from noder_monai.engines import CohortWorkflow
+
+    path = os.path.join(cohort["output_dir"], "sub-001", "model.pt")
+    before = os.stat(path).st_mtime_ns
+    workflow = CohortWorkflow(config_file=layered("train.json", absolute=True), skip_existing=True, logging_file=False,
+                              datalist=cohort["datalist"], output_dir=cohort["output_dir"], **TINY)
+    workflow.initialize()
+    assert workflow.run() == {} and os.stat(path).st_mtime_ns == before
 
 
-def test_bad_datalist_fails_through_the_runner(tmp_path):
-    make_demo_dataset(tmp_path, n_subjects=1, size=8)
-    document = json.load(open(tmp_path / "datalist.json"))
-    document["subjects"][0]["scans"] = document["subjects"][0]["scans"][:1]
-    (tmp_path / "bad.json").write_text(json.dumps(document))
-    result = monai_run("training", "bundle/configs/train.json", REPO, "--datalist", str(tmp_path / "bad.json"),
-                       "--output_dir", str(tmp_path / "out"), *TINY)
-    assert result.returncode != 0
-    assert "subject 'sub-001': field 'scans' needs at least 2 scans, got 1" in result.stderr
-    assert not (tmp_path / "out").exists()
+@pytest.mark.parametrize("cwd", ["repo", "elsewhere"])
+@pytest.mark.parametrize("workflow_type, names", [("train", ["train.json"]), ("infer", ["inference.json"])])
+def test_check_properties_is_empty_from_any_folder(cohort, tmp_path, monkeypatch, cwd, workflow_type, names):
+    monkeypatch.chdir(REPO if cwd == "repo" else tmp_path)
+    overrides = {"datalist": cohort["datalist"], "output_dir": cohort["output_dir"], "num_threads": 1}
+    if workflow_type == "train":
+        overrides.update(TINY)
+    if cwd == "elsewhere":
+        overrides["bundle_root"] = BUNDLE
+    workflow = ConfigWorkflow(config_file=layered(*names, absolute=cwd == "elsewhere"), workflow_type=workflow_type,
+                              logging_file=False, **overrides)
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    assert workflow.bundle_root == BUNDLE
 
 
-def test_configs_parse_with_one_definition_of_each_setting(monkeypatch):
-    from monai.bundle import ConfigParser
-
-    monkeypatch.chdir(REPO)
-    common = json.load(open(os.path.join(CONFIGS, "common.json")))
-    for name, run_id in (("train.json", "training"), ("inference.json", "inference"), ("evaluate.json", "evaluating")):
-        config = json.load(open(os.path.join(CONFIGS, name)))
-        assert run_id in config
-        for key, value in config.items():  # every shared value is a reference to common.json, never a copy
-            if key in common and key != "imports":
-                assert value == f"$@common['{key}']" or value.get("base") == f"$@common['{key}']", (name, key)
-    parser = ConfigParser()
-    parser.read_config(os.path.join(CONFIGS, "train.json"))
-    parser.update({"fit#epochs": 7, "network#latent_channels": 8})
-    assert parser.get_parsed_content("fit") == {**common["fit"], "epochs": 7}
-    assert parser.get_parsed_content("network")["latent_channels"] == 8
-    assert parser.get_parsed_content("output_dir") == os.path.join(BUNDLE, "outputs")
-    assert not os.path.exists(os.path.join(CONFIGS, "multi_gpu_train.json"))
+def test_bundle_root_is_overridable(data, tmp_path):
+    root = tmp_path / "my_bundle"
+    shutil.copytree(CONFIGS, root / "configs")
+    workflow = ConfigWorkflow(config_file=[str(root / "configs" / "common.json"), str(root / "configs" / "train.json")],
+                              workflow_type="train", logging_file=False, bundle_root=str(root), datalist=data["datalist"])
+    workflow.initialize()
+    assert workflow.parser.get_parsed_content("output_dir") == str(root / "outputs")
+    assert workflow.parser.get_parsed_content("pretrained").startswith(str(root / "models"))
 
 
-# Offline copy of what MONAI's bundle metadata schema (meta_schema_20240725.json, the one model-zoo bundles name in
-# "schema") requires; `python -m monai.bundle verify_metadata` downloads that schema and needs jsonschema.
-REQUIRED_STRINGS = ("schema", "version", "monai_version", "pytorch_version", "numpy_version", "task", "description",
-                    "authors", "copyright")
-OPTIONAL_STRINGS = ("data_source", "data_type", "image_classes", "label_classes", "pred_classes", "intended_use")
-TENSOR_FIELDS = {"type": str, "format": str, "num_channels": int, "spatial_shape": list, "dtype": str,
-                 "value_range": list}
+def test_loss_and_optimizer_overrides_change_the_fit(data):
+    base = {"datalist": data["datalist"], **TINY, "fit#epochs": 3}
+    del base["pretrained"]  # from the bundle's models/: a random decoder hardly moves in 3 epochs
+    histories, configs = {}, {}
+    for name, extra in {"default": {}, "ncc": {"loss#ncc_kernel_size": 5}, "lr": {"optimizer#lr": 0.01}}.items():
+        output_dir = str(data["root"] / f"override_{name}")
+        run_workflow(layered("train.json"), "train", output_dir=output_dir, **base, **extra)
+        subject = FittedSubject.load(os.path.join(output_dir, "sub-001", "model.pt"))
+        histories[name] = [record["total"] for record in subject.history]
+        configs[name] = subject.fit_config
+    assert configs["default"]["ncc_kernel_size"] == 21 and configs["ncc"]["ncc_kernel_size"] == 5
+    assert configs["default"]["learning_rate"] == 5e-3 and configs["lr"]["learning_rate"] == 0.01
+    assert histories["ncc"][0] != histories["default"][0]  # another window: another loss from the first epoch
+    assert histories["lr"][0] == histories["default"][0] and histories["lr"][-1] != histories["default"][-1]
 
 
-def schema_errors(meta):
-    errors = [f"'{key}' must be a string" for key in REQUIRED_STRINGS if not isinstance(meta.get(key), str)]
-    errors += [f"'{key}' must be a string" for key in OPTIONAL_STRINGS if key in meta and not isinstance(meta[key], str)]
-    for key in ("required_packages_version", "changelog", "eval_metrics", "supported_apps"):
-        if (key in meta or key == "required_packages_version") and not isinstance(meta.get(key), dict):
-            errors.append(f"'{key}' must be an object")
-    if "references" in meta and not all(isinstance(r, str) for r in meta["references"]):
-        errors.append("'references' must be a list of strings")
-    formats = {key: value for key, value in meta.items() if re.fullmatch(r"[_a-zA-Z0-9]+_data_format", key)}
-    if "network_data_format" not in formats:
-        errors.append("'network_data_format' is required")
-    for name, io_format in formats.items():
-        for part in ("inputs", "outputs"):
-            for entry, tensor in io_format.get(part, {None: None}).items():
-                if isinstance(tensor, (int, float, str, bool)):
-                    continue
-                for field, kind in TENSOR_FIELDS.items():
-                    if not isinstance(tensor, dict) or not isinstance(tensor.get(field), kind):
-                        errors.append(f"{name}.{part}.{entry}.{field} must be a {kind.__name__}")
-                if isinstance(tensor, dict):
-                    if not all(isinstance(s, (str, int)) for s in tensor.get("spatial_shape", [])):
-                        errors.append(f"{name}.{part}.{entry}.spatial_shape must hold strings or integers")
-                    if not all(isinstance(v, (int, float)) for v in tensor.get("value_range", [])):
-                        errors.append(f"{name}.{part}.{entry}.value_range must hold numbers")
-    return errors
+def test_inference_equals_fitted_subject_predict_and_keeps_the_affine(cohort):
+    overrides = {"datalist": cohort["datalist"], "output_dir": cohort["output_dir"], "subject_id": "sub-001",
+                 "num_threads": 1}
+    run_workflow(layered("inference.json"), "infer", **overrides)
+    entry = cohort["document"]["subjects"][0]
+    folder = os.path.join(cohort["output_dir"], "sub-001", "predictions")
+    source = nib.load(os.path.join(os.path.dirname(cohort["datalist"]), entry["scans"][0]["image"]))
+    label = nib.load(os.path.join(os.path.dirname(cohort["datalist"]), entry["label"])).get_fdata()
+    subject = FittedSubject.load(os.path.join(cohort["output_dir"], "sub-001", "model.pt"))
+    times = sorted(entry["predict_times"])
+    expected = subject.predict(times, labels=torch.as_tensor(label))
+    assert len(os.listdir(folder)) == 4 * len(times)
+    for index, time in enumerate(times):
+        written = {kind: nib.load(os.path.join(folder, f"{kind}_{time_tag(time)}.nii.gz"))
+                   for kind in ("image", "ddf", "jacobian", "label")}
+        for image in written.values():
+            np.testing.assert_allclose(image.affine, source.affine, atol=1e-6)
+        np.testing.assert_allclose(written["image"].get_fdata(), expected.images[index, 0].numpy(), atol=1e-4)
+        np.testing.assert_allclose(np.moveaxis(written["ddf"].get_fdata().squeeze(), -1, 0),
+                                   expected.ddfs[index].numpy(), atol=1e-5)
+        np.testing.assert_allclose(written["jacobian"].get_fdata(), expected.jacobians[index, 0].numpy(), atol=1e-5)
+        np.testing.assert_array_equal(written["label"].get_fdata(), expected.labels[index, 0].numpy())
 
 
-def test_metadata_passes_the_schema_offline():
+def test_evaluate_writes_monai_metrics_equal_to_the_package_metrics(cohort, tmp_path):
+    from noder_monai.metrics import nrmse
+
+    eval_dir = tmp_path / "eval"
+    events = os.path.join(cohort["output_dir"], "tensorboard", "sub-001")
+    before = set(os.listdir(events))
+    run_workflow(layered("inference.json", "evaluate.json"), "infer", datalist=cohort["datalist"],
+                 output_dir=cohort["output_dir"], eval_dir=str(eval_dir), subject_id="sub-001", num_threads=1)
+    assert len(set(os.listdir(events)) - before) == 1  # the held-out metrics went to TensorBoard too
+    folder = eval_dir / "sub-001"
+    assert {"metrics.csv", "nrmse_raw.csv", "ssim_raw.csv", "psnr_raw.csv", "percent_folded_raw.csv"} <= set(os.listdir(folder))
+    rows = [line.split(",") for line in (folder / "nrmse_raw.csv").read_text().splitlines()[1:]]
+    entry = cohort["document"]["subjects"][0]
+    heldout = sorted(entry["heldout"], key=lambda scan: scan["time"])
+    assert len(rows) == len(heldout)
+    subject = FittedSubject.load(os.path.join(cohort["output_dir"], "sub-001", "model.pt"))
+    prediction = subject.predict([scan["time"] for scan in heldout])
+    targets = torch.stack([torch.as_tensor(nib.load(os.path.join(os.path.dirname(cohort["datalist"]), scan["image"]))
+                                           .get_fdata(), dtype=torch.float32)[None] for scan in heldout])
+    np.testing.assert_allclose([float(row[1]) for row in rows], nrmse(prediction.images, targets).numpy(), rtol=1e-4)
+
+
+def test_verify_net_in_out_and_metadata_offline():
+    result = runner("verify_net_in_out", "network_def", "--meta_file", "bundle/configs/metadata.json",
+                    "--config_file", json.dumps(layered("train.json")), "--any", "16",
+                    "--network_def#spatial_size", "[16,16,16]",
+                    "--extra_forward_args", "{'times': [0.5, 1.0], 'return_ddf': False}")
+    assert result.returncode == 0 and "data shape of network is verified with no error" in result.stderr + result.stdout, \
+        result.stderr[-3000:]
+    result = runner("verify_metadata", "--meta_file", "bundle/configs/metadata.json", "--filepath", SCHEMA)
+    assert result.returncode == 0 and "metadata is verified with no error" in result.stderr + result.stdout
     meta = json.load(open(os.path.join(CONFIGS, "metadata.json")))
-    assert schema_errors(meta) == []
-    assert schema_errors({"version": 1, "network_data_format": {"inputs": {"image": {"type": "image"}}, "outputs": {}}})[:2] == [
-        "'schema' must be a string", "'version' must be a string"]
-    assert meta["schema"].endswith("meta_schema_20240725.json")
-    assert meta["version"] in meta["changelog"]
-    assert meta["required_packages_version"]["noder-monai"] == noder_monai.__version__
-    assert {"torchdiffeq", "nibabel", "itk", "fire"} <= set(meta["required_packages_version"])
-    for key in ("monai_version", "pytorch_version", "numpy_version"):
-        assert re.fullmatch(r"\d+\.\d+\.\d+", meta[key]), key
-    assert "NODER: Image Sequence Regression Based on Neural Ordinary Differential Equations" in meta["references"][0]
-    assert set(meta["network_data_format"]["outputs"]) == {"image", "ddf", "jacobian", "label"}
+    assert meta["version"] in meta["changelog"] and "noder-monai" not in meta["required_packages_version"]
+    assert "pip install -e ." in meta["description"] and "not TorchScript-exportable" in meta["description"]
+
+
+def test_model_zoo_min_checks_offline():
+    """What model-zoo's ci/verify_bundle.py checks in min mode, offline: LICENSE, metadata, inference config, weights
+    that the configs load (one copy in the repository)."""
+    for name in ("LICENSE", "configs/metadata.json", "configs/inference.json", "models/model.pt"):
+        assert os.path.isfile(os.path.join(BUNDLE, name)), name
+    assert "Apache License" in open(os.path.join(BUNDLE, "LICENSE")).read()
+    train = json.load(open(os.path.join(CONFIGS, "train.json")))
+    assert "'models'" in train["pretrained"] and "'model.pt'" in train["pretrained"]
+    for name in os.listdir(CONFIGS):  # common.json is merged by --config_file lists, never read from Python
+        assert "load_common" not in open(os.path.join(CONFIGS, name)).read()
+
+
+def test_network_and_loss_defaults_come_from_the_constructors():
+    train = json.load(open(os.path.join(CONFIGS, "train.json")))
+    assert set(train["network_def"]) == {"_target_", "spatial_size"}
+    assert train["fit"] == {"_target_": "noder_monai.engines.FitConfig"}
+    assert all(str(value).startswith(("$@fit.", "$len(")) for key, value in train["loss"].items() if key != "_target_")
+
+
+def test_evaluation_logs_the_heldout_metrics_to_mlflow(cohort, tmp_path):
+    import mlflow
+
+    output_dir = str(tmp_path / "tracked")
+    shutil.copytree(cohort["output_dir"], output_dir, ignore=shutil.ignore_patterns("mlruns*", "config_*"))
+    overrides = {"datalist": cohort["datalist"], "output_dir": output_dir, "eval_dir": str(tmp_path / "eval"),
+                 "num_threads": 1}
+    result = runner("run_workflow", "noder_monai.engines.CohortWorkflow", "--config_file",
+                    json.dumps(layered("inference.json", "evaluate.json")), "--tracking", "mlflow",
+                    *cli_overrides(overrides))
+    assert result.returncode == 0, result.stderr[-4000:]
+    client = mlflow.MlflowClient(tracking_uri="sqlite:///" + os.path.join(output_dir, "mlruns.db"))
+    runs = [run for experiment in client.search_experiments() for run in client.search_runs([experiment.experiment_id])]
+    assert sorted(run.info.run_name for run in runs) == ["sub-001", "sub-002"]
+    for run in runs:
+        assert set(run.data.metrics) == {"nrmse", "ssim", "psnr", "percent_folded"}
+        assert 0.0 < run.data.metrics["nrmse"] < 1.0 and run.data.metrics["percent_folded"] == 0.0
+
+
+def test_wheel_carries_the_weights_that_live_once_in_bundle_models(tmp_path):
+    import zipfile
+
+    source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout
+    source.mkdir()
+    for name in ("setup.py", "setup.cfg", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"):
+        shutil.copy2(os.path.join(REPO, name), source / name)
+    shutil.copytree(os.path.join(REPO, "noder_monai"), source / "noder_monai",
+                    ignore=shutil.ignore_patterns("__pycache__", "weights"))
+    shutil.copytree(os.path.join(BUNDLE, "models"), source / "bundle" / "models")
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
+                             "-q", "-w", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = tmp_path.glob("noder_monai-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        for name in ("model.pt", "model_2d.pt"):
+            packaged = archive.read(f"noder_monai/engines/weights/{name}")
+            assert packaged == open(os.path.join(BUNDLE, "models", name), "rb").read()
+    assert not os.path.exists(os.path.join(REPO, "noder_monai", "engines", "weights"))
+
+
+def test_transforms_and_the_file_format_do_not_import_the_training_code():
+    code = ("import sys, noder_monai.transforms, noder_monai.engines.subject; "
+            "print(sorted(m for m in sys.modules if m.startswith('noder_monai.engines')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "['noder_monai.engines', 'noder_monai.engines.subject']", result.stderr[-2000:]

@@ -16,7 +16,8 @@ import torch
 from noder_monai.data import SubjectSequence, load_scan, load_sequence, save_image, voxel_volume_mm3
 from noder_monai.data.itk_field import ddf_to_itk, save_itk_displacement
 from noder_monai.engines import FitConfig, FittedSubject, fit_sequence
-from noder_monai.engines.fit import check_fit_inputs, level_window
+from noder_monai.engines.fit import check_fit_inputs
+from noder_monai.engines.trainer import level_window
 from noder_monai.engines.subject import SUBJECT_FORMAT
 
 sys.path.insert(0, os.path.dirname(__file__))

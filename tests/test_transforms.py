@@ -94,6 +94,36 @@ def test_subject_key_and_ddf_key(fitted):
     assert torch.allclose(fixed_time["image"], out["image"], atol=1e-6)
 
 
+def test_jacobian_key_stores_the_determinant_map_with_the_affine(fitted):
+    from noder_monai.metrics import jacobian_determinant
+
+    item = {"image": fitted["sequence"].images[0], "time": 2.0}
+    out = ODEWarpd("image", subject=fitted["subject"], ddf_key="ddf", jacobian_key="jacobian")(item)
+    assert out["jacobian"].shape == (1, 16, 16, 16) and out["jacobian"].meta["time"] == 2.0
+    assert torch.allclose(out["jacobian"].as_tensor(), jacobian_determinant(out["ddf"].as_tensor()[None])[0])
+    assert torch.allclose(out["jacobian"].affine.to(torch.float64), AFFINE)
+    assert not torch.allclose(out["jacobian"].as_tensor(), torch.ones(1))  # the fit moved something
+
+
+def test_intensity_mapping_equals_monai_percentile_scaling_and_inverts():
+    from monai.transforms import ScaleIntensityRangePercentilesd
+
+    from noder_monai.data import IntensityMapping
+    from noder_monai.transforms import IntensityMappingd
+
+    scans = torch.rand(4, 9, 8, 7, generator=torch.Generator().manual_seed(0)) * 300 + 20
+    item = {"image": MetaTensor(scans.clone(), affine=torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])))}
+    ours = IntensityMappingd("image")(item)
+    monai = ScaleIntensityRangePercentilesd("image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=False)(item)
+    torch.testing.assert_close(ours["image"].as_tensor(), monai["image"].as_tensor(), rtol=1e-5, atol=1e-6)
+    assert ours["intensity"] == IntensityMapping.fit(scans).to_dict()
+    assert torch.equal(ours["image"].affine, item["image"].affine)
+    restored = IntensityMappingd("image").inverse(ours)
+    torch.testing.assert_close(restored["image"].as_tensor(), scans, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="0 <= lower < upper <= 100"):
+        IntensityMappingd("image", lower=50, upper=10)
+
+
 def test_size_mismatch_names_key_and_sizes(fitted):
     transform = ODEWarpd("image", subject=fitted["path"], time=0.5)
     with pytest.raises(ValueError, match=r"data\['image'\] has spatial size \(12, 16, 16\).*\(16, 16, 16\)"):
@@ -127,3 +157,14 @@ def test_path_transform_pickles_small_and_loads_once(fitted):
     clone = pickle.loads(blob)
     assert clone.warper.subject is load_fitted_subject(fitted["path"])
     assert load_fitted_subject(fitted["path"]) is load_fitted_subject(os.path.relpath(fitted["path"]))
+
+
+def test_source_option_returns_the_subjects_own_prediction(fitted):
+    subject = fitted["subject"]
+    image = torch.zeros(1, *subject.spatial_size)
+    for source in ("baseline", "template", "nearest", "default"):
+        item = ODEWarpd(keys="image", subject=subject, time=QUERY[0], source=source)({"image": image})
+        expected = subject.predict(QUERY[:1], source=None if source == "default" else source).images[0]
+        assert torch.allclose(torch.as_tensor(item["image"]), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="source"):
+        ODEWarpd(keys="image", subject=subject, source="average")

@@ -29,15 +29,10 @@ import torch.nn.functional as F
 from monai.networks.blocks import DVF2DDF, Warp
 
 from noder_monai.baselines.interpolation import TimesLike, _as_times, _check_sequence
-from noder_monai.functional import box_filter, check_odd_kernel_size
+from noder_monai.functional import box_filter, check_odd_kernel_size, odd_window
 from noder_monai.losses import GradientSmoothnessLoss, LocalNCCLoss
 
 __all__ = ["GeodesicRegression"]
-
-
-def _odd(value: float) -> int:
-    """Nearest odd integer >= 1 to ``value``."""
-    return max(1, 2 * int(round((value - 1) / 2)) + 1)
 
 
 class GeodesicRegression:
@@ -147,7 +142,7 @@ class GeodesicRegression:
             ``(N, D, *size)`` velocity in voxels of the ``size`` grid.
         """
         v = self._resize_field(coarse, size, full_size)
-        kernel = _odd(self.smoothing_kernel * (size[0] - 1) / max(full_size[0] - 1, 1))
+        kernel = odd_window(self.smoothing_kernel * (size[0] - 1) / max(full_size[0] - 1, 1))
         return box_filter(v, kernel, padding_mode="replicate") if kernel > 1 else v
 
     def _exponential(self, velocity: torch.Tensor) -> torch.Tensor:
@@ -200,7 +195,7 @@ class GeodesicRegression:
         for size in sizes:
             factor = (full_size[0] - 1) / max(size[0] - 1, 1)
             ncc = LocalNCCLoss(
-                spatial_dims=self.spatial_dims, kernel_size=max(3, _odd(self.ncc_kernel_size / factor)), smooth_nr=0.0
+                spatial_dims=self.spatial_dims, kernel_size=max(3, odd_window(self.ncc_kernel_size / factor)), smooth_nr=0.0
             )
             level_baseline, level_targets = (self._resample(x, size, factor) for x in (baseline, targets))
             for _ in range(self.iterations):
@@ -226,7 +221,7 @@ class GeodesicRegression:
         """Anti-alias (box filter ~ ``factor``) and resample ``(N, 1, *spatial)`` images to ``size``, corner-aligned."""
         if list(x.shape[2:]) == list(size):
             return x
-        x = box_filter(x, _odd(2 * factor - 1), padding_mode="replicate")
+        x = box_filter(x, odd_window(2 * factor - 1), padding_mode="replicate")
         return F.interpolate(x, size=tuple(size), mode=self._interp_mode, align_corners=True)
 
     def _check_fitted(self) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,6 +22,7 @@ from monai.data import MetaTensor
 from monai.transforms import CropForeground, Resize, SpatialPad
 
 from noder_monai.data.datalist import load_datalist
+from noder_monai.utils import write_json
 from noder_monai.data.io import PathLike, load_image, save_image
 from noder_monai.data.synthetic import synthetic_sequence
 
@@ -140,18 +140,6 @@ def demo_labels(size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     return _resized(LABEL_ASSET, size, labels=True)
 
 
-def _write_json(document: dict, path: str) -> None:
-    temporary = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(document, handle, indent=2)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
 def _existing_generator(path: str) -> dict | None:
     """The ``generator`` record of a complete datalist at ``path`` (all files present), else ``None``."""
     try:
@@ -230,5 +218,5 @@ def make_demo_dataset(
             save_image(image, affine, os.path.join(directory, scan["image"]))
         save_image(sequence.label, affine, os.path.join(directory, entry["label"]), dtype=np.uint8)
         subjects.append(entry)
-    _write_json({"generator": generator, "subjects": subjects}, datalist_path)
+    write_json({"generator": generator, "subjects": subjects}, datalist_path)
     return datalist_path

@@ -21,9 +21,6 @@ import gzip
 import math
 import os
 import re
-import socket
-import time as _time
-import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from numbers import Real
@@ -34,6 +31,8 @@ import numpy as np
 import torch
 from monai.transforms import LoadImage
 from numpy.typing import DTypeLike
+
+from noder_monai.utils import atomic_write, clean_stale_temporaries, temporary_name
 
 __all__ = [
     "READERS",
@@ -63,7 +62,6 @@ NIFTI_GEOMETRY_FIELDS = (
     "srow_x", "srow_y", "srow_z", "pixdim", "xyzt_units",
 )
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
-_TEMP_MARK = "noder"
 
 
 def _resolve_reader(reader: str | None) -> str | None:
@@ -407,95 +405,6 @@ def _nifti_image(volume: np.ndarray, geometry: Geometry) -> nib.Nifti1Image:
     return image
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _temporary_name(path: str) -> str:
-    host = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32] or "host"
-    folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{name}.{_TEMP_MARK}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-
-
-def atomic_write(path: PathLike, write: Any) -> str:
-    """Write ``path`` atomically with mode ``0o666 & ~umask``: ``write`` (bytes, or a callable taking a temporary
-    path) fills a temporary file in the same folder, which then replaces ``path``. One helper, one mode, for every
-    output of the package (NIfTI, JSON, CSV, PNG, checkpoints).
-
-    Returns:
-        ``path`` as a string.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temporary = _temporary_name(path)
-    try:
-        if callable(write):
-            write(temporary)
-        else:
-            with open(temporary, "wb") as handle:
-                handle.write(bytes(write))
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return path
-
-
-_OWN_TEMP = re.compile(r"^\..+\." + _TEMP_MARK + r"-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
-_LEGACY_TEMP = re.compile(r"^(\.tmp-[0-9a-f]{32}-.+|\..+\.[A-Za-z0-9_]{8}\.tmp)$")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clean_stale_temporaries(folder: PathLike, legacy_age_s: float = 3600.0) -> list[str]:
-    """Remove the temporary files a killed run of this package left under ``folder`` (recursively).
-
-    Removed: our own temporaries (``.<name>.noder-<host>-<pid>-<hex>.tmp``) whose writing process on this host is no
-    longer running (on another host: older than ``legacy_age_s``), and temporaries of older package versions
-    (``.tmp-<uuid>-<name>``, ``.<name>.<8 chars>.tmp``) older than ``legacy_age_s``. Nothing else is touched.
-
-    Returns:
-        the removed paths.
-    """
-    folder = os.fspath(folder)
-    if not os.path.isdir(folder):
-        return []
-    host = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32] or "host"
-    now = _time.time()
-    removed = []
-    for root, _, files in os.walk(folder):
-        for name in files:
-            full = os.path.join(root, name)
-            match = _OWN_TEMP.match(name)
-            try:
-                age = now - os.lstat(full).st_mtime
-            except OSError:
-                continue
-            if match:
-                stale = not _alive(int(match["pid"])) if match["host"] == host else age > legacy_age_s
-            else:
-                stale = bool(_LEGACY_TEMP.match(name)) and age > legacy_age_s
-            if stale:
-                try:
-                    os.remove(full)
-                    removed.append(full)
-                except FileNotFoundError:
-                    pass
-    return removed
-
-
 def check_output_dir(path: PathLike) -> str:
     """Make sure ``path`` is a folder this process can write into, before any work starts.
 
@@ -515,7 +424,7 @@ def check_output_dir(path: PathLike) -> str:
         os.makedirs(path, exist_ok=True)
     except OSError as error:
         raise ValueError(f"output_dir '{path}' cannot be created: {error.strerror or error}.") from error
-    probe = _temporary_name(os.path.join(path, "write-check"))
+    probe = temporary_name(os.path.join(path, "write-check"))
     try:
         with open(probe, "wb"):
             pass

@@ -1,4 +1,9 @@
-"""Fit NODER to one subject's sequence: coarse-to-fine Adam on NCC + smoothness + boundary terms."""
+"""Fit NODER to one subject's sequence: coarse-to-fine Adam on NCC + smoothness + boundary terms.
+
+:func:`fit_sequence` is the Python face of the bundle's training run: it builds the same
+:class:`~noder_monai.engines.trainer.NODERTrainer`, loss, optimizer, schedule and handlers as
+``bundle/configs/train.json`` for an in-memory sequence.
+"""
 
 from __future__ import annotations
 
@@ -9,22 +14,31 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
+from monai.data import DataLoader, MetaTensor
+from ignite.handlers import ProgressBar
+from monai.handlers import LrScheduleHandler
+from monai.utils import CommonKeys as Keys
 
-from noder_monai.data import IntensityMapping, SubjectSequence
-from noder_monai.engines.pretrain import default_autoencoder_path
-from noder_monai.engines.subject import PREDICT_SOURCES, FittedSubject, load_autoencoder_weights
+from noder_monai.data import SubjectSequence
+from noder_monai.engines.subject import PREDICT_SOURCES, FittedSubject
+from noder_monai.engines.trainer import (
+    MIN_LEVEL_VOXELS,
+    CoarseToFineHandler,
+    TemplateHandler,
+    EpochCallbackHandler,
+    NODERTrainer,
+    cosine_schedule,
+    downsample_image,
+    fitted_subject,
+    init_network,
+)
 from noder_monai.losses import NODERLoss
-from noder_monai.networks import LEVELS, NODER, scale_window
-from noder_monai.networks.autoencoder import pad_to_multiple
+from noder_monai.networks import LEVELS, NODER
+from noder_monai.transforms.intensity import IntensityMappingd
 
-__all__ = ["PRESETS", "FitConfig", "check_fit_inputs", "fit_sequence", "downsample_image", "level_window", "subject_template"]
+__all__ = ["PRESETS", "FitConfig", "check_fit_inputs", "fit_sequence", "downsample_image"]
 
 logger = logging.getLogger(__name__)
-
-#: The loss (smoothness and boundary terms, NCC windows) needs this many voxels along every axis at every level.
-MIN_LEVEL_VOXELS = 3
 
 
 @dataclasses.dataclass
@@ -130,44 +144,6 @@ PRESETS: dict[str, dict] = {
 """Named settings per kind of data (``FitConfig.preset(name)``): ``"longitudinal-mri"`` (scans months or years
 apart whose appearance is stable: warp a denoised subject template) and ``"cine"`` (frames of a cycle whose texture
 changes from frame to frame, e.g. ultrasound speckle: carry the bracketing frames)."""
-
-
-def downsample_image(image: torch.Tensor, level: int) -> torch.Tensor:
-    """Average ``level``^d blocks: (N, C, *S) -> (N, C, *ceil(S / level)), edge-replicated at the far border.
-
-    Level voxel ``i`` covers image voxels ``[i * level, (i + 1) * level)``, the grid of ``NODER.displacement``.
-    """
-    if level == 1:
-        return image
-    pool = F.avg_pool3d if image.ndim == 5 else F.avg_pool2d
-    return pool(pad_to_multiple(image, level, mode="replicate"), level)
-
-
-@torch.no_grad()
-def subject_template(model: NODER, images: torch.Tensor, scaled_times: torch.Tensor) -> torch.Tensor:
-    """Every scan pulled back to the first time through the inverse of its fitted map, and their per-voxel median.
-
-    The median (for an even count the lower of the two middle values, as ``torch.median``) is not pulled by a scan
-    that is misaligned at an edge, and on magnitude MRI, whose Rician noise is skewed upwards in dark regions, it
-    stays closer to the noise-free intensity than a mean.
-
-    Args:
-        model: the (partly) fitted trajectory.
-        images: (T, 1, *S) the observed scans, normalised, the first at scaled time 0.
-        scaled_times: (T,) their scaled times.
-
-    Returns:
-        (1, 1, *S) the template, in the first scan's space and the scans' (normalised) intensities.
-    """
-    inverse = model.displacement(scaled_times[1:], inverse=True)
-    pulled = model.warp(images[1:], inverse)
-    return torch.cat([images[:1], pulled]).median(dim=0).values[None]
-
-
-def level_window(kernel_size: int, level: int) -> int:
-    """The NCC window at ``level``: ``scale_window`` clamped to at least 3 voxels (a 1-voxel window has zero local
-    variance, so its similarity is 0 whatever the alignment and the fit would not move)."""
-    return max(MIN_LEVEL_VOXELS, scale_window(kernel_size, level))
 
 
 def _where(sequence: SubjectSequence, index: int = 0) -> str:
@@ -277,86 +253,48 @@ def fit_sequence(
     config = check_fit_inputs(sequence, config or FitConfig())
     device = torch.device(device)
     torch.manual_seed(seed)
-    intensity = IntensityMapping.fit(sequence.images, name=f"subject '{sequence.subject}' scans")
-    images = intensity(sequence.images).to(device=device, dtype=torch.float32)
-    times = sequence.times.to(torch.float64)
-    scaled = ((times - times[0]) / (times[-1] - times[0])).to(device=device, dtype=torch.float32)
-    model = NODER(sequence.spatial_size, **(network or {})).to(device)
-    if pretrained == "auto":
-        pretrained = default_autoencoder_path(sequence.spatial_dims)
-    if pretrained is not None:
-        load_autoencoder_weights(model, pretrained)
-    model.set_initial_state()
-    model.encoder.requires_grad_(False)
-    model.decoder.requires_grad_(config.finetune_decoder)
+    images = sequence.images.as_tensor() if isinstance(sequence.images, MetaTensor) else sequence.images
+    item = IntensityMappingd(keys=Keys.IMAGE)(
+        {
+            Keys.IMAGE: MetaTensor(images[:, 0], affine=sequence.affine),
+            "time": sequence.times.to(torch.float64),
+            "subject": sequence.subject,
+        }
+    )
+    dataset = [item]
+    network_def = NODER(sequence.spatial_size, **(network or {}))
+    model = init_network(network_def, pretrained, config.finetune_decoder).to(device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
     epochs = config.epochs_per_level()
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, sum(epochs), eta_min=config.learning_rate * 0.05)
-    history: list[dict] = []
-    source = images[:1]
-    template_epochs = config.template_epochs()
-    bar = tqdm(total=sum(epochs), desc=f"fit {sequence.subject}", disable=not progress, leave=False)
-    for level, level_epochs in zip(config.levels, epochs):
-        if level_epochs == 0:
-            continue
-        targets = downsample_image(images[1:], level)
-        baseline = downsample_image(source, level)
-        criterion = NODERLoss(
-            spatial_dims=sequence.spatial_dims,
-            ncc_kernel_size=level_window(config.ncc_kernel_size, level),
-            smoothness_weight=config.smoothness_weight,
-            boundary_weight=config.boundary_weight,
-        )
-        is_last = level == config.levels[-1]
-        best, stale = math.inf, 0
-        for _ in range(level_epochs):
-            if len(history) in template_epochs:
-                source = subject_template(model, images, scaled)
-                baseline = downsample_image(source, level)
-            optimizer.zero_grad(set_to_none=True)
-            warped, ddf = model(baseline, scaled[1:], level)
-            terms = criterion(warped, targets, ddf)
-            if not bool(torch.isfinite(terms["total"])):
-                _diverged(sequence, config, len(history), level, float(terms["total"].detach()))
-            terms["total"].backward()
-            optimizer.step()
-            scheduler.step()
-            record = {"epoch": len(history), "level": level, **{k: v.item() for k, v in terms.items()}}
-            history.append(record)
-            if callback is not None:
-                callback(record)
-            bar.update()
-            bar.set_postfix(level=level, loss=f"{record['total']:.4f}")
-            if is_last and config.patience:
-                if best == math.inf or record["total"] < best - abs(best) * config.min_improvement:
-                    best, stale = record["total"], 0
-                else:
-                    stale += 1
-                if stale >= config.patience:
-                    break
-    bar.close()
-    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-        _diverged(sequence, config, len(history), config.levels[-1], math.nan)
-    if config.source == "template":
-        source = subject_template(model, images, scaled)
-    return FittedSubject(
-        model=model.eval(),
-        baseline=images[:1],
-        times=times,
-        affine=sequence.affine,
-        intensity=intensity,
-        subject=sequence.subject,
-        fit_config=dataclasses.asdict(config),
-        history=history,
-        scans=images,
-        template=source if config.source == "template" else None,
-        geometry=sequence.geometry,
-        fitted_on=sequence.fitted_on(),
+    scheduler = cosine_schedule(optimizer, sum(epochs))
+    loss = NODERLoss(
+        spatial_dims=sequence.spatial_dims,
+        ncc_kernel_size=config.ncc_kernel_size,
+        smoothness_weight=config.smoothness_weight,
+        boundary_weight=config.boundary_weight,
     )
-
-
-def _diverged(sequence: SubjectSequence, config: FitConfig, epoch: int, level: int, value: float) -> None:
-    raise FloatingPointError(
-        f"subject '{sequence.subject}': the fit diverged: loss is {value} at epoch {epoch} (level {level}); nothing "
-        f"was saved. Lower learning_rate (now {config.learning_rate:g}) and fit again."
+    handlers = [
+        CoarseToFineHandler(config.levels, epochs, config.patience, config.min_improvement),
+        LrScheduleHandler(scheduler, print_lr=False),
+    ]
+    if config.template_epochs():
+        handlers.append(TemplateHandler(config.template_epochs()))
+    if callback is not None:
+        handlers.append(EpochCallbackHandler(callback))
+    trainer = NODERTrainer(
+        device=device,
+        max_epochs=sum(epochs),
+        train_data_loader=DataLoader(dataset, batch_size=1),
+        network=model,
+        optimizer=optimizer,
+        loss_function=loss,
+        train_handlers=handlers,
+    )
+    if progress:
+        ProgressBar(desc=f"fit {sequence.subject}", persist=False).attach(
+            trainer, output_transform=lambda output: {"loss": float(output[0][Keys.LOSS])}
+        )
+    trainer.run()
+    return fitted_subject(
+        trainer, item, dataclasses.asdict(config), geometry=sequence.geometry, fitted_on=sequence.fitted_on()
     )

@@ -21,11 +21,11 @@ Files written to ``output_dir``:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
@@ -42,13 +42,17 @@ from noder_monai.data.deformation_fields import (
     GeneratedDeformationFields,
     list_displacement_fields,
 )
-from noder_monai.engines.subject import AUTOENCODER_FORMAT, read_checkpoint, atomic_torch_save
+from noder_monai.functional import check_spatial_dims
+from noder_monai.engines.subject import AUTOENCODER_FORMAT, atomic_torch_save, read_checkpoint
 from noder_monai.networks import DeformationAutoencoder
+from noder_monai.utils import cosine_decay, summary_writer, write_json
 
 __all__ = [
     "PretrainConfig",
     "PretrainResult",
     "WEIGHTS_DIR",
+    "BUNDLE_MODELS_DIR",
+    "WEIGHT_FILES",
     "default_autoencoder_path",
     "evaluate_autoencoder",
     "load_autoencoder",
@@ -61,7 +65,11 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-"""Folder of the pretrained autoencoders shipped with the package (``autoencoder_2d.pt``, ``autoencoder_3d.pt``)."""
+"""Where a wheel holds the pretrained autoencoders (copied there from ``bundle/models/`` at build time, see setup.py)."""
+BUNDLE_MODELS_DIR = Path(__file__).resolve().parents[2] / "bundle" / "models"
+"""The one copy in a checkout (an editable install): the bundle's ``models/`` folder, which the configs load."""
+WEIGHT_FILES = {3: "model.pt", 2: "model_2d.pt"}
+"""File name of the pretrained autoencoder per spatial dims."""
 
 ARCHITECTURE_KEYS = ("spatial_dims", "latent_channels", "encoder_channels", "decoder_channels", "smoothing_kernel")
 """The ``PretrainConfig`` fields that define the network (the ``config`` of an autoencoder file)."""
@@ -74,17 +82,27 @@ def default_autoencoder_path(spatial_dims: int) -> Path:
 
     The file fits NODER's default network (``latent_channels=4``, ``encoder_channels=(16, 32, 32)``,
     ``decoder_channels=(32, 16)``, ``smoothing_kernel=15``); how it was trained is in ``bundle/docs/pretraining.md``.
+    It is ``bundle/models/model.pt`` (3D) or ``model_2d.pt`` (2D): from the wheel's package data, else from the
+    checkout this package is imported from.
 
     Raises:
         ValueError: if ``spatial_dims`` is not 2 or 3.
         FileNotFoundError: if the installed package lacks the file (a build without its package data).
     """
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
-    path = WEIGHTS_DIR / f"autoencoder_{spatial_dims}d.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"the shipped {spatial_dims}D autoencoder '{path}' is missing from this installation.")
+    check_spatial_dims(spatial_dims, (2, 3))
+    candidates = [folder / WEIGHT_FILES[spatial_dims] for folder in (WEIGHTS_DIR, BUNDLE_MODELS_DIR)]
+    path = next((candidate for candidate in candidates if candidate.is_file()), None)
+    if path is None:
+        raise FileNotFoundError(
+            f"the shipped {spatial_dims}D autoencoder is missing from this installation (looked for "
+            f"{[str(c) for c in candidates]})."
+        )
     return path
+
+
+_AUTOENCODER_DEFAULTS = {
+    name: parameter.default for name, parameter in inspect.signature(DeformationAutoencoder).parameters.items()
+}
 
 
 @dataclasses.dataclass
@@ -104,7 +122,7 @@ class PretrainConfig:
         validation_fraction: share of the user's files held out for validation when the datalist names no
             ``validation`` list (at least one file).
         latent_channels, encoder_channels, decoder_channels, smoothing_kernel: the network, see
-            :class:`~noder_monai.networks.DeformationAutoencoder`.
+            :class:`~noder_monai.networks.DeformationAutoencoder` (its defaults are these defaults).
         generator: keyword arguments of :class:`~noder_monai.data.deformation_fields.DeformationFieldGenerator`
             other than ``spatial_size`` (generated source).
         units, frame: how the user's files are read, see
@@ -124,10 +142,10 @@ class PretrainConfig:
     smoothness_weight: float = 0.0
     validation_fields: int = 64
     validation_fraction: float = 0.1
-    latent_channels: int = 4
-    encoder_channels: Sequence[int] = (16, 32, 32)
-    decoder_channels: Sequence[int] = (32, 16)
-    smoothing_kernel: int = 15
+    latent_channels: int = _AUTOENCODER_DEFAULTS["latent_channels"]
+    encoder_channels: Sequence[int] = _AUTOENCODER_DEFAULTS["encoder_channels"]
+    decoder_channels: Sequence[int] = _AUTOENCODER_DEFAULTS["decoder_channels"]
+    smoothing_kernel: int = _AUTOENCODER_DEFAULTS["smoothing_kernel"]
     generator: dict = dataclasses.field(default_factory=dict)
     units: str = "voxel"
     frame: str = "LPS"
@@ -139,8 +157,7 @@ class PretrainConfig:
         self.encoder_channels = [int(c) for c in self.encoder_channels]
         self.decoder_channels = [int(c) for c in self.decoder_channels]
         self.generator = dict(self.generator or {})
-        if self.spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims!r}.")
+        check_spatial_dims(self.spatial_dims, (2, 3))
         for name in ("spatial_size", "epochs", "steps_per_epoch", "batch_size", "validation_fields"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}.")
@@ -290,30 +307,8 @@ def _datasets(config: PretrainConfig, fields: Any) -> tuple[Any, Any, Any]:
 
 def _learning_rate(config: PretrainConfig, step: int) -> float:
     """Cosine decay from ``learning_rate`` at step 0 to ``final_learning_rate`` at the last step."""
-    total = max(1, config.epochs * config.steps_per_epoch - 1)
-    progress = min(1.0, step / total)
-    span = config.learning_rate - config.final_learning_rate
-    return config.final_learning_rate + 0.5 * span * (1 + math.cos(math.pi * progress))
-
-
-def _summary_writer(folder: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        logger.info("TensorBoard is not installed: metrics go to history.json and the log only.")
-        return None
-    return SummaryWriter(str(folder))
-
-
-def _atomic_json(obj: Any, path: Path) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(obj, stream, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    total = config.epochs * config.steps_per_epoch - 1
+    return cosine_decay(step, total, config.learning_rate, config.final_learning_rate)
 
 
 def _resume_state(path: Path, config: PretrainConfig, source: Any, device: torch.device) -> dict | None:
@@ -396,7 +391,7 @@ def pretrain_autoencoder(
     streams = {"training": 0, "validation": 1}
     training = {"config": config.to_dict(), "source": source, "generator_seed_streams": streams}
 
-    writer = _summary_writer(output_dir / "tensorboard")
+    writer = summary_writer(None, output_dir / "tensorboard")
     steps = config.steps_per_epoch
     bar = tqdm(total=config.epochs * steps, initial=len(history) * steps, desc="pretrain", disable=not progress)
     for epoch in range(len(history), config.epochs):
@@ -441,7 +436,7 @@ def pretrain_autoencoder(
             atomic_torch_save({**header, "state_dict": weights, "training": selected}, best_path)
         resumable = {"optimizer": optimizer.state_dict(), "history": history, "best": best}
         atomic_torch_save({**header, "state_dict": weights, "training": training, **resumable}, checkpoint_path)
-        _atomic_json(history, output_dir / "history.json")
+        write_json(history, output_dir / "history.json", indent=1)
         if writer is not None:
             for key in ("train_loss", "train_epe", "validation_mse", "validation_epe", "learning_rate"):
                 writer.add_scalar(f"pretrain/{key}", record[key], epoch)

@@ -14,10 +14,11 @@ from monai.networks.blocks import Warp
 
 from noder_monai import __version__
 from noder_monai.data import IntensityMapping, compose_displacements
-from noder_monai.data.io import Geometry, atomic_write, parse_times
+from noder_monai.data.io import Geometry, parse_times
 from noder_monai.data.sequence import file_fingerprint
 from noder_monai.metrics import jacobian_determinant
 from noder_monai.networks import NODER
+from noder_monai.utils import atomic_write
 
 __all__ = [
     "AUTOENCODER_FORMAT",
@@ -38,13 +39,8 @@ AUTOENCODER_FORMAT = "noder-monai/deformation-autoencoder"
 
 
 def atomic_torch_save(obj: dict, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file in the target folder, then rename: no half-written file is ever visible.
-
-    Uses :func:`noder_monai.data.io.atomic_write` (one temporary-name pattern, one file mode for every output).
-    """
-    path = Path(path)
-    atomic_write(path, lambda temporary: torch.save(obj, temporary))
-    return path
+    """``torch.save`` to a temporary file in the target folder, then rename: no half-written file is ever visible."""
+    return atomic_write(path, lambda temporary: torch.save(obj, temporary))
 
 
 def read_checkpoint(path: str | Path, expected_format: str, map_location: str | torch.device = "cpu") -> dict:
@@ -239,6 +235,31 @@ class FittedSubject:
         """Displacement fields (Q, D, *S) in voxels at user ``times`` (Q,)."""
         return self.model.displacement(self.scaled_time(times))
 
+    def check_source(self, source: str | None) -> str:
+        """``source`` (None: :attr:`default_source`) after checking that it is known and that this subject holds it.
+
+        Raises:
+            ValueError: naming the source and the subject otherwise.
+        """
+        source = self.default_source if source is None else source
+        if source not in PREDICT_SOURCES:
+            raise ValueError(f"source must be one of {PREDICT_SOURCES}, got {source!r}.")
+        if source == "template" and self.template is None:
+            raise ValueError(f"source='template': subject {self.subject!r} was fitted without a template.")
+        if source == "nearest" and self.scans is None:
+            raise ValueError(f"source='nearest': the file of subject {self.subject!r} holds no observed scans.")
+        return source
+
+    @torch.inference_mode()
+    def appearance(self, times: torch.Tensor, ddf: torch.Tensor, source: str | None = None) -> torch.Tensor:
+        """Predicted images (Q, 1, *S) in the input's intensity units at user ``times`` (Q,) float64, given their
+        fields ``ddf`` (Q, D, *S) from :meth:`displacement`; ``source`` as in :meth:`predict`."""
+        source = self.check_source(source)
+        if source == "nearest":
+            return self.intensity.inverse(self._nearest_scans(times, ddf))
+        image = self.template if source == "template" else self.baseline
+        return self.intensity.inverse(self.model.warp(image.expand(len(times), *image.shape[1:]), ddf))
+
     def _nearest_scans(self, times: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
         """Appearance from the observed scans that bracket each time (``source="nearest"``), normalised (Q, 1, *S).
 
@@ -290,14 +311,7 @@ class FittedSubject:
         times = self.query_times(times)
         if times.numel() == 0:
             raise ValueError("times must contain at least one time point.")
-        source = self.default_source if source is None else source
-        if source not in PREDICT_SOURCES:
-            raise ValueError(f"source must be one of {PREDICT_SOURCES}, got {source!r}.")
-        if source == "template" and self.template is None:
-            raise ValueError(f"source='template': subject {self.subject!r} was fitted without a template.")
-        if source == "nearest" and self.scans is None:
-            raise ValueError(f"source='nearest': the file of subject {self.subject!r} holds no observed scans.")
-        image = self.template if source == "template" else self.baseline
+        source = self.check_source(source)
         if labels is not None:
             labels = torch.as_tensor(labels)
             while labels.ndim > self.model.spatial_dims and labels.shape[0] == 1:
@@ -307,11 +321,7 @@ class FittedSubject:
         images, ddfs, jacobians, warped_labels = [], [], [], []
         for chunk in times.split(batch_size):
             ddf = self.model.displacement(self.scaled_time(chunk))
-            if source == "nearest":
-                moved = self._nearest_scans(chunk, ddf)
-            else:
-                moved = self.model.warp(image.expand(len(chunk), *image.shape[1:]), ddf)
-            images.append(self.intensity.inverse(moved).cpu())
+            images.append(self.appearance(chunk, ddf, source).cpu())
             ddfs.append(ddf.cpu())
             jacobians.append(jacobian_determinant(ddf).cpu())
             if labels is not None:

@@ -35,10 +35,7 @@ class LocalNCCLoss(_Loss):
 
     Why not MONAI's class: it sums each window with separable convolutions of ``kernel_size`` taps, which made it
     the most expensive piece of a fit. Here the window sums come from :func:`noder_monai.functional.box_filter`
-    (running sums, cost independent of the window). Measured on this project's 2-core CPU with one thread while
-    other jobs shared it (times about twice the idle ones), forward + backward of one 1-channel volume
-    (``benchmarks/losses_speed.py``), MONAI vs this class: 64^3 k=9 0.087 s vs 0.067 s, k=21 0.47 s vs 0.075 s;
-    128^3 k=9 2.1 s vs 0.72 s, k=21 5.5 s vs 0.76 s; the float32 values were identical.
+    (running sums, cost independent of the window); same float32 values, timings in ``benchmarks/README.md``.
 
     Args:
         spatial_dims: number of spatial dimensions of the images, 1, 2 or 3. Defaults to 3.

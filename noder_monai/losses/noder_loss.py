@@ -40,6 +40,7 @@ class NODERLoss(nn.Module):
         self.smoothness_weight = _check_non_negative(smoothness_weight, "smoothness_weight")
         self.boundary_weight = _check_non_negative(boundary_weight, "boundary_weight")
         kernel_size = check_odd_kernel_size(ncc_kernel_size, "ncc_kernel_size")
+        self.ncc_kernel_size = kernel_size
         self.similarity = LocalNCCLoss(spatial_dims=self.spatial_dims, kernel_size=kernel_size)
         self.smoothness = GradientSmoothnessLoss()
         self.boundary = BoundaryLoss()

