@@ -44,15 +44,15 @@ def temporary_name(path: PathLike) -> str:
     return os.path.join(folder, f".{name}.{TEMP_MARK}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
 
 
-def atomic_write(path: PathLike, write: bytes | Callable[[str], None]) -> Path:
+def atomic_write(path: PathLike, write: bytes | Callable[[str], None]) -> str:
     """Write ``path`` atomically with mode ``0o666 & ~umask``: ``write`` (bytes, or a callable taking a temporary
     path) fills a temporary file in the same folder, which then replaces ``path``. One helper, one mode, for every
     output of the package (NIfTI, JSON, CSV, PNG, checkpoints).
 
     Returns:
-        ``path`` as a ``Path``.
+        ``path`` as a string.
     """
-    path = Path(path)
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     temporary = temporary_name(path)
@@ -121,12 +121,12 @@ def clean_stale_temporaries(folder: PathLike, legacy_age_s: float = 3600.0) -> l
     return removed
 
 
-def write_json(document: Any, path: PathLike, indent: int = 2) -> Path:
+def write_json(document: Any, path: PathLike, indent: int = 2) -> str:
     """Write ``document`` as JSON (no NaN/inf allowed) atomically."""
     return atomic_write(path, (json.dumps(document, indent=indent, allow_nan=False) + "\n").encode("utf-8"))
 
 
-def write_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], path: PathLike) -> Path:
+def write_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], path: PathLike) -> str:
     """Write ``rows`` (dicts) as a CSV file with a header of ``columns``, atomically."""
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")

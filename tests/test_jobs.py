@@ -48,7 +48,12 @@ def test_training_writes_model_loss_and_fitted_images(run):
     source = nib.load(str(run["root"] / "data" / scans[0]["image"]))
     fitted = nib.load(str(folder / "fitted" / f"image_{jobs.time_tag(scans[0]['time'])}.nii.gz"))
     np.testing.assert_allclose(fitted.affine, source.affine, atol=1e-6)
-    np.testing.assert_allclose(fitted.get_fdata(), source.get_fdata(), atol=1e-3 * np.ptp(source.get_fdata()))
+    # the default source is the subject template: the fit at the first time is the template, in the scans' units
+    assert subject.default_source == "template" and subject.template is not None
+    expected = subject.predict([scans[0]["time"]]).images[0, 0].numpy()
+    np.testing.assert_allclose(fitted.get_fdata(), expected, atol=1e-3 * np.ptp(source.get_fdata()))
+    first = subject.predict([scans[0]["time"]], source="baseline").images[0, 0].numpy()
+    np.testing.assert_allclose(first, source.get_fdata(), atol=1e-3 * np.ptp(source.get_fdata()))
     assert json.loads((run["output_dir"] / "training_summary.json").read_text())["sub-001"]["epochs"] == 2
 
 

@@ -10,8 +10,7 @@ import torch
 from monai.engines import IterationEvents, SupervisedEvaluator
 from monai.utils import CommonKeys as Keys
 
-from noder_monai.data import IntensityMapping
-from noder_monai.engines.subject import SUBJECT_FORMAT, FittedSubject, read_checkpoint
+from noder_monai.engines.subject import SUBJECT_FORMAT, FittedSubject, read_checkpoint, validate_subject_checkpoint
 
 __all__ = ["PredictionEvaluator", "fitted_subject_from_checkpoint", "TimeNameFormatter", "time_tag"]
 
@@ -21,18 +20,11 @@ def fitted_subject_from_checkpoint(
 ) -> FittedSubject:
     """A :class:`FittedSubject` around ``network`` with the baseline, times, affine and intensity of a fitted-subject
     file; the weights are left to a ``CheckpointLoader(load_dict={"state_dict": network})`` handler."""
+    path = "<memory>"
     if not isinstance(checkpoint, Mapping):
-        checkpoint = read_checkpoint(checkpoint, SUBJECT_FORMAT, map_location=device)
-    return FittedSubject(
-        model=network,
-        baseline=checkpoint["baseline"].to(device),
-        times=torch.tensor(checkpoint["times"], dtype=torch.float64),
-        affine=torch.tensor(checkpoint["affine"], dtype=torch.float64),
-        intensity=IntensityMapping.from_dict(checkpoint["intensity"]),
-        subject=checkpoint["subject"],
-        fit_config=checkpoint.get("fit_config"),
-        history=checkpoint.get("history"),
-    )
+        path, checkpoint = checkpoint, read_checkpoint(checkpoint, SUBJECT_FORMAT, map_location=device)
+    validate_subject_checkpoint(dict(checkpoint), path)
+    return FittedSubject.from_checkpoint(dict(checkpoint), network, path, device)
 
 
 def time_tag(time: float) -> str:

@@ -40,7 +40,7 @@ AUTOENCODER_FORMAT = "noder-monai/deformation-autoencoder"
 
 def atomic_torch_save(obj: dict, path: str | Path) -> Path:
     """``torch.save`` to a temporary file in the target folder, then rename: no half-written file is ever visible."""
-    return atomic_write(path, lambda temporary: torch.save(obj, temporary))
+    return Path(atomic_write(path, lambda temporary: torch.save(obj, temporary)))
 
 
 def read_checkpoint(path: str | Path, expected_format: str, map_location: str | torch.device = "cpu") -> dict:
@@ -423,6 +423,38 @@ class FittedSubject:
         return atomic_torch_save(self.state(), path)
 
     @classmethod
+    def from_checkpoint(
+        cls, checkpoint: dict, model: NODER, path: str | Path = "<memory>", map_location: str | torch.device = "cpu"
+    ) -> "FittedSubject":
+        """The subject of a read and validated fitted-subject ``checkpoint`` around ``model`` (whose weights the
+        caller loads: :meth:`load`, or MONAI's ``CheckpointLoader`` in the bundle's inference).
+
+        Raises:
+            ValueError: naming ``path``, if the stored geometry is malformed.
+        """
+        geometry = None
+        if checkpoint.get("geometry") is not None:
+            try:
+                geometry = Geometry.from_dict(checkpoint["geometry"])
+            except ValueError as error:
+                raise ValueError(f"checkpoint {str(path)!r}: field 'geometry': {error}") from error
+        images = {key: None if checkpoint.get(key) is None else checkpoint[key].to(map_location)
+                  for key in ("scans", "template")}
+        return cls(
+            model=model,
+            baseline=checkpoint["baseline"].to(map_location),
+            **images,
+            times=torch.tensor(checkpoint["times"], dtype=torch.float64),
+            affine=torch.tensor(checkpoint["affine"], dtype=torch.float64),
+            intensity=IntensityMapping.from_dict(checkpoint["intensity"]),
+            subject=checkpoint["subject"],
+            fit_config=checkpoint["fit_config"],
+            history=checkpoint["history"],
+            geometry=geometry,
+            fitted_on=checkpoint.get("fitted_on"),
+        )
+
+    @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "FittedSubject":
         """Load a file written by :meth:`save` with ``torch.load(weights_only=True)``.
 
@@ -446,27 +478,7 @@ class FittedSubject:
                 f"checkpoint {str(path)!r}: baseline of size {list(baseline.shape[2:])} does not match the recorded "
                 f"image size {network['spatial_size']}."
             )
-        images = {key: None if checkpoint.get(key) is None else checkpoint[key].to(map_location)
-                  for key in ("scans", "template")}
-        geometry = None
-        if checkpoint.get("geometry") is not None:
-            try:
-                geometry = Geometry.from_dict(checkpoint["geometry"])
-            except ValueError as error:
-                raise ValueError(f"checkpoint {str(path)!r}: field 'geometry': {error}") from error
-        subject = cls(
-            model=model.to(map_location).eval(),
-            baseline=baseline.to(map_location),
-            **images,
-            times=torch.tensor(checkpoint["times"], dtype=torch.float64),
-            affine=torch.tensor(checkpoint["affine"], dtype=torch.float64),
-            intensity=IntensityMapping.from_dict(checkpoint["intensity"]),
-            subject=checkpoint["subject"],
-            fit_config=checkpoint["fit_config"],
-            history=checkpoint["history"],
-            geometry=geometry,
-            fitted_on=checkpoint.get("fitted_on"),
-        )
+        subject = cls.from_checkpoint(checkpoint, model.to(map_location).eval(), path, map_location)
         subject.path = str(path)
         return subject
 
