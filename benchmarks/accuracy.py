@@ -64,6 +64,8 @@ VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...]]] = {
     "box 7": ({}, {"smoothing_kernel": 7}, ("baseline",)),
     "NCC window 9": ({"ncc_kernel_size": 9}, {}, ("baseline",)),
     "smoothness 0.01": ({"smoothness_weight": 0.01}, {}, ("baseline",)),
+    "smoothness 0.2": ({"smoothness_weight": 0.2}, {}, ("baseline",)),
+    "RK4 step 0.05": ({}, {"step_size": 0.05}, ("baseline",)),
     "learning rate 0.01": ({"learning_rate": 0.01}, {}, ("baseline",)),
     "template refit (3 rounds)": ({"template_rounds": 3}, {}, ("template",)),
 }

@@ -32,8 +32,7 @@ __all__ = ["NODER", "FIELD_TYPES", "LEVELS", "scale_window"]
 FIELD_TYPES = ("displacement", "velocity")
 """``displacement``: the decoder outputs the displacement (the paper). ``velocity`` (default): it outputs a stationary
 velocity integrated by scaling and squaring on the decoder grid, a diffeomorphism there by construction; its linear
-upsampling to the image grid is not strictly guaranteed fold-free (0 folds in all 72 benchmark predictions; 0.9% in
-one 100-degree-swirl test fit)."""
+upsampling to the image grid is not strictly guaranteed fold-free (folds measured: ``benchmarks/README.md``)."""
 LEVELS = (1, 2, 4)
 """Resolution levels (image voxels per level voxel) at which a trajectory can be produced."""
 
@@ -57,9 +56,8 @@ class NODER(nn.Module):
         smoothing_kernel: odd box-filter width in image voxels applied to the field. Defaults to 15.
         step_size: RK4 step in scaled time (the observed span is [0, 1]). Defaults to 0.1.
         adjoint: integrate the backward pass with the adjoint method (constant memory, slower). Defaults to False.
-        field: one of :data:`FIELD_TYPES`. Defaults to "velocity": on ``benchmarks/regression.py`` it was as or more
-            accurate than "displacement" (the paper's) in 18 of 24 cells and folded in none of 72 held-out
-            predictions, against 17 of 72 (``bundle/docs/regression_results.md``).
+        field: one of :data:`FIELD_TYPES`. Defaults to "velocity" (the more accurate and fold-free variant in the
+            regression benchmark, ``benchmarks/README.md``).
         integration_steps: scaling-and-squaring steps for ``field="velocity"``. Defaults to 7.
 
     Shapes:
