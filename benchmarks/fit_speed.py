@@ -6,7 +6,13 @@ visits, one a year after the last). Each repeat runs in a fresh process so its p
 Accuracy is measured against the noise-free truth, next to the nearest observed scan and linear intensity
 interpolation. Prints a markdown table of medians over the repeats.
 
+``--compare-tree DIR`` also fits with the package of another source tree (e.g. ``git worktree add /tmp/old <commit>``)
+with its own defaults, alternating the two in fresh processes, and prints the ratio of their median fit times: the
+way to compare versions on a shared machine, whose absolute times drift between runs. ``--observed`` replaces the
+observed times (e.g. six visits: ``--observed 0 1 2.2 3.5 5 6.5``).
+
     python benchmarks/fit_speed.py [--repeats 3] [--threads 2] [--size 64] [--device cpu] [--epochs 300]
+        [--observed T ...] [--compare-tree DIR]
 """
 
 from __future__ import annotations
@@ -15,22 +21,25 @@ import argparse
 import multiprocessing
 import resource
 import statistics
+import sys
 import time
 
 OBSERVED_TIMES = (0.0, 0.7, 1.5, 2.1, 3.0, 3.6, 4.4, 5.2, 6.0)
 HELDOUT_TIMES = (1.0, 4.0, 7.0)
 
 
-def _sequence(size: int):
+def _sequence(size: int, observed_times: tuple):
     from noder_monai.data import demo_labels, demo_volume, synthetic_sequence
 
     volume, _ = demo_volume(size)
     labels, _ = demo_labels(size)
-    times = sorted(OBSERVED_TIMES + HELDOUT_TIMES)
+    times = sorted(set(observed_times) | set(HELDOUT_TIMES))
     return synthetic_sequence(spatial_dims=3, times=times, kind="brain", noise=0.02, seed=0, base_image=volume, base_label=labels)
 
 
-def _one_run(args: argparse.Namespace) -> dict:
+def _one_run(args: argparse.Namespace, tree: str | None = None) -> dict:
+    if tree is not None:
+        sys.path.insert(0, tree)  # this fresh process imports noder_monai from that tree
     import torch
 
     from noder_monai.baselines import linear_interpolation, nearest_scan
@@ -40,15 +49,17 @@ def _one_run(args: argparse.Namespace) -> dict:
     from noder_monai.networks import NODER
 
     torch.set_num_threads(args.threads)
-    synthetic = _sequence(args.size)
+    observed_times = tuple(args.observed)
+    synthetic = _sequence(args.size, observed_times)
     times = synthetic.times.tolist()
-    observed = [times.index(t) for t in OBSERVED_TIMES]
+    observed = [times.index(t) for t in observed_times]
     heldout = [times.index(t) for t in HELDOUT_TIMES]
     sequence = SubjectSequence.from_tensors(synthetic.images[observed], synthetic.times[observed], subject="bench")
     start = time.perf_counter()
     fitted = fit_sequence(sequence, FitConfig(epochs=args.epochs), device=args.device, seed=0, progress=False)
     fit_seconds = time.perf_counter() - start
     result = {"fit_s": fit_seconds, "epochs": len(fitted.history), "s_per_epoch": fit_seconds / len(fitted.history)}
+    result["package"] = sys.modules["noder_monai"].__file__
 
     query = synthetic.times[heldout]
     fitted.predict(query[:1])
@@ -89,18 +100,29 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="edge length of the fitted volume")
     parser.add_argument("--epochs", type=int, default=300, help="epochs of the fit (FitConfig.epochs)")
     parser.add_argument("--device", default="cpu", help="torch device of the fit")
+    parser.add_argument("--observed", type=float, nargs="+", default=OBSERVED_TIMES, help="observed times (years)")
+    parser.add_argument("--compare-tree", default=None, help="also fit with the package of this source tree")
     args = parser.parse_args()
     context = multiprocessing.get_context("spawn")
-    runs = []
+    runs, others = [], []
+    versions = [(None, runs)] + ([(args.compare_tree, others)] if args.compare_tree else [])
     for _ in range(args.repeats):
-        with context.Pool(1) as pool:
-            runs.append(pool.apply(_one_run, (args,)))
+        for tree, results in versions:
+            with context.Pool(1) as pool:
+                results.append(pool.apply(_one_run, (args, tree)))
 
-    def median(key: str) -> float:
-        return statistics.median(run[key] for run in runs)
+    def median(key: str, results: list = runs) -> float:
+        return statistics.median(run[key] for run in results)
 
-    print(f"## fit_speed: {args.size}^3, {len(OBSERVED_TIMES)} observed scans, {args.threads} thread(s), {args.device}, "
+    print(f"## fit_speed: {args.size}^3, {len(args.observed)} observed scans, {args.threads} thread(s), {args.device}, "
           f"median of {args.repeats} run(s)\n")
+    if others:
+        print(f"| package | fit time (s), median | runs (s) |\n|---|---|---|")
+        for results in (runs, others):
+            name = results[0]["package"]
+            seconds = ", ".join(f"{run['fit_s']:.1f}" for run in results)
+            print(f"| {name} | {median('fit_s', results):.1f} | {seconds} |")
+        print(f"\nratio {runs[0]['package']} / {others[0]['package']}: {median('fit_s') / median('fit_s', others):.2f}\n")
     print("| quantity | value |\n|---|---|")
     print(f"| fit time (s) | {median('fit_s'):.1f} |")
     print(f"| epochs run | {median('epochs'):.0f} |")
@@ -108,7 +130,7 @@ def main() -> None:
     print(f"| predict, s per time point, {args.size}^3 (image + ddf + Jacobian) | {median('predict_s_64'):.3f} |")
     print(f"| predict, s per time point, 128^3 | {median('predict_s_128'):.3f} |")
     print(f"| peak resident memory (GB) | {median('peak_rss_gb'):.2f} |")
-    labels = [f"t={t:g}" + (" (extrapolation)" if t > OBSERVED_TIMES[-1] else "") for t in HELDOUT_TIMES]
+    labels = [f"t={t:g}" + (" (extrapolation)" if t > max(args.observed) else "") for t in HELDOUT_TIMES]
     print("\nHeld-out accuracy against the noise-free truth (median over runs):\n")
     print("| method | metric | " + " | ".join(labels) + " |")
     print("|---|---|" + "---|" * len(labels))
