@@ -202,13 +202,13 @@ def train(
         ValueError: ``output_dir`` exists and is not a folder or is not writable (before any subject is fitted).
     """
     set_threads(num_threads)
-    output_dir = _prepare_output_dir(output_dir)
     device = resolve_device(device)
     config = _fit_config(fit)
     network = _network_kwargs(network)
     if pretrained not in (None, "auto") and not os.path.isfile(pretrained):
         raise FileNotFoundError(f"pretrained autoencoder file '{pretrained}' not found.")
     entries = datalist_subjects(datalist, dataset_dir, demo_dir, demo)
+    output_dir = _prepare_output_dir(output_dir)  # after the datalist checks, before the first fit
     summary: dict[str, dict] = {}
     for entry in entries:
         folder = os.path.join(output_dir, entry.id)
@@ -303,12 +303,13 @@ def infer(
         ``<output_dir>/inference_summary.json``.
     """
     set_threads(num_threads)
-    output_dir = _prepare_output_dir(output_dir)
     device = resolve_device(device)
     if predict_times is not None:
         predict_times = parse_times(predict_times, name="predict_times")
+    entries = datalist_subjects(datalist, dataset_dir, demo_dir, demo)
+    output_dir = _prepare_output_dir(output_dir)
     summary: dict[str, dict] = {}
-    for entry in datalist_subjects(datalist, dataset_dir, demo_dir, demo):
+    for entry in entries:
         subject = _load_subject(output_dir, entry, device)
         times = entry.predict_times or predict_times or sorted({*entry.times, *(t for _, t in entry.heldout)})
         times = sorted(set(times))
@@ -386,11 +387,11 @@ def evaluate(
     """
     set_threads(num_threads)
     output_dir = os.path.abspath(os.fspath(output_dir))  # only read here
-    eval_dir = _prepare_output_dir(eval_dir)
     device = resolve_device(device)
     entries = [entry for entry in datalist_subjects(datalist, dataset_dir, demo_dir, demo) if entry.heldout]
     if not entries:
         raise ValueError("no subject of the datalist has a 'heldout' field: there is nothing to evaluate.")
+    eval_dir = _prepare_output_dir(eval_dir)
     report: dict[str, Any] = {"metrics": list(METRICS), "subjects": {}}
     all_rows: list[dict] = []
     for entry in entries:
