@@ -82,14 +82,16 @@ def predict(
     """Predict every fitted subject at query times: images, displacement fields, Jacobian maps, carried labels.
 
     Needs `noder fit` with the same output_dir first. Writes <output_dir>/<id>/predictions/
-    {image,ddf,jacobian,label}_t<time>.nii.gz (input affine; ddf in voxels, channels last with NIfTI intent
-    vector), predictions.json and, when the subject has a label map, label_volumes.csv.
+    {image,ddf,jacobian,label}_t<time>.nii.gz (the input scans' geometry; ddf in voxels, channels last with NIfTI
+    intent vector), ddf_itk_t<time>.nii.gz (the same displacement in ITK/ANTs convention: LPS millimetres, for
+    antsApplyTransforms or itk.DisplacementFieldTransform), predictions.json and, when the subject has a label map,
+    label_volumes.csv. A model whose scan files or times changed since `noder fit` is refused.
 
     Args:
         datalist: the datalist used for fitting.
         dataset_dir: folder the datalist's relative paths start from (default: the datalist's folder).
         output_dir: the folder `noder fit` wrote to.
-        times: query times, e.g. "[1.0, 2.5]", for subjects without their own predict_times in the datalist
+        times: query times, e.g. "[1.0, 2.5]" or 2.5, for subjects without their own predict_times in the datalist
             (default: each subject's observed and held-out times).
         device: torch device (default: cuda if available, else cpu).
         threads: torch CPU threads (default: the cores idle at start, i.e. cores minus the load average).
@@ -97,8 +99,10 @@ def predict(
     """
     from noder_monai.engines import jobs
 
-    if isinstance(times, (int, float)):
-        times = [times]
+    from noder_monai.data.io import parse_times
+
+    if times is not None:
+        times = parse_times(times, name="--times")
     summary = jobs.infer(
         datalist=datalist, dataset_dir=dataset_dir, output_dir=output_dir, predict_times=times, device=device,
         num_threads=threads, batch_size=batch_size,

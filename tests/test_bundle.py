@@ -268,3 +268,36 @@ def test_transforms_and_the_file_format_do_not_import_the_training_code():
             "print(sorted(m for m in sys.modules if m.startswith('noder_monai.engines')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "['noder_monai.engines', 'noder_monai.engines.subject']", result.stderr[-2000:]
+
+
+def test_bundle_checks_output_dir_and_cohort_ends_with_the_package_message(data, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    message = f"ValueError: output_dir '{afile}' exists and is not a folder."
+    overrides = {"datalist": data["datalist"], "output_dir": str(afile), **TINY}
+    result = runner("run_workflow", "noder_monai.engines.CohortWorkflow", "--config_file",
+                    json.dumps(layered("train.json")), "--logging_file", "None", *cli_overrides(overrides))
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == message
+    assert "Failed to evaluate" in result.stderr  # MONAI's wrapper stays in the chain, above the message
+    # a plain ConfigWorkflow fails in initialize, before any fit
+    workflow = ConfigWorkflow(config_file=layered("train.json"), workflow_type="train", logging_file=False,
+                              **overrides)
+    with pytest.raises(RuntimeError) as error:
+        workflow.initialize()
+    assert f"{error.value.__cause__}" == message.split(": ", 1)[1]
+
+
+def test_package_error_unwraps_nested_config_expressions():
+    from monai.bundle import ConfigParser
+
+    from noder_monai.engines import package_error
+
+    parser = ConfigParser({"times": "$noder_monai.data.io.parse_times('[abc]', name='--times')",
+                           "later": "$@times + [1.0]"}, globals={"noder_monai": "noder_monai"})
+    with pytest.raises(ValueError) as error, package_error():
+        parser.get_parsed_content("later")
+    assert str(error.value).startswith("--times: 'abc' in '[abc]' is not a number")
+    assert str(error.value.__cause__).startswith("Failed to evaluate")
+    with pytest.raises(RuntimeError, match="not from a config"), package_error():
+        raise RuntimeError("not from a config")

@@ -82,3 +82,27 @@ def test_tiny_pretrain_delegates_to_the_pretraining_engine(tmp_path, capsys):
               "--spatial_size", "8", "--validation_fields", "1", "--spatial_dims", "2", "--noprogress", "--device", "cpu"])
     assert "autoencoder:" in capsys.readouterr().out
     assert sorted(p for p in os.listdir(tmp_path) if p.endswith(".pt")) == ["autoencoder.pt", "checkpoint.pt"]
+
+
+@pytest.mark.parametrize("value, expected", [("[1.0 2.0]", [1.0, 2.0]), ("2.5", [2.5]), ("[0.5, 9.0]", [0.5, 9.0])])
+def test_predict_times_go_through_parse_times(tmp_path, monkeypatch, value, expected):
+    from noder_monai.engines import jobs
+
+    seen = {}
+    monkeypatch.setattr(jobs, "infer", lambda **kwargs: seen.update(kwargs) or {})
+    cli.main(["predict", str(tmp_path / "datalist.json"), "--output_dir", str(tmp_path), "--times", value])
+    assert seen["predict_times"] == expected
+
+
+@pytest.mark.parametrize("value, message", [
+    ("[abc]", "--times[0] is the string 'abc', not a number; expected a number or a list of numbers"),
+    ("[1.0, nan]", "--times[1] is the string 'nan', not a number"),
+    ("inf", "--times must be finite, got inf at index 0."),
+])
+def test_bad_predict_times_are_named_before_any_model_is_read(tmp_path, monkeypatch, value, message):
+    from noder_monai.engines import jobs
+
+    monkeypatch.setattr(jobs, "infer", lambda **kwargs: pytest.fail("infer ran"))
+    with pytest.raises(ValueError) as error:
+        cli.main(["predict", str(tmp_path / "datalist.json"), "--output_dir", str(tmp_path), "--times", value])
+    assert str(error.value).startswith(message)

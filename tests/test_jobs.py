@@ -216,3 +216,175 @@ def test_bundle_root_from_repo_root_bundle_folder_and_elsewhere(tmp_path, monkey
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "metadata.json").write_text("{}")
     assert bundle_root() == str(tmp_path)  # a bundle in the current folder wins
+
+
+# ---- input checks wired into the jobs ---------------------------------------------------------------------------
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_data_geometry import assert_same_geometry, write_qs  # noqa: E402
+from test_inputs import _blob_scans  # noqa: E402
+
+QS_FIT = {"epochs": 2, "ncc_kernel_size": 9}
+
+
+@pytest.fixture(scope="module")
+def qs_run(tmp_path_factory):
+    """A subject whose scans' qform (code 1) and sform (code 2) disagree, with a label map and a held-out scan,
+    through jobs.train and jobs.infer (umask 022)."""
+    root = tmp_path_factory.mktemp("qs")
+    qform = np.diag([2.0, 2.0, 2.0, 1.0])
+    qform[:3, 3] = -8
+    sform = qform.copy()
+    sform[:3, 3] = [-18, -3, 7]
+    scans = _blob_scans((16, 16, 16), count=4)
+    paths = [write_qs(root / f"t{i}.nii.gz", scan, qform, sform) for i, scan in enumerate(scans)]
+    label = write_qs(root / "label.nii.gz", (scans[0] > 60).astype(np.float32) * 3, qform, sform)
+    document = {"subjects": [{"id": "qs", "scans": [{"image": paths[i], "time": t} for i, t in ((0, 0.0), (1, 1.0), (3, 3.0))],
+                              "label": label, "heldout": [{"image": paths[2], "time": 2.0}]}]}
+    datalist = root / "datalist.json"
+    datalist.write_text(json.dumps(document))
+    old = os.umask(0o022)
+    try:
+        with pytest.warns(UserWarning, match="disagree"):
+            training = jobs.train(datalist, output_dir=root / "out", fit=QS_FIT, pretrained=None, progress=False)
+            inference = jobs.infer(datalist, output_dir=root / "out", predict_times=[1.5])
+    finally:
+        os.umask(old)
+    return {"root": root, "paths": paths, "label": label, "document": document, "datalist": datalist,
+            "out": root / "out", "training": training, "inference": inference}
+
+
+def test_outputs_keep_disagreeing_qform_sform_through_train_and_infer(qs_run):
+    record = qs_run["inference"]["qs"]
+    outputs = [*qs_run["training"]["qs"]["fitted"], *record["images"], *record["ddfs"], *record["ddfs_itk"],
+               *record["jacobians"], *record["labels"]]
+    assert len(outputs) == 3 + 5
+    for path in outputs:
+        header = nib.load(path).header
+        assert (int(header["qform_code"]), int(header["sform_code"])) == (1, 2), path
+        np.testing.assert_allclose(nib.load(path).header.get_qform(), nib.load(qs_run["paths"][0]).header.get_qform())
+        assert_same_geometry(path, qs_run["paths"][0])  # nibabel (sform) and ITK (qform) read the input's grid
+        assert oct(os.stat(path).st_mode & 0o777) == "0o644", path
+
+
+def test_infer_writes_the_itk_field_beside_the_voxel_field(qs_run):
+    folder = qs_run["out"] / "qs" / "predictions"
+    record = qs_run["inference"]["qs"]
+    assert record["ddfs_itk"] == [str(folder / "ddf_itk_t1.5.nii.gz")]
+    assert json.loads((folder / "predictions.json").read_text())["ddfs_itk"] == record["ddfs_itk"]
+    itk_field, voxel = nib.load(record["ddfs_itk"][0]), nib.load(record["ddfs"][0])
+    assert itk_field.shape == voxel.shape == (16, 16, 16, 1, 3)
+    assert itk_field.header.get_intent()[0] == "vector"
+    # 2 mm voxels, RAS -> LPS: x and y flip sign and double, z doubles
+    np.testing.assert_allclose(itk_field.get_fdata(), voxel.get_fdata() * np.array([-2.0, -2.0, 2.0]), atol=1e-5)
+
+
+def test_label_volumes_use_the_voxel_volume(qs_run):
+    rows = (qs_run["out"] / "qs" / "predictions" / "label_volumes.csv").read_text().splitlines()
+    assert rows[0] == "time,label,voxels,volume_mm3" and len(rows) == 2
+    time, label, voxels, volume = rows[1].split(",")
+    assert (float(time), int(label)) == (1.5, 3) and float(volume) == pytest.approx(8.0 * int(voxels))
+
+
+def test_label_volumes_count_the_slice_thickness_of_a_stored_2d_image():
+    affine = np.diag([0.9, 1.1, 3.0, 1.0])  # a (20, 18) slice stored (20, 18, 1), 3 mm thick
+    labels = torch.zeros(1, 1, 20, 18)
+    labels[0, 0, :5, :4] = 2
+    assert jobs._label_volumes(labels, [0.5], torch.as_tensor(affine)) == [
+        {"time": 0.5, "label": 2, "voxels": 20, "volume_mm3": pytest.approx(20 * 0.9 * 1.1 * 3.0)}]
+
+
+def test_file_or_unwritable_output_dir_fails_before_any_fit(qs_run, tmp_path, monkeypatch):
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted before checking output_dir")
+
+    monkeypatch.setattr(jobs, "fit_sequence", no_fit)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match=f"^output_dir '{afile}' exists and is not a folder.$"):
+        jobs.train(qs_run["datalist"], output_dir=afile, fit=QS_FIT, pretrained=None, progress=False)
+    with pytest.raises(ValueError, match=f"^output_dir '{afile}' exists and is not a folder.$"):
+        jobs.infer(qs_run["datalist"], output_dir=afile)
+    with pytest.raises(ValueError, match=f"^output_dir '{afile}' exists and is not a folder.$"):
+        jobs.evaluate(qs_run["datalist"], output_dir=qs_run["out"], eval_dir=afile)
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+        try:
+            with pytest.raises(ValueError, match=f"^output_dir '{locked}' is not writable"):
+                jobs.train(qs_run["datalist"], output_dir=locked, fit=QS_FIT, pretrained=None, progress=False)
+        finally:
+            locked.chmod(0o755)
+
+
+def test_jobs_remove_temporaries_a_killed_run_left(qs_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(qs_run["out"] / "qs", out / "qs", ignore=shutil.ignore_patterns("tensorboard"))
+    left = out / "qs" / "predictions" / ".tmp-0123456789abcdef0123456789abcdef-image_t1.5.nii.gz"
+    mine = out / "qs" / "notes.tmp"
+    for path in (left, mine):
+        path.write_bytes(b"")
+    os.utime(left, (0, 0))
+    jobs.infer(qs_run["datalist"], output_dir=out, predict_times=[1.5])
+    assert not left.exists() and mine.exists()
+
+
+def _copy_model(qs_run, tmp_path, **changes):
+    document = json.loads(json.dumps(qs_run["document"]))
+    document["subjects"][0].update(changes)
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps(document))
+    (tmp_path / "out" / "qs").mkdir(parents=True)
+    model = tmp_path / "out" / "qs" / "model.pt"
+    shutil.copy(qs_run["out"] / "qs" / "model.pt", model)
+    return datalist, model
+
+
+def test_stale_model_is_refused_by_infer_and_evaluate_and_refitted_by_skip_existing(qs_run, tmp_path):
+    scans = [dict(scan) for scan in qs_run["document"]["subjects"][0]["scans"]]
+    scans[2]["time"] = 4.0
+    datalist, model = _copy_model(qs_run, tmp_path, scans=scans)
+    message = (f"subject 'qs': model '{model}' is stale: times changed from [0.0, 1.0, 3.0] to [0.0, 1.0, 4.0]. "
+               "Fit the subject again")
+    with pytest.raises(ValueError, match=f"^{message}".replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+        jobs.infer(datalist, output_dir=tmp_path / "out")
+    with pytest.raises(ValueError, match=r"model '.*model\.pt' is stale: times changed"):
+        jobs.evaluate(datalist, output_dir=tmp_path / "out", eval_dir=tmp_path / "eval", montage=False)
+    before = model.stat().st_mtime_ns
+    summary = jobs.train(datalist, output_dir=tmp_path / "out", fit=QS_FIT, pretrained=None, skip_existing=True,
+                         progress=False)
+    assert list(summary) == ["qs"] and model.stat().st_mtime_ns != before
+    assert FittedSubject.load(model).times.tolist() == [0.0, 1.0, 4.0]
+    # now current: kept
+    assert jobs.train(datalist, output_dir=tmp_path / "out", fit=QS_FIT, pretrained=None, skip_existing=True,
+                      progress=False) == {}
+
+
+def test_changed_scan_file_makes_the_model_stale(qs_run, tmp_path):
+    copies = [str(shutil.copy(path, tmp_path / os.path.basename(path))) for path in qs_run["paths"]]
+    scans = [{"image": copies[i], "time": t} for i, t in ((0, 0.0), (1, 1.0), (3, 3.0))]
+    datalist, model = _copy_model(qs_run, tmp_path, scans=scans)
+    with pytest.raises(ValueError, match=r"is stale: scan files changed from \["):
+        jobs.infer(datalist, output_dir=tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("channels", r"label map '{}' has 2 channels \(shape \(16, 16, 16\) per channel\): a one-hot or 4D label map"),
+    ("fraction", r"label map '{}' has non-integer or non-finite values; labels must be integers\."),
+])
+def test_bad_label_map_is_named_by_infer(qs_run, tmp_path, kind, message):
+    data = np.zeros((16, 16, 16, 2), np.float32) if kind == "channels" else np.full((16, 16, 16), 0.5, np.float32)
+    label = str(tmp_path / "label.nii.gz")
+    nib.save(nib.Nifti1Image(data, nib.load(qs_run["label"]).affine), label)
+    datalist, _ = _copy_model(qs_run, tmp_path, label=label)
+    with pytest.raises(ValueError, match=message.format(label)):
+        jobs.infer(datalist, output_dir=tmp_path / "out", predict_times=[1.5])
+
+
+def test_constant_heldout_scan_is_named_by_evaluate(qs_run, tmp_path):
+    constant = str(tmp_path / "constant.nii.gz")
+    nib.save(nib.Nifti1Image(np.full((16, 16, 16), 5.0, np.float32), nib.load(qs_run["paths"][0]).affine), constant)
+    datalist, _ = _copy_model(qs_run, tmp_path, heldout=[{"image": constant, "time": 2.0}])
+    with pytest.raises(ValueError, match=f"^target '{constant}' is constant \\(every voxel 5\\)"):
+        jobs.evaluate(datalist, output_dir=tmp_path / "out", eval_dir=tmp_path / "eval", montage=False)

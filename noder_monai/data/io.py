@@ -528,4 +528,4 @@ def save_image(
     payload = image.to_bytes()
     if path.endswith(".gz"):
         payload = gzip.compress(payload, compresslevel=1)
-    return atomic_write(path, payload)
+    return str(atomic_write(path, payload))

@@ -74,4 +74,4 @@ def save_itk_displacement(
         import gzip
 
         payload = gzip.compress(payload, compresslevel=1)
-    return atomic_write(path, payload)
+    return str(atomic_write(path, payload))

@@ -45,7 +45,10 @@ _EXPORTS = {
         "load_autoencoder_weights",
         "read_checkpoint",
     ),
-    "cohort": ("CohortWorkflow", "bundle_root", "datalist_subjects", "query_items", "select_subject", "subject_item"),
+    "cohort": (
+        "CohortWorkflow", "bundle_root", "datalist_subjects", "package_error", "query_items", "select_subject",
+        "subject_item",
+    ),
     "predictor": ("PredictionEvaluator", "TimeNameFormatter", "fitted_subject_from_checkpoint", "time_tag"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -9,10 +9,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from monai.bundle import ConfigWorkflow
 
 from noder_monai.data import SubjectEntry, load_datalist, make_demo_dataset
 
-__all__ = ["CohortWorkflow", "bundle_root", "datalist_subjects", "select_subject", "subject_item", "query_items"]
+__all__ = ["CohortWorkflow", "package_error", "bundle_root", "datalist_subjects", "select_subject", "subject_item", "query_items"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,37 @@ def query_items(
     return [{"image": baseline, "time": float(t), **extra} for t in sorted(set(float(t) for t in times))]
 
 
+_CONFIG_ERROR = "Failed to evaluate"
+
+
+@contextlib.contextmanager
+def package_error() -> Iterator[None]:
+    """Re-raise the error a config expression raised, not MONAI's wrapper around it.
+
+    MONAI wraps an exception raised while a config expression is evaluated in ``RuntimeError("Failed to evaluate
+    ConfigExpression: ...")`` (once per level of ``@`` references), which ``python -m monai.bundle run_workflow``
+    prints last. Inside this context such a wrapper is replaced by a new exception of the original type and message
+    (the whole chain stays in the traceback), so the package's message is the last line the user reads.
+    Exceptions of types that cannot be rebuilt from their message are left as they are.
+    """
+    try:
+        yield
+    except RuntimeError as error:
+        cause: BaseException = error
+        while (isinstance(cause, RuntimeError) and str(cause).startswith(_CONFIG_ERROR)
+               and cause.__cause__ is not None):
+            cause = cause.__cause__
+        if cause is error or not isinstance(cause, Exception):
+            raise
+        try:
+            replacement = type(cause)(*cause.args)
+        except Exception:
+            replacement = None
+        if replacement is None or str(replacement) != str(cause):
+            raise
+        raise replacement from error
+
+
 class CohortWorkflow(ConfigWorkflow):
     """A ``ConfigWorkflow`` that runs a per-subject config once for every subject of its ``subjects`` (the datalist).
 
@@ -155,17 +187,27 @@ class CohortWorkflow(ConfigWorkflow):
         self.skip_existing = bool(skip_existing)
         self.results: dict[str, Any] = {}
 
+    def initialize(self) -> Any:
+        """``ConfigWorkflow.initialize``; a package error is re-raised with its own message (see :func:`package_error`)."""
+        with package_error():
+            return super().initialize()
+
     def run(self) -> dict[str, Any]:
-        """Initialize, run and finalize the config for every subject. Returns ``{subject id: run result}``."""
-        for entry in self.parser.get_parsed_content("subjects"):
-            workflow = ConfigWorkflow(**{**self._subject_args, "subject_id": entry.id})
-            if self.skip_existing and "model_path" in workflow.parser:
-                workflow.parser.parse(reset=True)
-                path = workflow.parser.get_parsed_content("model_path")
-                if os.path.isfile(path):
-                    logger.info("%s: %s exists, skipped", entry.id, path)
-                    continue
-            workflow.initialize()
-            self.results[entry.id] = workflow.run()
-            workflow.finalize()
+        """Initialize, run and finalize the config for every subject. Returns ``{subject id: run result}``.
+
+        A package error inside a subject's config (a stale model, a bad scan, an unwritable ``output_dir``) is
+        re-raised with the package's message, so it is the last line of the traceback (see :func:`package_error`).
+        """
+        with package_error():
+            for entry in self.parser.get_parsed_content("subjects"):
+                workflow = ConfigWorkflow(**{**self._subject_args, "subject_id": entry.id})
+                if self.skip_existing and "model_path" in workflow.parser:
+                    workflow.parser.parse(reset=True)
+                    path = workflow.parser.get_parsed_content("model_path")
+                    if os.path.isfile(path):
+                        logger.info("%s: %s exists, skipped", entry.id, path)
+                        continue
+                workflow.initialize()
+                self.results[entry.id] = workflow.run()
+                workflow.finalize()
         return self.results

@@ -8,11 +8,14 @@ equal those of ``bundle/configs/inference.json``. Output layout under ``output_d
     <id>/loss.csv, <id>/loss.json         the loss curve, one record per epoch
     <id>/fitted/image_t<time>.nii.gz      the fit at every observed time
     <id>/predictions/{image,ddf,jacobian,label}_t<time>.nii.gz, predictions.json, label_volumes.csv
+    <id>/predictions/ddf_itk_t<time>.nii.gz  the displacement in ITK/ANTs convention (LPS millimetres)
     training_summary.json, inference_summary.json, tensorboard/<id>/ (when tensorboard is installed)
 
 and under ``eval_dir``: ``metrics.json``, ``metrics.md`` and ``<id>_montage.png``. ``<time>`` is
 :func:`~noder_monai.engines.predictor.time_tag` (``t2.1``, ``t7.0``, ``t-0.5``). Every file is written to a
-temporary name and renamed.
+temporary name and renamed, with the input scans' geometry (NIfTI qform/sform and their codes, see
+:class:`~noder_monai.data.io.Geometry`). Every job first checks that the folder it writes to is writable
+(:func:`~noder_monai.data.io.check_output_dir`) and removes the temporaries a killed run left there.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import numpy as np
 import torch
 
 from noder_monai.data import SubjectEntry, load_image, make_demo_dataset, save_image
+from noder_monai.data.io import check_output_dir, load_label_map, parse_times, voxel_volume_mm3
+from noder_monai.data.itk_field import save_itk_displacement
 from noder_monai.engines.cohort import datalist_subjects
 from noder_monai.engines.fit import FitConfig, fit_sequence
 from noder_monai.engines.predictor import time_tag
@@ -37,7 +42,15 @@ from noder_monai.engines.report import METRICS, markdown_table, mean_metrics, sa
 from noder_monai.engines.subject import FittedSubject
 from noder_monai.metrics import nrmse, percent_folded, psnr, ssim
 from noder_monai.networks import NODER
-from noder_monai.utils import atomic_write, resolve_device, set_threads, summary_writer, write_csv, write_json
+from noder_monai.utils import (
+    atomic_write,
+    clean_stale_temporaries,
+    resolve_device,
+    set_threads,
+    summary_writer,
+    write_csv,
+    write_json,
+)
 
 __all__ = ["train", "infer", "evaluate", "run_demo", "split_settings"]
 
@@ -113,6 +126,21 @@ def _check_grid(subject: FittedSubject, shape: Sequence[int], affine: torch.Tens
                          f"{subject.affine.tolist()}.")
 
 
+def _prepare_output_dir(path: str | os.PathLike) -> str:
+    """:func:`check_output_dir` (fail before any work if ``path`` cannot be written), then remove the temporaries a
+    killed run left there. Returns the absolute path."""
+    path = check_output_dir(path)
+    removed = clean_stale_temporaries(path)
+    if removed:
+        logger.info("removed %d temporary file(s) a killed run left in %s", len(removed), path)
+    return path
+
+
+def _stale_reasons(subject: FittedSubject, entry: SubjectEntry) -> list[str]:
+    """Why ``subject`` no longer fits the datalist entry (its scan files and times); empty when it does."""
+    return subject.stale_reasons(paths=[path for path, _ in entry.scans], times=entry.times)
+
+
 def _load_subject(output_dir: str, entry: SubjectEntry, device: torch.device) -> FittedSubject:
     path = os.path.join(output_dir, entry.id, "model.pt")
     if not os.path.isfile(path):
@@ -120,9 +148,10 @@ def _load_subject(output_dir: str, entry: SubjectEntry, device: torch.device) ->
     subject = FittedSubject.load(path, map_location=device)
     if subject.subject != entry.id:
         raise ValueError(f"subject '{entry.id}': '{path}' holds subject '{subject.subject}'.")
-    if subject.times.tolist() != [float(t) for t in entry.times]:
-        logger.warning("subject '%s': the datalist's scan times %s differ from the fitted times %s",
-                       entry.id, entry.times, subject.times.tolist())
+    reasons = _stale_reasons(subject, entry)
+    if reasons:
+        raise ValueError(f"subject '{entry.id}': model '{path}' is stale: {'; '.join(reasons)}. Fit the subject "
+                         "again (noder fit, or train() with skip_existing=True refits stale models).")
     return subject
 
 
@@ -159,7 +188,8 @@ def train(
         num_threads: torch CPU threads (None: the cores idle at start, see :func:`noder_monai.utils.free_cores`).
         demo_dir: demo dataset folder used when neither ``datalist`` nor ``dataset_dir`` is given.
         demo: keyword arguments of ``make_demo_dataset`` for the demo dataset.
-        skip_existing: keep subjects whose ``model.pt`` already exists (resume an interrupted cohort).
+        skip_existing: keep subjects whose ``model.pt`` already exists and still matches the datalist's scan files
+            and times (resume an interrupted cohort); a stale or unreadable one is fitted again.
         tensorboard: write loss scalars to ``<output_dir>/tensorboard/<id>``; None does so if tensorboard is installed.
         progress: show a progress bar per subject.
         reader: image reader, ``"itk"``, ``"nibabel"`` or None (MONAI's choice).
@@ -167,22 +197,31 @@ def train(
     Returns:
         ``{subject id: {"model", "epochs", "final_loss", "seconds", "fitted"}}``, also written to
         ``<output_dir>/training_summary.json``.
+
+    Raises:
+        ValueError: ``output_dir`` exists and is not a folder or is not writable (before any subject is fitted).
     """
     set_threads(num_threads)
-    output_dir = os.path.abspath(os.fspath(output_dir))
     device = resolve_device(device)
     config = _fit_config(fit)
     network = _network_kwargs(network)
     if pretrained not in (None, "auto") and not os.path.isfile(pretrained):
         raise FileNotFoundError(f"pretrained autoencoder file '{pretrained}' not found.")
     entries = datalist_subjects(datalist, dataset_dir, demo_dir, demo)
+    output_dir = _prepare_output_dir(output_dir)  # after the datalist checks, before the first fit
     summary: dict[str, dict] = {}
     for entry in entries:
         folder = os.path.join(output_dir, entry.id)
         model_path = os.path.join(folder, "model.pt")
         if skip_existing and os.path.isfile(model_path):
-            logger.info("%s: %s exists, skipped", entry.id, model_path)
-            continue
+            try:
+                reasons = _stale_reasons(FittedSubject.load(model_path), entry)
+            except ValueError as error:
+                reasons = [f"it cannot be read ({error})"]
+            if not reasons:
+                logger.info("%s: %s exists, skipped", entry.id, model_path)
+                continue
+            logger.warning("%s: %s is stale (%s); fitting again", entry.id, model_path, "; ".join(reasons))
         sequence = entry.load(reader)
         writer = summary_writer(tensorboard, os.path.join(output_dir, "tensorboard", entry.id))
         logger.info("%s: fitting %d scans of size %s on %s", entry.id, len(entry.scans), sequence.spatial_size, device)
@@ -202,7 +241,7 @@ def train(
                    os.path.join(folder, "loss.csv"))
         fitted = subject.predict(sequence.times)
         paths = [
-            save_image(image, sequence.affine, os.path.join(folder, "fitted", f"image_{time_tag(t)}.nii.gz"))
+            save_image(image, sequence.geometry, os.path.join(folder, "fitted", f"image_{time_tag(t)}.nii.gz"))
             for image, t in zip(fitted.images, sequence.times.tolist())
         ]
         final = subject.history[-1]["total"]
@@ -215,7 +254,7 @@ def train(
 
 
 def _label_volumes(labels: torch.Tensor, times: Sequence[float], affine: torch.Tensor) -> list[dict]:
-    voxel_mm3 = abs(float(torch.det(affine[:3, :3]))) if labels.ndim == 5 else abs(float(torch.det(affine[:2, :2])))
+    voxel_mm3 = voxel_volume_mm3(affine)  # a 2D image stored with a singleton axis counts its slice thickness
     rows = []
     for t, label_map in zip(times, labels):
         values, counts = torch.unique(label_map.to(torch.int64), return_counts=True)
@@ -246,7 +285,8 @@ def infer(
         datalist: datalist file; see :func:`~noder_monai.engines.cohort.datalist_subjects`.
         dataset_dir: folder the datalist's relative paths start from; see :func:`~noder_monai.engines.cohort.datalist_subjects`.
         output_dir: the folder :func:`train` wrote to; predictions go to ``<output_dir>/<id>/predictions``.
-        predict_times: query times for subjects without their own ``predict_times``.
+        predict_times: query times for subjects without their own ``predict_times`` (anything
+            :func:`~noder_monai.data.io.parse_times` accepts, e.g. ``[1.0, 2.5]`` or ``"[1.0, 2.5]"``).
         device: torch device; None uses cuda when available.
         num_threads: torch CPU threads (None: the cores idle at start, see :func:`noder_monai.utils.free_cores`).
         demo_dir: demo dataset folder used when neither ``datalist`` nor ``dataset_dir`` is given.
@@ -254,38 +294,47 @@ def infer(
         batch_size: time points decoded and warped at once.
         reader: image reader for label maps.
 
+    Raises:
+        ValueError: ``output_dir`` cannot be written, a fitted model is stale (its scan files or times changed; the
+            message names the model file and the change), or a label map is not one volume of integer labels.
+
     Returns:
         ``{subject id: predictions.json content}`` (times and file lists), also written to
         ``<output_dir>/inference_summary.json``.
     """
     set_threads(num_threads)
-    output_dir = os.path.abspath(os.fspath(output_dir))
     device = resolve_device(device)
     if predict_times is not None:
-        predict_times = [float(t) for t in predict_times]
+        predict_times = parse_times(predict_times, name="predict_times")
+    entries = datalist_subjects(datalist, dataset_dir, demo_dir, demo)
+    output_dir = _prepare_output_dir(output_dir)
     summary: dict[str, dict] = {}
-    for entry in datalist_subjects(datalist, dataset_dir, demo_dir, demo):
+    for entry in entries:
         subject = _load_subject(output_dir, entry, device)
         times = entry.predict_times or predict_times or sorted({*entry.times, *(t for _, t in entry.heldout)})
         times = sorted(set(times))
         labels = None
         if entry.label is not None:
-            labels, affine = load_image(entry.label, reader)
-            _check_grid(subject, labels.shape[1:], affine, f"subject '{entry.id}': field 'label' ({entry.label})")
+            labels, label_geometry = load_label_map(entry.label, reader)
+            _check_grid(subject, labels.shape[1:], torch.as_tensor(label_geometry.affine, dtype=torch.float64),
+                        f"subject '{entry.id}': field 'label' ({entry.label})")
         prediction = subject.predict(times, labels=labels, batch_size=batch_size)
         folder = os.path.join(output_dir, entry.id, "predictions")
-        record: dict[str, Any] = {"subject": entry.id, "times": times, "images": [], "ddfs": [], "jacobians": [],
-                                  "labels": []}
+        record: dict[str, Any] = {"subject": entry.id, "times": times, "images": [], "ddfs": [], "ddfs_itk": [],
+                                  "jacobians": [], "labels": []}
+        geometry = prediction.geometry  # the scans' header forms: outputs read exactly like the inputs
         for index, t in enumerate(times):
             tag = time_tag(t)
-            record["images"].append(save_image(prediction.images[index], prediction.affine,
+            record["images"].append(save_image(prediction.images[index], geometry,
                                                os.path.join(folder, f"image_{tag}.nii.gz")))
-            record["ddfs"].append(save_image(prediction.ddfs[index], prediction.affine,
+            record["ddfs"].append(save_image(prediction.ddfs[index], geometry,
                                              os.path.join(folder, f"ddf_{tag}.nii.gz")))
-            record["jacobians"].append(save_image(prediction.jacobians[index], prediction.affine,
+            record["ddfs_itk"].append(save_itk_displacement(prediction.ddfs[index], geometry,
+                                                            os.path.join(folder, f"ddf_itk_{tag}.nii.gz")))
+            record["jacobians"].append(save_image(prediction.jacobians[index], geometry,
                                                   os.path.join(folder, f"jacobian_{tag}.nii.gz")))
             if prediction.labels is not None:
-                record["labels"].append(save_image(prediction.labels[index], prediction.affine,
+                record["labels"].append(save_image(prediction.labels[index], geometry,
                                                    os.path.join(folder, f"label_{tag}.nii.gz"), dtype=np.int32))
         if prediction.labels is not None:
             write_csv(_label_volumes(prediction.labels, times, prediction.affine),
@@ -333,15 +382,16 @@ def evaluate(
         the ``metrics.json`` content.
 
     Raises:
-        ValueError: no subject of the datalist has held-out scans.
+        ValueError: no subject of the datalist has held-out scans, ``eval_dir`` cannot be written, a fitted model is
+            stale, or a held-out scan is constant or has NaN/Inf voxels (the message names the file).
     """
     set_threads(num_threads)
-    output_dir = os.path.abspath(os.fspath(output_dir))
-    eval_dir = os.path.abspath(os.fspath(eval_dir))
+    output_dir = os.path.abspath(os.fspath(output_dir))  # only read here
     device = resolve_device(device)
     entries = [entry for entry in datalist_subjects(datalist, dataset_dir, demo_dir, demo) if entry.heldout]
     if not entries:
         raise ValueError("no subject of the datalist has a 'heldout' field: there is nothing to evaluate.")
+    eval_dir = _prepare_output_dir(eval_dir)
     report: dict[str, Any] = {"metrics": list(METRICS), "subjects": {}}
     all_rows: list[dict] = []
     for entry in entries:
@@ -355,10 +405,11 @@ def evaluate(
         target = torch.stack(targets)
         times = [t for _, t in scans]
         prediction = subject.predict(times)
+        names = [path for path, _ in scans]  # a constant or NaN held-out scan is named in the error
         values = {
-            "nrmse": nrmse(prediction.images, target),
-            "ssim": ssim(prediction.images, target),
-            "psnr": psnr(prediction.images, target),
+            "nrmse": nrmse(prediction.images, target, names=names),
+            "ssim": ssim(prediction.images, target, names=names),
+            "psnr": psnr(prediction.images, target, names=names),
             "percent_folded": percent_folded(prediction.ddfs),
         }
         first, last = float(subject.times[0]), float(subject.times[-1])
