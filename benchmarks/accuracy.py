@@ -9,7 +9,10 @@ local regions, the texture and the noise):
   visits over 6.5 years observed (0, 1, 2.2, 3.5, 5, 6.5), held out 1.6 and 4.2 (between visits) and 7.5 (after);
 - cardiac: the procedural chest phantom at 64^3, contraction and twist over a cycle plus a myocardial thickening
   about 3 voxels wide (up to 2 voxels); 9 of 12 frames observed, held out frames 3 and 6 (0.25, 0.5) and 11
-  (0.917, after the last observed frame).
+  (0.917, after the last observed frame);
+- cine (``--cases cine``): the cardiac phantom in 2D at 128^2 with ultrasound-like speckle that moves with the tissue
+  and decorrelates from frame to frame (``synthetic_sequence(noise_model="speckle")``); 11 of 15 frames observed,
+  held out frames 3, 7, 11 and 14; scored against the held-out frames themselves (the speckle is the signal).
 
 Observations carry Rician noise (3% of the image range); predictions are scored against the noise-free truth with
 ``benchmarks/regression.py``'s scoring: NRMSE, SSIM, PSNR per split; field error (mean distance in voxels to the true
@@ -54,7 +57,14 @@ PROTOCOLS = {
         interpolation=(3 / 12, 6 / 12),
         extrapolation=(11 / 12,),
     ),
+    "cine": regression.Protocol(
+        observed={11: tuple(k / 15 for k in (0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13))},
+        interpolation=(3 / 15, 7 / 15, 11 / 15),
+        extrapolation=(14 / 15,),
+    ),
 }
+SPECKLE_NOISE = 0.01
+"""Additive noise under the cine case's speckle (``synthetic_sequence(noise_model="speckle")``)."""
 
 #: NODER fits: name -> (FitConfig overrides, NODER overrides, the prediction sources scored from that one fit).
 VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...]]] = {
@@ -93,7 +103,10 @@ class AccuracySettings:
 
 
 def full_settings(threads: int = 1) -> AccuracySettings:
-    return AccuracySettings(cases=[Case("brain", 3, 64), Case("cardiac", 3, 64)], threads=threads)
+    """Brain and cardiac at 64^3; ``--cases cine`` selects the 2D speckle cine at 128^2 instead."""
+    return AccuracySettings(
+        cases=[Case("brain", 3, 64), Case("cardiac", 3, 64), Case("cine", 2, 128)], threads=threads
+    )
 
 
 def quick_settings(threads: int = 1) -> AccuracySettings:
@@ -120,18 +133,21 @@ def make_subject(case: Case, seed: int, settings: AccuracySettings) -> Subject:
     protocol = PROTOCOLS[case.kind]
     (count, observed_times), = protocol.observed.items()
     times = sorted(set(observed_times) | set(protocol.interpolation) | set(protocol.extrapolation))
+    cine = case.kind == "cine"
     truth = synthetic_sequence(
         spatial_dims=case.spatial_dims,
         size=case.size,
         times=times,
-        kind=case.kind,
-        noise=settings.noise,
-        noise_model="rician",
+        kind="cardiac" if cine else case.kind,
+        noise=SPECKLE_NOISE if cine else settings.noise,
+        noise_model="speckle" if cine else "rician",
         seed=seed,
         base_image=_brain_base(case.size) if case.kind == "brain" else None,
-        amplitude=settings.amplitude,
+        amplitude=2 * settings.amplitude if cine else settings.amplitude,
         local=settings.local,
     )
+    if cine:  # the speckle is the signal: score against the held-out frames themselves
+        truth = dataclasses.replace(truth, clean=truth.images)
     observed = [times.index(t) for t in observed_times]
     name = f"{case.name} / seed {seed}"
     sequence = SubjectSequence.from_tensors(truth.images[observed], truth.times[observed], subject=name)
@@ -207,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny volumes (what the tests run)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (use the idle cores)")
     parser.add_argument("--subjects", type=int, default=None, help="subjects (seeds) per kind (default 3)")
-    parser.add_argument("--cases", nargs="+", default=None, help="brain and/or cardiac (default both)")
+    parser.add_argument("--cases", nargs="+", default=None, help="brain, cardiac, cine (default brain cardiac)")
     parser.add_argument("--variants", nargs="+", default=None, help=f"NODER variants from {tuple(VARIANTS)}")
     parser.add_argument("--baselines", nargs="*", default=None, help=f"from {BASELINES}")
     parser.add_argument("--output", type=Path, default=None, help="also write the markdown here")
@@ -216,8 +232,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = quick_settings(args.threads) if args.quick else full_settings(args.threads)
     if args.subjects is not None:
         settings.subjects = args.subjects
-    if args.cases is not None:
-        settings.cases = [c for c in settings.cases if c.kind in args.cases]
+    kinds = args.cases or ["brain", "cardiac"]
+    settings.cases = [c for c in settings.cases if c.kind in kinds]
     if args.variants is not None:
         settings.variants = tuple(args.variants)
     if args.baselines is not None:

@@ -60,3 +60,11 @@ def test_unknown_variant_is_refused():
     settings.variants = ("fastest",)
     with pytest.raises(ValueError, match="fastest"):
         accuracy.run(settings)
+
+
+def test_cine_subject_is_scored_against_its_own_speckled_frames():
+    settings = accuracy.quick_settings()
+    subject = accuracy.make_subject(accuracy.Case("cine", 2, 32), 0, settings)
+    assert len(subject.observed) == 11 and subject.sequence.spatial_size == (32, 32)
+    assert torch.equal(subject.truth.clean, subject.truth.images)
+    assert subject.truth.times[subject.heldout["extrapolation"]].tolist() == [14 / 15]
