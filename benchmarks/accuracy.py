@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import sys
 import time
@@ -248,11 +247,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "Cells: median over subjects (worst subject).",
         regression.markdown_table(rows),
     ])
-    print(text)
-    if args.output is not None:
-        args.output.write_text(text + "\n")
-    if args.json is not None:
-        args.json.write_text(json.dumps(records, indent=1))
+    regression.emit(text, records, args.output, args.json)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,7 @@ __all__ = [
     "Settings",
     "Subject",
     "comparisons",
+    "emit",
     "full_settings",
     "main",
     "make_subject",
@@ -663,11 +664,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         ),
         f"Process CPU time {usage.ru_utime + usage.ru_stime:.0f} s, peak RSS {usage.ru_maxrss / 1024:.0f} MiB.",
     ])
+    emit(text, records, args.output, args.json)
+
+
+def emit(text: str, records: list[dict], output: Path | None, json_path: Path | None) -> None:
+    """Print the markdown ``text``; also write it to ``output`` and the records to ``json_path`` when given."""
     print(text)
-    if args.output is not None:
-        args.output.write_text(text + "\n")
-    if args.json is not None:
-        args.json.write_text(json.dumps(records, indent=1))
+    if output is not None:
+        output.write_text(text + "\n")
+    if json_path is not None:
+        json_path.write_text(json.dumps(records, indent=1))
 
 
 if __name__ == "__main__":
