@@ -59,15 +59,16 @@ class FitConfig:
             ``min_improvement`` (0 disables early stopping).
         min_improvement: relative improvement of the best loss that resets the patience counter.
         finetune_decoder: optimise the decoder together with the dynamics (the encoder stays frozen).
-        source: the appearance of the predictions (one of ``PREDICT_SOURCES``, the default of
-            :meth:`FittedSubject.predict`): ``"baseline"`` warps the first scan (the paper); ``"template"`` warps a
-            denoised subject template (every observed scan pulled back to the first time through the inverse of its
-            current fitted map, per-voxel median: :func:`subject_template`, rebuilt
-            ``template_rounds`` times during the fit, as ANTs builds single-subject templates; the fit then warps
-            the template to every observed time); ``"nearest"`` fits as ``"baseline"`` and predicts by carrying
-            the observed scans that bracket a time to it (for sequences whose texture changes, e.g. ultrasound).
-        template_rounds: number of template builds with ``source="template"``: the last one after the fit, from
-            the final maps; each earlier one is followed by epochs that fit the trajectory to warp the template.
+        source: the appearance of the predictions (one of ``PREDICT_SOURCES``; the default of
+            :meth:`FittedSubject.predict`). ``"template"`` (default): after the fit, every observed scan is pulled
+            back to the first time through the inverse of its fitted map and the per-voxel median of them is the
+            subject template (:func:`~noder_monai.engines.trainer.subject_template`), warped to each query time.
+            ``"baseline"``: the first scan is warped (the paper). ``"nearest"``: fits as ``"baseline"``; predictions
+            carry the observed scans that bracket a time to it (for sequences whose texture changes, e.g.
+            ultrasound speckle).
+        template_rounds: template builds with ``source="template"``: the last one after the fit; each earlier one
+            (as ANTs builds single-subject templates) is followed by epochs that fit the trajectory to warp the
+            template instead of the first scan. Defaults to 1 (the fields are then those of the first-scan fit).
         template_start: fraction of the epochs after which the first of several builds happens; the others are
             spread evenly over the remaining epochs.
     """
