@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import math
 from pathlib import Path
@@ -40,6 +41,8 @@ __all__ = ["PRESETS", "FitConfig", "check_fit_inputs", "fit_sequence", "downsamp
 
 logger = logging.getLogger(__name__)
 
+_LOSS_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(NODERLoss).parameters.items()}
+
 
 @dataclasses.dataclass
 class FitConfig:
@@ -49,9 +52,9 @@ class FitConfig:
         epochs: maximum number of epochs over all levels (one epoch = one Adam step on all observed times).
         learning_rate: initial Adam learning rate; it decays along a cosine to 5% of this value over all epochs
             (measured more stable across the level changes than a constant rate).
-        ncc_kernel_size: local NCC window in image voxels (odd); scaled with the level.
-        smoothness_weight: weight of the gradient smoothness of the field.
-        boundary_weight: weight of the L2 norm of the field on the boundary planes.
+        ncc_kernel_size: local NCC window in image voxels (odd); scaled with the level. Default: :class:`NODERLoss`'s.
+        smoothness_weight: weight of the gradient smoothness of the field. Default: :class:`NODERLoss`'s.
+        boundary_weight: weight of the L2 norm of the field on the boundary planes. Default: :class:`NODERLoss`'s.
         levels: coarse-to-fine resolution levels (image voxels per level voxel, each in 1, 2, 4), coarsest first;
             ``(1,)`` fits at full resolution only.
         level_fractions: share of ``epochs`` spent at each level (same length as ``levels``, summing to 1).
@@ -75,9 +78,9 @@ class FitConfig:
 
     epochs: int = 300
     learning_rate: float = 5e-3
-    ncc_kernel_size: int = 21
-    smoothness_weight: float = 0.05
-    boundary_weight: float = 1e-4
+    ncc_kernel_size: int = _LOSS_DEFAULTS["ncc_kernel_size"]
+    smoothness_weight: float = _LOSS_DEFAULTS["smoothness_weight"]
+    boundary_weight: float = _LOSS_DEFAULTS["boundary_weight"]
     levels: Sequence[int] = (4, 2, 1)
     level_fractions: Sequence[float] = (0.45, 0.45, 0.1)
     patience: int = 0
