@@ -301,3 +301,31 @@ def test_package_error_unwraps_nested_config_expressions():
     assert str(error.value.__cause__).startswith("Failed to evaluate")
     with pytest.raises(RuntimeError, match="not from a config"), package_error():
         raise RuntimeError("not from a config")
+
+
+def test_bundle_outputs_keep_disagreeing_qform_sform(tmp_path):
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_data_geometry import assert_same_geometry, write_qs
+    from test_inputs import _blob_scans
+
+    qform = np.diag([2.0, 2.0, 2.0, 1.0])
+    qform[:3, 3] = -8
+    sform = qform.copy()
+    sform[:3, 3] = [-18, -3, 7]
+    scans = _blob_scans((16, 16, 16), count=3)
+    paths = [write_qs(tmp_path / f"t{i}.nii.gz", scan, qform, sform) for i, scan in enumerate(scans)]
+    label = write_qs(tmp_path / "label.nii.gz", (scans[0] > 60).astype(np.float32) * 3, qform, sform)
+    document = {"subjects": [{"id": "qs", "scans": [{"image": p, "time": float(t)} for t, p in enumerate(paths)],
+                              "label": label, "predict_times": [1.5]}]}
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps(document))
+    overrides = {"datalist": str(datalist), "output_dir": str(tmp_path / "out"), "subject_id": "qs"}
+    run_workflow(layered("train.json"), "train", **overrides, **{**TINY, "fit#ncc_kernel_size": 9})
+    run_workflow(layered("inference.json"), "infer", **overrides, num_threads=1)
+    folder = tmp_path / "out" / "qs" / "predictions"
+    written = sorted(os.listdir(folder))
+    assert written == sorted(f"{kind}_{time_tag(1.5)}.nii.gz" for kind in ("image", "ddf", "jacobian", "label"))
+    for name in written:
+        header = nib.load(str(folder / name)).header
+        assert (int(header["qform_code"]), int(header["sform_code"])) == (1, 2), name
+        assert_same_geometry(str(folder / name), paths[0])

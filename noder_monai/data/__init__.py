@@ -20,7 +20,9 @@ from noder_monai.data.demo import (
 )
 from noder_monai.data.intensity import IntensityMapping
 from noder_monai.data.io import (
+    GEOMETRY_META_KEY,
     Geometry,
+    GeometryNiftiWriter,
     atomic_write,
     check_output_dir,
     clean_stale_temporaries,
@@ -42,7 +44,9 @@ __all__ = [
     "DEMO_TIMES",
     "DeformationFieldGenerator",
     "DisplacementFieldPatches",
+    "GEOMETRY_META_KEY",
     "Geometry",
+    "GeometryNiftiWriter",
     "GeneratedDeformationFields",
     "IntensityMapping",
     "SubjectEntry",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import json
 import math
 import os
 import re
@@ -29,6 +30,7 @@ from typing import Any, Union
 import nibabel as nib
 import numpy as np
 import torch
+from monai.data import NibabelWriter
 from monai.transforms import LoadImage
 from numpy.typing import DTypeLike
 
@@ -36,7 +38,9 @@ from noder_monai.utils import atomic_write, clean_stale_temporaries, temporary_n
 
 __all__ = [
     "READERS",
+    "GEOMETRY_META_KEY",
     "Geometry",
+    "GeometryNiftiWriter",
     "atomic_write",
     "check_output_dir",
     "clean_stale_temporaries",
@@ -529,3 +533,30 @@ def save_image(
     if path.endswith(".gz"):
         payload = gzip.compress(payload, compresslevel=1)
     return str(atomic_write(path, payload))
+
+
+GEOMETRY_META_KEY = "noder_geometry"
+"""MetaTensor metadata key holding a :class:`Geometry` as JSON text (text survives MONAI's collation unchanged)."""
+
+
+class GeometryNiftiWriter(NibabelWriter):
+    """MONAI ``SaveImaged(writer=GeometryNiftiWriter)``: NIfTI written by :func:`save_image` in the input's geometry.
+
+    When the item's metadata holds :data:`GEOMETRY_META_KEY` (set by ``ODEWarpd`` from the fitted subject), the
+    file gets the input header's qform, sform, codes, pixdim and singleton axis verbatim, so nibabel and ITK read
+    the output's grid exactly as they read the input's; otherwise it writes as MONAI's ``NibabelWriter``.
+    """
+
+    def set_data_array(self, data_array: Any, channel_dim: int | None = 0, squeeze_end_dims: bool = True, **kwargs: Any):
+        self.channel_first = torch.as_tensor(data_array) if channel_dim == 0 else None
+        super().set_data_array(data_array, channel_dim=channel_dim, squeeze_end_dims=squeeze_end_dims, **kwargs)
+
+    def set_metadata(self, meta_dict: Mapping | None, resample: bool = True, **options: Any):
+        text = (meta_dict or {}).get(GEOMETRY_META_KEY)
+        self.geometry = Geometry.from_dict(json.loads(text)) if isinstance(text, str) else None
+        super().set_metadata(meta_dict, resample=resample, **options)
+
+    def write(self, filename: PathLike, verbose: bool = False, **obj_kwargs: Any):
+        if self.geometry is None or self.channel_first is None:
+            return super().write(filename, verbose=verbose, **obj_kwargs)
+        return save_image(self.channel_first, self.geometry, filename, dtype=self.output_dtype or np.float32)

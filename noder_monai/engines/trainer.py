@@ -25,6 +25,7 @@ from monai.engines import IterationEvents, SupervisedTrainer
 from monai.utils import CommonKeys as Keys
 
 from noder_monai.data import IntensityMapping
+from noder_monai.data.io import Geometry, load_scan
 from noder_monai.engines.pretrain import default_autoencoder_path
 from noder_monai.engines.subject import FittedSubject, load_autoencoder_weights
 from noder_monai.losses import NODERLoss
@@ -412,6 +413,8 @@ def fitted_subject(
     config["ncc_kernel_size"] = int(engine.loss_function.ncc_kernel_size)
     config["smoothness_weight"] = float(engine.loss_function.smoothness_weight)
     config["boundary_weight"] = float(engine.loss_function.boundary_weight)
+    if "geometry" not in extra:
+        extra["geometry"] = _first_scan_geometry(image)
     values = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
     scans = values.to(device=engine.state.device, dtype=torch.float32)[:, None]
     times = torch.as_tensor(item["time"], dtype=torch.float64).reshape(-1)
@@ -432,6 +435,16 @@ def fitted_subject(
         fit_config=config,
         history=list(engine.state.history),
     )
+
+
+def _first_scan_geometry(image: Any) -> Geometry | None:
+    """The input geometry (qform, sform, codes) of the first scan a ``LoadImaged`` item was read from, if any."""
+    source = getattr(image, "meta", {}).get("filename_or_obj") if isinstance(image, MetaTensor) else None
+    if isinstance(source, (list, tuple)):
+        source = source[0] if source else None
+    if not isinstance(source, (str, os.PathLike)) or not os.path.isfile(source):
+        return None
+    return load_scan(source)[1]
 
 
 class FittedSubjectSaver:

@@ -17,6 +17,7 @@ size), so a transform holds only the path: it pickles cheaply and works in ``Dat
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 from collections.abc import Hashable, Mapping, Sequence
@@ -29,6 +30,7 @@ from monai.networks.blocks import Warp
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, ensure_tuple_rep
 
+from noder_monai.data.io import GEOMETRY_META_KEY
 from noder_monai.engines.subject import PREDICT_SOURCES, FittedSubject
 from noder_monai.metrics import jacobian_determinant
 
@@ -193,6 +195,10 @@ class ODEWarp(Transform):
 class ODEWarpd(MapTransform):
     """Dictionary version of :class:`ODEWarp`: warp ``keys`` to one time with one displacement field.
 
+    Every output's metadata also gets the subject's input geometry under ``GEOMETRY_META_KEY`` (JSON text), which
+    ``SaveImaged(writer=noder_monai.data.GeometryNiftiWriter)`` writes back exactly (qform, sform, codes, singleton
+    axis).
+
     Args:
         keys: keys of the items to warp, each ``(C, *spatial)``.
         subject: a :class:`FittedSubject` or the path of its file, used for every item; or None with ``subject_key``.
@@ -273,15 +279,16 @@ class ODEWarpd(MapTransform):
             warper = ODEWarp(d[self.subject_key], device=self.device)
         time = self._time(d)
         ddf = warper.displacement(time)
+        meta = {"time": time, GEOMETRY_META_KEY: json.dumps(warper.subject.geometry.to_dict())}
         for key, mode, padding_mode, source in self.key_iterator(d, self.mode, self.padding_mode, self.source):
             d[key] = warper.warp(d[key], ddf, mode, padding_mode, name=f"data[{key!r}]", source=source, time=time)
             if isinstance(d[key], MetaTensor):
-                d[key].meta["time"] = time
+                d[key].meta.update(meta)
         if self.ddf_key is not None:
-            d[self.ddf_key] = MetaTensor(ddf.clone(), affine=warper.subject.affine.clone(), meta={"time": time})
+            d[self.ddf_key] = MetaTensor(ddf.clone(), affine=warper.subject.affine.clone(), meta=dict(meta))
         if self.jacobian_key is not None:
             jacobian = jacobian_determinant(ddf[None])[0]
-            d[self.jacobian_key] = MetaTensor(jacobian, affine=warper.subject.affine.clone(), meta={"time": time})
+            d[self.jacobian_key] = MetaTensor(jacobian, affine=warper.subject.affine.clone(), meta=dict(meta))
         return d
 
 
