@@ -117,6 +117,7 @@ def evaluate(
     device: str | None = None,
     threads: int | None = None,
     montage: bool = True,
+    report: bool = True,
 ) -> None:
     """Score every fitted subject on its held-out scans (NRMSE, SSIM, PSNR, % folded voxels) and print the table.
 
@@ -132,17 +133,24 @@ def evaluate(
         device: torch device (default: cuda if available, else cpu).
         threads: torch CPU threads (default: the cores idle at start, i.e. cores minus the load average).
         montage: write the PNG montages (--nomontage to skip).
+        report: write the HTML report (<output_dir>/<id>/report.html and the index <output_dir>/report.html;
+            --noreport to skip).
     """
     from noder_monai.engines import jobs
     from noder_monai.engines.report import markdown_table
 
     eval_dir = eval_dir or os.path.join(output_dir, "eval")
+    write_report = report
     report = jobs.evaluate(
         datalist=datalist, dataset_dir=dataset_dir, output_dir=output_dir, eval_dir=eval_dir, device=device,
         num_threads=threads, montage=montage,
     )
     print(markdown_table(report))
     print(f"report: {os.path.join(os.path.abspath(eval_dir), 'metrics.json')}")
+    if write_report:
+        from noder_monai.engines.report_html import cohort_report
+
+        print(f"report: {cohort_report(output_dir, datalist, eval_dir, device or 'cpu')['index']}")
 
 
 def demo(

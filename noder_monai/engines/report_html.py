@@ -62,7 +62,7 @@ def _pyplot():
 
 def _png(figure) -> str:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
     _pyplot().close(figure)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
@@ -89,29 +89,38 @@ def _kind(time: float, observed: Sequence[float], heldout: Sequence[float]) -> s
     return f"held out, {split}" if time in heldout else split
 
 
-def _images_figure(times, kinds, observed, predicted):
+def _images_figure(times, kinds, observed, predicted, start):
+    """Rows: times; columns: observed, predicted, predicted - observed, and predicted - predicted at the first time
+    (``start``: ``(1, *S)``), the change the fitted trajectory carries (free of scan noise)."""
     plt = _pyplot()
     rows = len(times)
     shown_obs = [_slice(v) for v in observed]
     shown_pred = [_slice(v) for v in predicted]
+    first = _slice(start)
     low, high = np.percentile(np.concatenate([s.ravel() for s in shown_obs]), [1, 99.5])
     diffs = [p - o for p, o in zip(shown_pred, shown_obs)]
-    limit = float(np.percentile(np.abs(np.concatenate([d.ravel() for d in diffs])), 99)) or 1.0
-    figure, axes = plt.subplots(rows, 3, figsize=(8.4, 2.5 * rows + 0.6), squeeze=False)
+    changes = [p - first for p in shown_pred]
+    limit = float(np.percentile(np.abs(np.concatenate([d.ravel() for d in diffs + changes])), 99.5)) or 1.0
+    figure, axes = plt.subplots(rows, 4, figsize=(10.0, 2.45 * rows + 0.9), squeeze=False,
+                                gridspec_kw={"wspace": 0.04, "hspace": 0.08})
+    grey = {"cmap": "gray", "vmin": low, "vmax": high, "interpolation": "nearest"}
+    signed = {"cmap": "RdBu_r", "vmin": -limit, "vmax": limit, "interpolation": "nearest"}
     for row in range(rows):
-        grey = {"cmap": "gray", "vmin": low, "vmax": high, "interpolation": "nearest"}
-        image_obs = axes[row, 0].imshow(shown_obs[row], **grey)
+        image_grey = axes[row, 0].imshow(shown_obs[row], **grey)
         axes[row, 1].imshow(shown_pred[row], **grey)
-        image_diff = axes[row, 2].imshow(diffs[row], cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
-        for column in range(3):
+        image_signed = axes[row, 2].imshow(diffs[row], **signed)
+        axes[row, 3].imshow(changes[row], **signed)
+        for column in range(4):
             axes[row, column].set_xticks([])
             axes[row, column].set_yticks([])
-        axes[row, 0].set_ylabel(f"t = {times[row]:g}\n({kinds[row]})", fontsize=9)
-        figure.colorbar(image_obs, ax=axes[row, :2].tolist(), fraction=0.025, pad=0.02, label="intensity")
-        figure.colorbar(image_diff, ax=axes[row, 2], fraction=0.046, pad=0.04, label="predicted - observed")
-    for column, title in enumerate(("observed", "predicted (NODER)", "predicted - observed")):
+        axes[row, 0].set_ylabel(f"t = {times[row]:g}\n{kinds[row]}", fontsize=9)
+    for column, title in enumerate(("observed scan", "predicted (NODER)", "predicted - observed",
+                                    "predicted change since t = " + f"{times[0]:g}")):
         axes[0, column].set_title(title, fontsize=10)
-    figure.suptitle("Observed, predicted and difference (middle slice of the last axis)", fontsize=11)
+    figure.colorbar(image_grey, ax=axes[:, :2].ravel().tolist(), orientation="horizontal", fraction=0.5 / rows,
+                    pad=0.02, aspect=30, label="intensity (input units)")
+    figure.colorbar(image_signed, ax=axes[:, 2:].ravel().tolist(), orientation="horizontal", fraction=0.5 / rows,
+                    pad=0.02, aspect=30, label="difference (red: brighter, blue: darker)")
     return figure
 
 
@@ -136,7 +145,6 @@ def _jacobian_figure(times, images, jacobians):
         axes[0, index].set_yticks([])
     figure.colorbar(overlay, ax=axes[0].tolist(), fraction=0.03, pad=0.02,
                     label="det J (<1 shrinks, >1 grows)")
-    figure.suptitle("Jacobian determinant over the anatomy (relative to the first scan)", fontsize=11)
     return figure
 
 
@@ -167,8 +175,7 @@ def _volumes_figure(grid, volumes, observed, heldout, names):
     for index in range(count, rows * columns):
         axes[index // columns, index % columns].set_axis_off()
     figure.legend(loc="lower center", ncol=4, fontsize=9, frameon=False)
-    figure.suptitle("Structure volumes over time (the first scan's labels carried along)", fontsize=11)
-    figure.tight_layout(rect=(0, 0.06, 1, 0.95))
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
     return figure
 
 
@@ -182,7 +189,8 @@ def _loss_figure(history: Sequence[Mapping[str, Any]]):
     for index in range(1, len(levels)):
         if levels[index] != levels[index - 1]:
             axis.axvline(epochs[index], color="grey", linestyle=":")
-            axis.text(epochs[index], axis.get_ylim()[1], f" level {levels[index]}", fontsize=8, va="top")
+            axis.text(epochs[index], 0.02, f" level {levels[index]}", fontsize=8, va="bottom",
+                      transform=axis.get_xaxis_transform())
     axis.set_xlabel("epoch")
     axis.set_ylabel("loss")
     axis.set_title(f"Loss curve ({len(history)} epochs; level = image voxels per fitted voxel)", fontsize=11)
@@ -334,18 +342,21 @@ def subject_report(
     times = [scans[i][0] for i in rows]
     targets = torch.stack([load_image(scans[i][1], reader)[0] for i in rows])
     kinds = [_kind(t, observed, heldout) for t in times]
-    prediction = subject.predict(times)
-    sections = [_figure_html(SECTIONS[0], _png(_images_figure(times, kinds, targets, prediction.images)),
-                             "Rows: scan times (observed scans were fitted; held-out scans were not). Grey columns "
-                             "share one window; the difference is predicted minus observed (red: prediction "
-                             "brighter). Scan noise is in the observed column only.")]
+    prediction = subject.predict([observed[0], *times])
+    figure = _images_figure(times, kinds, targets, prediction.images[1:], prediction.images[0])
+    sections = [_figure_html(SECTIONS[0], _png(figure),
+                             "Middle slice of the last axis. Rows: scan times (observed scans were fitted; held-out "
+                             "scans were not). The grey columns share one window. Predicted - observed is mostly the "
+                             "scans' own noise; the last column is what the fitted trajectory changed since the "
+                             "first scan.")]
 
     extra = sorted({*entry.predict_times, *heldout})
     later = [t for t in extra if t > observed[-1]]
     jac_times = sorted({observed[len(observed) // 2], observed[-1], *(later[-1:] if later else [])})
     jac = subject.predict(jac_times)
     sections.append(_figure_html(SECTIONS[1], _png(_jacobian_figure(jac_times, jac.images, jac.jacobians)),
-                                 "Blue: local volume loss, red: growth, white: none; over the predicted anatomy."))
+                                 "Determinant of the Jacobian of the map from the first scan to each time, over the predicted anatomy "
+                                 "(middle slice): blue, local volume loss; red, growth; white, none."))
 
     end = max([observed[-1], *extra])
     grid = np.unique(np.concatenate([np.linspace(observed[0], end, 25), observed, heldout]))
