@@ -169,7 +169,7 @@ def demo(
 
     The demo subjects are the shipped Colin27 head deformed by a known, non-linear atrophy-like trajectory, with
     three held-out scans each (two between visits, one after the last). By default one 48^3 subject with 160 epochs
-    (under a minute on 2 CPU cores); --full runs two 64^3 subjects with the default 300 epochs (a few minutes).
+    (about a minute on 2 CPU cores); --full runs two 64^3 subjects with the default 300 epochs (a few minutes).
     Prints the held-out table (NODER beside the nearest observed scan and linear interpolation) once and writes the
     HTML report.
 
@@ -250,8 +250,8 @@ def pretrain(
 
 
 _DEMO_QUICK = {"subjects": 1, "size": 48, "epochs": 160}
-"""The default demo: one 48^3 subject, 160 epochs (measured to finish in well under a minute on 2 CPU cores with
-held-out NRMSE ahead of both baselines); ``noder demo --full`` runs two 64^3 subjects with the default 300 epochs."""
+"""The default demo: one 48^3 subject, 160 epochs, sized for about a minute on 2 CPU cores with NODER's held-out
+NRMSE ahead of both baselines (``benchmarks/README.md``); ``noder demo --full``: two 64^3 subjects, 300 epochs."""
 
 
 def _inputs_datalist(inputs: Sequence[str], output_dir: str, times: Any, bids: str | None,

@@ -37,7 +37,7 @@ def test_top_level_help_lists_every_verb(capsys):
                  "--times", "--bids", "--participant_label", "--time_column", "4D cine", "pybids"]),
         ("predict", ["--times", "query times", "label_volumes.csv"]),
         ("evaluate", ["--eval_dir", "NRMSE, SSIM, PSNR", "montage"]),
-        ("demo", ["--directory", "--subjects", "--full", "under a minute"]),
+        ("demo", ["--directory", "--subjects", "--full", "about a minute"]),
         ("report", ["OUTPUT_DIR", "--datalist", "self-contained", "Jacobian"]),
         ("pretrain", ["OUTPUT_DIR", "--fields", "PretrainConfig fields"]),
     ],
