@@ -476,6 +476,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         # fire reads `noder fit --help` as a value for **settings; its own spelling is `noder fit -- --help`
         argv = [arg for arg in argv if arg not in ("-h", "--help")] + ["--", "--help"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
+    logging.getLogger("ignite").setLevel(logging.WARNING)  # one line per epoch; the bar and the summaries say it
     fire.Fire(COMMANDS, command=argv, name="noder")
 
 
