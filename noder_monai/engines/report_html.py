@@ -25,7 +25,7 @@ import torch
 
 from noder_monai.utils import PathLike, atomic_write
 
-__all__ = ["SECTIONS", "subject_report", "cohort_report", "heldout_comparison", "comparison_table"]
+__all__ = ["SECTIONS", "HTMLReportHandler", "subject_report", "cohort_report", "heldout_comparison", "comparison_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -261,9 +261,9 @@ def comparison_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _metrics_html(rows: Sequence[Mapping[str, Any]], folded: Mapping[float, Any]) -> str:
+def _metrics_html(rows: Sequence[Mapping[str, Any]], folded: Mapping[float, Any], per_scan: bool = True) -> str:
     if not rows:
-        return ('<p class="note">This subject has no held-out scans: add "heldout" scans to the datalist to score '
+        return ('<p class="note">No held-out scans: add "heldout" scans to the datalist to score '
                 'predictions against scans the fit did not see.</p>')
     means = _split_means(rows)
     parts = ['<table><tr><th class="l">split</th><th class="l">method</th><th>n</th><th>NRMSE (lower is better)</th>'
@@ -275,7 +275,10 @@ def _metrics_html(rows: Sequence[Mapping[str, Any]], folded: Mapping[float, Any]
             parts.append(f'<tr><td class="l">{split}</td><td class="l">{html.escape(method)}</td><td>{count}</td>'
                          f'<td class="{"best" if n == best_n else ""}">{n:.4f}</td>'
                          f'<td class="{"best" if s == best_s else ""}">{s:.4f}</td></tr>')
-    parts.append("</table><p></p><table><tr><th>time</th><th class=\"l\">split</th><th class=\"l\">method</th>"
+    parts.append("</table>")
+    if not per_scan:
+        return "\n".join(parts)
+    parts.append("<p></p><table><tr><th>time</th><th class=\"l\">split</th><th class=\"l\">method</th>"
                  "<th>NRMSE</th><th>SSIM</th><th>% folded</th></tr>")
     for row in rows:
         fold = folded.get(row["time"]) if row["method"] == "NODER" else None
@@ -445,7 +448,44 @@ def cohort_report(
         items.append(f'<li><a href="{html.escape(entry.id)}/report.html">{html.escape(entry.id)}</a>: '
                      f"{len(entry.scans)} scans, {len(entry.heldout)} held out</li>")
     body = f"<section><h2>Subjects</h2><ul>{''.join(items)}</ul></section>"
-    body += f"<section><h2>Held-out metrics (all subjects)</h2>\n{_metrics_html(all_rows, {})}\n</section>"
+    body += (f"<section><h2>Held-out metrics (mean over all subjects' held-out scans)</h2>\n"
+             f"{_metrics_html(all_rows, {}, per_scan=False)}\n<p class=\"note\">Per scan: each subject's page."
+             f"</p></section>")
     index = atomic_write(os.path.join(output_dir, "report.html"),
                          _page(f"NODER cohort report: {len(pages)} subject(s)", body).encode("utf-8"))
     return {"index": index, "pages": pages, "comparison": all_rows}
+
+
+class HTMLReportHandler:
+    """Write the subject's ``report.html`` (:func:`subject_report`) when a MONAI evaluation run completes; the
+    bundle's ``evaluate.json`` attaches it to its evaluator.
+
+    A failure to draw the report (e.g. matplotlib missing) is logged as an error and does not fail the evaluation,
+    whose metrics are already saved.
+
+    Args:
+        output_dir: the folder the fit wrote ``<id>/model.pt`` to.
+        subject: the subject's datalist entry (``SubjectEntry``).
+        eval_dir: folder of the evaluation's outputs (``metrics.json`` is read from it when present).
+        enabled: False attaches nothing.
+    """
+
+    def __init__(self, output_dir: PathLike, subject: Any, eval_dir: PathLike | None = None, enabled: bool = True) -> None:
+        self.output_dir = os.fspath(output_dir)
+        self.subject = subject
+        self.eval_dir = None if eval_dir is None else os.fspath(eval_dir)
+        self.enabled = bool(enabled)
+        self.path: str | None = None
+
+    def attach(self, engine: Any) -> None:
+        if not self.enabled:
+            return
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Any) -> None:
+        try:
+            self.path = subject_report(self.output_dir, self.subject, self.eval_dir)
+        except Exception:  # the metrics are saved; the page is a view of them
+            logger.exception("%s: the HTML report could not be written", getattr(self.subject, "id", self.subject))
