@@ -124,13 +124,13 @@ def _images_figure(times, kinds, observed, predicted, start):
     return figure
 
 
-def _jacobian_figure(times, images, jacobians):
+def _jacobian_figure(times, images, jacobians, kinds=None):
     from matplotlib.colors import TwoSlopeNorm
 
     plt = _pyplot()
     count = len(times)
     figure, axes = plt.subplots(1, count, figsize=(3.2 * count + 1.0, 3.6), squeeze=False)
-    values = np.concatenate([_slice(j).ravel() for j in jacobians])
+    values = np.concatenate([_slice(j).ravel() for j in jacobians])  # window from every voxel shown
     spread = float(np.percentile(np.abs(values - 1.0), 99.5)) or 0.05
     norm = TwoSlopeNorm(vmin=max(1.0 - spread, 1e-3), vcenter=1.0, vmax=1.0 + spread)
     overlay = None
@@ -138,13 +138,15 @@ def _jacobian_figure(times, images, jacobians):
         anatomy = _slice(images[index])
         low, high = np.percentile(anatomy, [1, 99.5])
         axes[0, index].imshow(anatomy, cmap="gray", vmin=low, vmax=high, interpolation="nearest")
-        overlay = axes[0, index].imshow(_slice(jacobians[index]), cmap="RdBu_r", norm=norm, alpha=0.55,
-                                        interpolation="nearest")
-        axes[0, index].set_title(f"t = {times[index]:g}", fontsize=10)
+        inside = anatomy > low + 0.1 * (high - low)  # the overlay stays on the anatomy, not the background
+        shown = np.ma.masked_where(~inside, _slice(jacobians[index]))
+        # det J of the pull-back map (time t's grid -> first scan): < 1 where the tissue grew, so red is low
+        overlay = axes[0, index].imshow(shown, cmap="RdBu", norm=norm, alpha=0.6, interpolation="nearest")
+        axes[0, index].set_title(f"t = {times[index]:g}" + (f" ({kinds[index]})" if kinds else ""), fontsize=10)
         axes[0, index].set_xticks([])
         axes[0, index].set_yticks([])
     figure.colorbar(overlay, ax=axes[0].tolist(), fraction=0.03, pad=0.02,
-                    label="det J (<1 shrinks, >1 grows)")
+                    label="det J  (red < 1: grew, blue > 1: shrank)")
     return figure
 
 
@@ -357,9 +359,12 @@ def subject_report(
     later = [t for t in extra if t > observed[-1]]
     jac_times = sorted({observed[len(observed) // 2], observed[-1], *(later[-1:] if later else [])})
     jac = subject.predict(jac_times)
-    sections.append(_figure_html(SECTIONS[1], _png(_jacobian_figure(jac_times, jac.images, jac.jacobians)),
-                                 "Determinant of the Jacobian of the map from the first scan to each time, over the predicted anatomy "
-                                 "(middle slice): blue, local volume loss; red, growth; white, none."))
+    jac_kinds = [_kind(t, observed, heldout) for t in jac_times]
+    sections.append(_figure_html(SECTIONS[1], _png(_jacobian_figure(jac_times, jac.images, jac.jacobians, jac_kinds)),
+                                 "Jacobian determinant of the map from each time's grid back to the first scan (the values of "
+                                 "jacobian_t<time>.nii.gz), over the predicted anatomy (middle slice): below 1 (red) "
+                                 "where the tissue there occupies more volume than in the first scan, above 1 (blue) "
+                                 "where it occupies less, 1 (white) no change."))
 
     end = max([observed[-1], *extra])
     grid = np.unique(np.concatenate([np.linspace(observed[0], end, 25), observed, heldout]))
