@@ -50,6 +50,9 @@ def test_fit_scan_files_with_times_writes_model_and_datalist(tmp_path, capsys):
     cli.main(["predict", "--output_dir", out, "--times", "0.5", "4"])
     assert "sub-01: 2 time point(s) [0.5, 4.0]" in capsys.readouterr().out
     assert os.path.isfile(os.path.join(out, "sub-01", "predictions", "image_t4.0.nii.gz"))
+    # or from the scan files again, their times as --scan_times
+    cli.main(["predict", *paths, "--scan_times", "0", "1.5", "3", "--output_dir", out, "--times", "2"])
+    assert "sub-01: 1 time point(s) [2.0]" in capsys.readouterr().out
 
 
 def test_fit_scan_files_needs_one_time_per_scan(tmp_path):
@@ -118,6 +121,10 @@ def test_fit_cine_file_uses_its_frame_times(tmp_path, capsys):
     np.testing.assert_allclose(frame.affine, nib.load(cine).affine[:4, :4], atol=1e-6)
     np.testing.assert_allclose(frame.get_fdata(), nib.load(cine).get_fdata()[..., 2], atol=1e-5)
     assert os.path.isfile(os.path.join(out, "patient7_4d", "model.pt"))
+
+
+def test_cine_frame_times_are_the_header_values_in_seconds(tmp_path):
+    assert cine_frame_times(_cine(tmp_path / "a.nii.gz", frames=4, step_ms=33.3)) == [0.0, 0.0333, 0.0666, 0.0999]
 
 
 def test_cine_without_frame_time_asks_for_times(tmp_path):

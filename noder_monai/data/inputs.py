@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import nibabel as nib
+import numpy as np
 
 from noder_monai.data.bids import bids_datalist
 from noder_monai.data.io import PathLike, load_scan, parse_times, save_image
@@ -80,13 +81,13 @@ def cine_frame_times(path: PathLike) -> list[float]:
     path = os.fspath(path)
     header = nib.load(path).header
     frames = int(header["dim"][4])
-    step = float(header["pixdim"][4])
+    step = float(str(np.float32(header["pixdim"][4])))  # the header's float32 as written (0.05, not 0.0500000007)
     unit = header.get_xyzt_units()[1]
     if not step > 0 or unit not in _TIME_UNITS:
         raise ValueError(f"cine '{path}': the header gives no frame time (pixdim[4] = {step:g}, time unit "
                          f"{unit!r}); pass the frame times: --times T1 T2 ... ({frames} values).")
     scale = _TIME_UNITS[unit]
-    offset = float(header["toffset"]) * scale
+    offset = float(str(np.float32(header["toffset"]))) * scale
     return [round(offset + k * step * scale, 9) for k in range(frames)]
 
 
