@@ -18,7 +18,8 @@ import logging
 import os
 from typing import Any, Sequence
 
-__all__ = ["fit", "predict", "evaluate", "demo", "pretrain", "main", "COMMANDS"]
+__all__ = ["fit", "predict", "evaluate", "demo", "pretrain", "fit_inputs", "predict_inputs", "report", "main",
+           "COMMANDS", "group_list_flags"]
 
 
 def fit(
@@ -120,6 +121,7 @@ def evaluate(
     device: str | None = None,
     threads: int | None = None,
     montage: bool = True,
+    report: bool = True,
 ) -> None:
     """Score every fitted subject on its held-out scans (NRMSE, SSIM, PSNR, % folded voxels) and print the table.
 
@@ -135,56 +137,87 @@ def evaluate(
         device: torch device (default: cuda if available, else cpu).
         threads: torch CPU threads (default: the cores idle at start, i.e. cores minus the load average).
         montage: write the PNG montages (--nomontage to skip).
+        report: write the HTML report (<output_dir>/<id>/report.html and the index <output_dir>/report.html;
+            --noreport to skip).
     """
     from noder_monai.engines import jobs
     from noder_monai.engines.report import markdown_table
 
     eval_dir = eval_dir or os.path.join(output_dir, "eval")
+    write_report = report
     report = jobs.evaluate(
         datalist=datalist, dataset_dir=dataset_dir, output_dir=output_dir, eval_dir=eval_dir, device=device,
         num_threads=threads, montage=montage,
     )
     print(markdown_table(report))
     print(f"report: {os.path.join(os.path.abspath(eval_dir), 'metrics.json')}")
+    if write_report:
+        from noder_monai.engines.report_html import cohort_report
+
+        print(f"report: {cohort_report(output_dir, datalist, eval_dir, device or 'cpu')['index']}")
 
 
 def demo(
     directory: str = "noder_demo",
-    subjects: int = 2,
-    size: int = 64,
+    full: bool = False,
+    subjects: int | None = None,
+    size: int | None = None,
     pretrained: str | None = "auto",
     device: str | None = None,
     threads: int | None = None,
     progress: bool = True,
+    report: bool = True,
     **settings: Any,
 ) -> None:
     """Run everything on the synthetic demo: make the data (if absent), fit, predict, evaluate, print the metrics.
 
     The demo subjects are the shipped Colin27 head deformed by a known, non-linear atrophy-like trajectory, with
-    three held-out scans each (two between visits, one after the last). Takes a few minutes on a laptop CPU.
+    three held-out scans each (two between visits, one after the last). By default one 48^3 subject with 160 epochs
+    (about a minute on 2 CPU cores); --full runs two 64^3 subjects with the default 300 epochs (a few minutes).
+    Prints the held-out table (NODER beside the nearest observed scan and linear interpolation) once and writes the
+    HTML report.
 
     Args:
         directory: folder for data/, outputs/ and eval/.
-        subjects: number of demo subjects.
-        size: edge of the demo volumes in voxels (64 is the shipped resolution).
+        full: the full-size demo (two 64^3 subjects, 300 epochs).
+        subjects: number of demo subjects (default 1; 2 with --full).
+        size: edge of the demo volumes in voxels (default 48; 64, the shipped resolution, with --full).
         pretrained: autoencoder file, "auto" (shipped weights when installed) or None (random weights).
         device: torch device (default: cuda if available, else cpu).
-        threads: torch CPU threads (default: the cores idle at start, i.e. cores minus the load average).
-        progress: show a progress bar per subject.
+        threads: torch CPU threads (default: the cores idle now, sampled at start; 1 on a busy machine).
+        progress: show a progress bar when the output is a terminal.
+        report: write the HTML report (--noreport to skip).
         settings: fit and network settings as for `noder fit`, e.g. --epochs 100.
     """
     from noder_monai.engines import jobs
 
+    if not full:
+        settings.setdefault("epochs", _DEMO_QUICK["epochs"])
+    subjects = subjects or (2 if full else _DEMO_QUICK["subjects"])
+    size = size or (64 if full else _DEMO_QUICK["size"])
     fit_settings, network = jobs.split_settings(**settings)
     result = jobs.run_demo(
         directory=directory, n_subjects=subjects, size=size, network=network, fit=fit_settings,
         pretrained=pretrained, device=device, num_threads=threads, progress=progress,
     )
-    print(result["table"])
+    if report:
+        import time as timer
+
+        from noder_monai.engines.report_html import cohort_report, comparison_table
+
+        start = timer.perf_counter()
+        written = cohort_report(result["output_dir"], result["datalist"], result["eval_dir"], device or "cpu")
+        result["seconds"]["report"] = round(timer.perf_counter() - start, 2)
+        print("held-out scans, mean per split (NODER against two baselines that move no anatomy):")
+        print(comparison_table(written["comparison"]))
+    else:
+        print(result["table"])
     print(f"data:        {result['datalist']}")
     print(f"models:      {result['output_dir']}/<subject>/model.pt")
     print(f"predictions: {result['output_dir']}/<subject>/predictions/")
-    print(f"report:      {result['eval_dir']}/metrics.md and <subject>_montage.png")
+    print(f"metrics:     {result['eval_dir']}/metrics.md (per scan: NRMSE, SSIM, PSNR, % folded)")
+    if report:
+        print(f"report:      {written['index']} (open in a browser)")
     print("seconds:     " + ", ".join(f"{stage} {value:.1f}" for stage, value in result["seconds"].items()))
 
 
@@ -220,8 +253,220 @@ def pretrain(
           f"{result.best_validation_epe:.4f} voxels)")
 
 
-COMMANDS = {"fit": fit, "predict": predict, "evaluate": evaluate, "demo": demo, "pretrain": pretrain}
+_DEMO_QUICK = {"subjects": 1, "size": 48, "epochs": 160}
+"""The default demo: one 48^3 subject, 160 epochs, sized for about a minute on 2 CPU cores with NODER's held-out
+NRMSE ahead of both baselines (``benchmarks/README.md``); ``noder demo --full``: two 64^3 subjects, 300 epochs."""
+
+
+def _inputs_datalist(inputs: Sequence[str], output_dir: str, times: Any, bids: str | None,
+                     participant_label: Any, time_column: str, subject: str | None) -> str:
+    """The datalist path for what was given; scans, cine and BIDS inputs are written to <output_dir>/datalist.json."""
+    from noder_monai.data.inputs import inputs_datalist, write_inputs_datalist
+
+    if not inputs and bids is None:
+        existing = os.path.join(output_dir, "datalist.json")
+        if os.path.isfile(existing):
+            return existing
+    resolved = inputs_datalist([str(i) for i in inputs], output_dir, times, bids, participant_label, time_column,
+                               subject)
+    if isinstance(resolved, str):
+        return resolved
+    path = write_inputs_datalist(resolved, output_dir)
+    print(f"datalist:    {path} ({len(resolved['subjects'])} subject(s); the bundle reruns it with --datalist)")
+    return path
+
+
+def fit_inputs(
+    *inputs: str,
+    times: Any = None,
+    bids: str | None = None,
+    participant_label: Any = None,
+    time_column: str = "age",
+    subject: str | None = None,
+    dataset_dir: str | None = None,
+    output_dir: str = "noder_outputs",
+    pretrained: str | None = "auto",
+    device: str | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+    skip_existing: bool = False,
+    progress: bool = True,
+    report: bool = True,
+    **settings: Any,
+) -> None:
+    """Fit a NODER trajectory to every subject: your scans, a 4D cine file, a BIDS dataset or a JSON datalist.
+
+        noder fit t0.nii.gz t1.nii.gz t2.nii.gz --times 0 1.5 3       one subject, one time per scan
+        noder fit cine.nii.gz                                          4D file: frame times from its header (s)
+        noder fit --bids /data/bids --participant_label 01 02 --time_column age
+        noder fit DATALIST.json
+
+    Scans, cine and BIDS inputs are written as the bundle's datalist to <output_dir>/datalist.json (rerun it with
+    the bundle's --datalist, or with `noder predict --output_dir` alone). BIDS is read as a plain folder layout (no
+    pybids): sub-*/ses-*/anat/sub-*_ses-*_T1w.nii[.gz], times from sub-*/sub-*_sessions.tsv. Writes per subject
+    <output_dir>/<id>/model.pt (the fitted subject), loss.csv and loss.json (the loss per epoch),
+    fitted/image_t<time>.nii.gz and, with --report, report.html (figures, no held-out metrics until evaluate).
+
+    Args:
+        inputs: a JSON datalist ({"subjects": [{"id", "scans": [{"image", "time"}, ...], "label"?, "heldout"?,
+            "predict_times"?}]}), one 4D cine file, or two or more scan files of one subject (with --times).
+        times: one acquisition time per scan file, e.g. --times 0 1.5 3; for a cine file, the frame times (default:
+            k * pixdim[4] from its header, in seconds).
+        bids: a BIDS dataset folder: one subject per sub-*, one scan per ses-* (T1w).
+        participant_label: BIDS subjects to fit, with or without "sub-" (default: all).
+        time_column: column of sub-*_sessions.tsv holding each session's time (default: age).
+        subject: subject id for scan files or a cine file (default: sub-01, or the cine file's name).
+        dataset_dir: folder the datalist's relative paths start from (default: the datalist's folder).
+        output_dir: where the per-subject folders are written.
+        pretrained: deformation-autoencoder file for the encoder/decoder; "auto" uses the weights shipped with
+            the package when installed; None starts from random weights.
+        device: torch device, e.g. cpu or cuda:0 (default: cuda if available, else cpu).
+        seed: random seed of every fit.
+        threads: torch CPU threads (default: the cores idle now, sampled at start; 1 on a busy machine).
+        skip_existing: keep subjects whose model.pt already exists (resume an interrupted run).
+        progress: show a progress bar (subject i of N, level, loss) when the output is a terminal.
+        report: write each subject's report.html and the index <output_dir>/report.html (--noreport to skip).
+        settings: fit settings (epochs, learning_rate, ncc_kernel_size, smoothness_weight, boundary_weight,
+            levels, level_fractions, patience, min_improvement, finetune_decoder, source) and network settings
+            (latent_channels, encoder_channels, decoder_channels, dynamics_channels, hidden_features,
+            num_hidden_layers, smoothing_kernel, step_size, adjoint, field, integration_steps),
+            e.g. --epochs 100 --levels "[2,1]" --level_fractions "[0.5,0.5]".
+    """
+    datalist = _inputs_datalist(inputs, output_dir, times, bids, participant_label, time_column, subject)
+    fit(datalist, dataset_dir=dataset_dir, output_dir=output_dir, pretrained=pretrained, device=device, seed=seed,
+        threads=threads, skip_existing=skip_existing, progress=progress, **settings)
+    if report:
+        from noder_monai.engines.report_html import cohort_report
+
+        index = cohort_report(output_dir, datalist)["index"]
+        print(f"report:      {index}")
+
+
+def predict_inputs(
+    *inputs: str,
+    times: Any = None,
+    scan_times: Any = None,
+    bids: str | None = None,
+    participant_label: Any = None,
+    time_column: str = "age",
+    subject: str | None = None,
+    dataset_dir: str | None = None,
+    output_dir: str = "noder_outputs",
+    device: str | None = None,
+    threads: int | None = None,
+    batch_size: int = 8,
+) -> None:
+    """Predict every fitted subject at query times: images, displacement fields, Jacobian maps, carried labels.
+
+        noder predict --output_dir runs --times 1 2.5 8          the subjects `noder fit` wrote to runs/
+        noder predict DATALIST.json --output_dir runs --times "[1.0, 2.5]"
+
+    Needs `noder fit` with the same output_dir first. Inputs are read as for `noder fit` (with the scans' times as
+    --scan_times, since --times are the query times); with none, <output_dir>/datalist.json (written by fit) is
+    used. Writes <output_dir>/<id>/predictions/{image,ddf,jacobian,label}_t<time>.nii.gz (input affine; ddf in
+    voxels, channels last with NIfTI intent vector), predictions.json and, when the subject has a label map,
+    label_volumes.csv.
+
+    Args:
+        inputs: the datalist, cine file or scan files used for fitting (default: <output_dir>/datalist.json).
+        times: query times, e.g. --times 1 2.5 8, for subjects without their own predict_times in the datalist
+            (default: each subject's observed and held-out times).
+        scan_times: the scan files' acquisition times when inputs are scan files.
+        bids: the BIDS dataset folder used for fitting.
+        participant_label: BIDS subjects (default: all).
+        time_column: column of sub-*_sessions.tsv holding each session's time (default: age).
+        subject: subject id given to `noder fit` for scan files or a cine file.
+        dataset_dir: folder the datalist's relative paths start from (default: the datalist's folder).
+        output_dir: the folder `noder fit` wrote to.
+        device: torch device (default: cuda if available, else cpu).
+        threads: torch CPU threads (default: the cores idle now, sampled at start).
+        batch_size: time points decoded and warped at once (lower it if memory is short).
+    """
+    from noder_monai.data.io import parse_times
+
+    datalist = _inputs_datalist(inputs, output_dir, scan_times, bids, participant_label, time_column, subject)
+    predict(datalist, dataset_dir=dataset_dir, output_dir=output_dir,
+            times=None if times is None else parse_times(times, "times"), device=device, threads=threads,
+            batch_size=batch_size)
+
+
+def report(
+    output_dir: str = "noder_outputs",
+    datalist: str | None = None,
+    eval_dir: str | None = None,
+    device: str | None = None,
+    threads: int | None = None,
+) -> None:
+    """Write the HTML report of a finished run: one self-contained page per subject and an index.
+
+    Each <output_dir>/<id>/report.html shows, per scan time, observed / predicted / difference; the Jacobian
+    determinant over the anatomy; each structure's volume over time (with a label map); the loss curve; and the
+    held-out metrics beside the nearest observed scan and linear interpolation. Figures are embedded (no external
+    files or URLs). The index is <output_dir>/report.html.
+
+    Args:
+        output_dir: the folder `noder fit` wrote to.
+        datalist: the run's datalist (default: <output_dir>/datalist.json, written by `noder fit` for scans, cine
+            and BIDS inputs).
+        eval_dir: folder of `noder evaluate`'s metrics.json, for % folded voxels (default: <output_dir>/eval).
+        device: torch device (default: cpu).
+        threads: torch CPU threads (default: the cores idle now, sampled at start).
+    """
+    from noder_monai.engines.report_html import cohort_report
+    from noder_monai.utils import set_threads
+
+    set_threads(threads)
+    result = cohort_report(output_dir, datalist, eval_dir, device or "cpu")
+    for subject, page in result["pages"].items():
+        print(f"{subject}: {page}")
+    print(f"report:      {result['index']}")
+
+
+COMMANDS = {"fit": fit_inputs, "predict": predict_inputs, "evaluate": evaluate, "demo": demo, "pretrain": pretrain,
+            "report": report}
 """The verbs of the ``noder`` command."""
+
+
+_LIST_FLAGS = {"--times": "number", "--scan_times": "number", "--scan-times": "number",
+               "--participant_label": "text", "--participant-label": "text"}
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def group_list_flags(argv: list[str]) -> list[str]:
+    """``--times 0 1.5 3`` -> ``--times "[0, 1.5, 3]"`` and ``--participant_label 01 02`` -> ``['01', '02']``: fire
+    takes one value per flag, so the values after a list flag (numbers for times, words not starting with ``-``
+    for labels) are joined into one list literal."""
+    out: list[str] = []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        kind = _LIST_FLAGS.get(token)
+        if kind is None or "--" in argv[:index]:
+            out.append(token)
+            index += 1
+            continue
+        values = []
+        index += 1
+        while index < len(argv) and (_is_number(argv[index]) if kind == "number" else not argv[index].startswith("-")):
+            values.append(argv[index])
+            index += 1
+        if kind == "number" and len(values) == 0:
+            if index < len(argv):  # a list literal such as "[1.0, 2.5]": fire and parse_times read it
+                values = [argv[index]]
+                index += 1
+            out += [token] + values
+        elif kind == "number":
+            out += [token, "[" + ", ".join(values) + "]"]
+        else:
+            out += [token, repr([str(v[4:] if v.startswith("sub-") else v) for v in values])]
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -230,11 +475,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     import fire
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = group_list_flags(list(sys.argv[1:] if argv is None else argv))
     if "--" not in argv and any(flag in argv for flag in ("-h", "--help")):
         # fire reads `noder fit --help` as a value for **settings; its own spelling is `noder fit -- --help`
         argv = [arg for arg in argv if arg not in ("-h", "--help")] + ["--", "--help"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
+    logging.getLogger("ignite").setLevel(logging.WARNING)  # one line per epoch; the bar and the summaries say it
     fire.Fire(COMMANDS, command=argv, name="noder")
 
 

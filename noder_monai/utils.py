@@ -135,14 +135,43 @@ def write_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], path: P
     return atomic_write(path, text.getvalue().encode("utf-8"))
 
 
-def free_cores() -> int:
-    """CPU cores this process may use minus the 1-minute load average (at least 1).
+def _busy_cpus(interval: float) -> float | None:
+    """CPUs busy over the next ``interval`` seconds, from two reads of ``/proc/stat`` (None where it is absent)."""
+    def read() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as handle:
+                fields = [int(v) for v in handle.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return sum(fields[:8]), fields[3] + (fields[4] if len(fields) > 4 else 0)
+
+    first = read()
+    if first is None:
+        return None
+    _time.sleep(interval)
+    second = read()
+    total, idle = second[0] - first[0], second[1] - first[1]
+    if total <= 0:
+        return None
+    return (total - idle) / total * (os.cpu_count() or 1)
+
+
+def free_cores(interval: float = 0.3) -> int:
+    """CPU cores this process may use that are idle now (at least 1).
 
     More torch threads than idle cores makes every operation wait on descheduled threads: on a 2-core machine with
-    one other busy process, 2 threads ran a fit many times slower than 1 (``benchmarks/README.md``).
+    one other busy process, 2 threads ran a fit many times slower than 1 (``benchmarks/README.md``). The busy cores
+    are sampled over ``interval`` seconds (``/proc/stat``), not read from the 1-minute load average, which still
+    counts a job (e.g. ``pip install``) that ended seconds ago; a core more than 25% busy counts as busy. Without
+    ``/proc/stat`` the 1-minute load average is used.
     """
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(usable, round(usable - os.getloadavg()[0]))) if hasattr(os, "getloadavg") else usable
+    busy = _busy_cpus(interval)
+    if busy is None:
+        if not hasattr(os, "getloadavg"):
+            return usable
+        busy = os.getloadavg()[0]
+    return max(1, min(usable, math.floor(usable - busy + 0.25)))
 
 
 def set_threads(num_threads: int | None) -> int:

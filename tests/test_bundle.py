@@ -179,6 +179,8 @@ def test_evaluate_writes_monai_metrics_equal_to_the_package_metrics(cohort, tmp_
     assert len(set(os.listdir(events)) - before) == 1  # the held-out metrics went to TensorBoard too
     folder = eval_dir / "sub-001"
     assert {"metrics.csv", "nrmse_raw.csv", "ssim_raw.csv", "psnr_raw.csv", "percent_folded_raw.csv"} <= set(os.listdir(folder))
+    page = open(os.path.join(cohort["output_dir"], "sub-001", "report.html"), encoding="utf-8").read()
+    assert page.count('src="data:image/png;base64,') == 4 and "linear interpolation" in page  # HTMLReportHandler
     rows = [line.split(",") for line in (folder / "nrmse_raw.csv").read_text().splitlines()[1:]]
     entry = cohort["document"]["subjects"][0]
     heldout = sorted(entry["heldout"], key=lambda scan: scan["time"])

@@ -27,16 +27,18 @@ def test_top_level_help_lists_every_verb(capsys):
                           ("evaluate", "Score every fitted subject"), ("demo", "Run everything on the synthetic demo"),
                           ("pretrain", "Pretrain the deformation autoencoder")):
         assert verb in text and summary in text
-    assert set(cli.COMMANDS) == {"fit", "predict", "evaluate", "demo", "pretrain"}
+    assert set(cli.COMMANDS) == {"fit", "predict", "evaluate", "demo", "pretrain", "report"}
 
 
 @pytest.mark.parametrize(
     "verb, phrases",
     [
-        ("fit", ["DATALIST", "JSON datalist", "--output_dir", "--threads", "torch CPU threads", "epochs, learning_rate"]),
+        ("fit", ["DATALIST", "JSON datalist", "--output_dir", "--threads", "torch CPU threads", "epochs, learning_rate",
+                 "--times", "--bids", "--participant_label", "--time_column", "4D cine", "pybids"]),
         ("predict", ["--times", "query times", "label_volumes.csv"]),
         ("evaluate", ["--eval_dir", "NRMSE, SSIM, PSNR", "montage"]),
-        ("demo", ["--directory", "--subjects", "a few minutes"]),
+        ("demo", ["--directory", "--subjects", "--full", "about a minute"]),
+        ("report", ["OUTPUT_DIR", "--datalist", "self-contained", "Jacobian"]),
         ("pretrain", ["OUTPUT_DIR", "--fields", "PretrainConfig fields"]),
     ],
 )
@@ -49,7 +51,7 @@ def test_each_verb_explains_its_arguments(capsys, verb, phrases):
 def test_console_script_entry_point_help():
     result = subprocess.run([sys.executable, "-m", "noder_monai.cli", "fit", "--help"], capture_output=True, text=True,
                             timeout=60)
-    assert result.returncode == 0 and "noder fit DATALIST" in result.stderr
+    assert result.returncode == 0 and "noder fit <flags> [INPUTS]..." in result.stderr
 
 
 def test_tiny_fit_predict_evaluate(tmp_path, capsys):

@@ -16,7 +16,6 @@ from typing import Callable, Sequence
 
 import torch
 from monai.data import DataLoader, MetaTensor
-from ignite.handlers import ProgressBar
 from monai.handlers import LrScheduleHandler
 from monai.utils import CommonKeys as Keys
 
@@ -150,6 +149,19 @@ apart whose appearance is stable: warp a denoised subject template) and ``"cine"
 changes from frame to frame, e.g. ultrasound speckle: carry the bracketing frames)."""
 
 
+def _progress_bar(progress: bool | str, default: str, total: int):
+    """A tqdm bar over the fit's epochs, or None when ``progress`` is off or stdout/stderr is not a terminal (no
+    bar in log files). A string ``progress`` is the bar's description (e.g. ``"subject 2/5 sub-002"``)."""
+    import sys
+
+    if not progress or not (sys.stdout.isatty() and sys.stderr.isatty()):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=progress if isinstance(progress, str) else default, unit="epoch", leave=False,
+                dynamic_ncols=True)
+
+
 def _where(sequence: SubjectSequence, index: int = 0) -> str:
     if sequence.paths:
         return f"subject '{sequence.subject}': scan '{sequence.paths[index]}'"
@@ -228,7 +240,7 @@ def fit_sequence(
     pretrained: str | Path | None = "auto",
     device: str | torch.device = "cpu",
     seed: int = 0,
-    progress: bool = True,
+    progress: bool | str = True,
     callback: Callable[[dict], None] | None = None,
 ) -> FittedSubject:
     """Fit a NODER trajectory to ``sequence`` and return the fitted subject.
@@ -242,7 +254,8 @@ def fit_sequence(
             deformation-autoencoder file (see ``load_autoencoder_weights``); None starts from random weights.
         device: torch device of the fit.
         seed: seeds torch's global generator so that the same call returns the same model.
-        progress: show a tqdm progress bar with the current loss.
+        progress: show a tqdm bar over the epochs with the level and loss, when stdout is a terminal; a
+            string is the bar's description.
         callback: called after every epoch with that epoch's record (epoch, level and loss terms as floats).
 
     Returns:
@@ -294,10 +307,17 @@ def fit_sequence(
         loss_function=loss,
         train_handlers=handlers,
     )
-    if progress:
-        ProgressBar(desc=f"fit {sequence.subject}", persist=False).attach(
-            trainer, output_transform=lambda output: {"loss": float(output[0][Keys.LOSS])}
-        )
+    bar = _progress_bar(progress, f"fit {sequence.subject}", sum(epochs))
+    if bar is not None:
+        from ignite.engine import Events
+
+        def _advance(engine) -> None:
+            bar.set_postfix(level=getattr(engine.state, "level", "?"), loss=f"{float(engine.state.output[0][Keys.LOSS]):.4f}",
+                            refresh=False)
+            bar.update(1)
+
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, _advance)
+        trainer.add_event_handler(Events.COMPLETED, lambda _: bar.close())
     trainer.run()
     return fitted_subject(
         trainer, item, dataclasses.asdict(config), geometry=sequence.geometry, fitted_on=sequence.fitted_on()

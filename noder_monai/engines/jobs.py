@@ -111,7 +111,7 @@ def _epoch_logger(subject: str, total_epochs: int, writer: Any) -> Callable[[dic
             for term in ("total", "similarity", "smoothness", "boundary"):
                 writer.add_scalar(f"loss/{term}", record[term], epoch)
         if epoch % every == 0 or epoch == total_epochs - 1:
-            logger.info(
+            logger.debug(  # one INFO line per subject (its summary); the terminal shows a bar
                 "%s epoch %d/%d level %d loss %.5f (similarity %.5f)",
                 subject, epoch + 1, total_epochs, record["level"], record["total"], record["similarity"],
             )
@@ -210,7 +210,7 @@ def train(
     entries = datalist_subjects(datalist, dataset_dir, demo_dir, demo)
     output_dir = _prepare_output_dir(output_dir)  # after the datalist checks, before the first fit
     summary: dict[str, dict] = {}
-    for entry in entries:
+    for number, entry in enumerate(entries, 1):
         folder = os.path.join(output_dir, entry.id)
         model_path = os.path.join(folder, "model.pt")
         if skip_existing and os.path.isfile(model_path):
@@ -228,7 +228,8 @@ def train(
         start = timer.perf_counter()
         try:
             subject = fit_sequence(
-                sequence, config, network, pretrained, device, seed, progress,
+                sequence, config, network, pretrained, device, seed,
+                progress and f"subject {number}/{len(entries)} {entry.id}",
                 callback=_epoch_logger(entry.id, config.epochs, writer),
             )
         finally:
@@ -247,8 +248,8 @@ def train(
         final = subject.history[-1]["total"]
         summary[entry.id] = {"model": model_path, "epochs": len(subject.history), "final_loss": final,
                              "seconds": round(seconds, 3), "fitted": paths}
-        logger.info("%s: %d epochs in %.1f s, final loss %.5f -> %s", entry.id, len(subject.history), seconds, final,
-                    model_path)
+        logger.info("[%d/%d] %s: %d epochs in %.1f s, final loss %.5f -> %s", number, len(entries), entry.id,
+                    len(subject.history), seconds, final, model_path)
     write_json(summary, os.path.join(output_dir, "training_summary.json"))
     return summary
 
@@ -433,7 +434,7 @@ def evaluate(
     report["overall"] = {"count": len(all_rows), **mean_metrics(all_rows)}
     write_json(report, os.path.join(eval_dir, "metrics.json"))
     atomic_write(os.path.join(eval_dir, "metrics.md"), markdown_table(report).encode("utf-8"))
-    logger.info("metrics -> %s\n%s", os.path.join(eval_dir, "metrics.json"), markdown_table(report))
+    logger.info("metrics -> %s", os.path.join(eval_dir, "metrics.json"))  # the table: metrics.md, printed by the CLI
     return report
 
 

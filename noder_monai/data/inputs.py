@@ -1,0 +1,161 @@
+"""A user's data as the bundle's datalist: a list of scans with times, a 4D cine file, or a BIDS dataset.
+
+:func:`inputs_datalist` turns what ``noder fit`` / ``noder predict`` were given into a datalist document (format:
+:mod:`noder_monai.data.datalist`, absolute paths) and :func:`write_inputs_datalist` writes it to
+``<output_dir>/datalist.json``, so the bundle (``--datalist <output_dir>/datalist.json``) reruns the same subjects.
+A cine file's frames are written as 3D files under ``<output_dir>/inputs/<id>/`` (the datalist names one file
+per scan).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from noder_monai.data.bids import bids_datalist
+from noder_monai.data.io import PathLike, load_scan, parse_times, save_image
+from noder_monai.utils import write_json
+
+__all__ = ["scans_datalist", "cine_datalist", "cine_frame_times", "inputs_datalist", "write_inputs_datalist",
+           "is_series"]
+
+_TIME_UNITS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
+
+
+def _safe_id(text: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", text).lstrip("._-")
+    return name or "sub-01"
+
+
+def _stem(path: str) -> str:
+    name = os.path.basename(path)
+    for suffix in (".nii.gz", ".nii", ".mha", ".nrrd", ".mhd"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return os.path.splitext(name)[0]
+
+
+def scans_datalist(scans: Sequence[PathLike], times: Any, subject: str = "sub-01") -> dict[str, Any]:
+    """One subject from its scan files and their acquisition times (one time per file, any order of files).
+
+    Raises:
+        ValueError: fewer than two scans, a missing file, or a number of times that differs from the number of scans.
+    """
+    paths = [os.path.abspath(os.fspath(p)) for p in scans]
+    if times is None:
+        raise ValueError(f"{len(paths)} scans need their acquisition times: --times T1 T2 ... (one per scan).")
+    values = parse_times(times, "times")
+    if len(paths) < 2:
+        raise ValueError(f"a fit needs at least two scans, got {len(paths)}: {paths}.")
+    if len(values) != len(paths):
+        raise ValueError(f"{len(paths)} scans but {len(values)} times {values}: give one time per scan.")
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ValueError(f"scan '{path}' not found.")
+    ordered = sorted(zip(values, paths))
+    return {"generator": {"function": "noder_monai.data.scans_datalist"},
+            "subjects": [{"id": _safe_id(subject), "scans": [{"image": p, "time": t} for t, p in ordered]}]}
+
+
+def is_series(path: PathLike) -> bool:
+    """Whether ``path`` is a NIfTI file with more than one frame along its 4th axis (a cine / 4D series)."""
+    path = os.fspath(path)
+    if not path.endswith((".nii", ".nii.gz")) or not os.path.isfile(path):
+        return False
+    shape = nib.load(path).shape
+    return len(shape) >= 4 and shape[3] > 1
+
+
+def cine_frame_times(path: PathLike) -> list[float]:
+    """Frame times in seconds of a 4D NIfTI file from its header: frame ``k`` at ``k * pixdim[4]`` (unit from
+    ``xyzt_units``: sec, msec or usec; ``toffset`` added).
+
+    Raises:
+        ValueError: naming the file, when the header has no frame duration or no time unit (pass the times).
+    """
+    path = os.fspath(path)
+    header = nib.load(path).header
+    frames = int(header["dim"][4])
+    step = float(str(np.float32(header["pixdim"][4])))  # the header's float32 as written (0.05, not 0.0500000007)
+    unit = header.get_xyzt_units()[1]
+    if not step > 0 or unit not in _TIME_UNITS:
+        raise ValueError(f"cine '{path}': the header gives no frame time (pixdim[4] = {step:g}, time unit "
+                         f"{unit!r}); pass the frame times: --times T1 T2 ... ({frames} values).")
+    scale = _TIME_UNITS[unit]
+    offset = float(str(np.float32(header["toffset"]))) * scale
+    return [round(offset + k * step * scale, 9) for k in range(frames)]
+
+
+def cine_datalist(path: PathLike, frames_dir: PathLike, times: Any = None, subject: str | None = None) -> dict[str, Any]:
+    """One subject from a 4D cine file (time = last axis): its frames are written as 3D files to ``frames_dir``.
+
+    Args:
+        path: 4D NIfTI file ``(*spatial, T)``.
+        frames_dir: folder of the frame files ``frame_<k>.nii.gz`` (same geometry as the cine).
+        times: one time per frame; None reads them from the header (:func:`cine_frame_times`, seconds).
+        subject: subject id (default: the file name without extension).
+    """
+    path = os.path.abspath(os.fspath(path))
+    values = cine_frame_times(path) if times is None else parse_times(times, "times")
+    data, geometry = load_scan(path)
+    if data.shape[0] < 2:
+        raise ValueError(f"cine '{path}' has 1 frame; a fit needs at least 2.")
+    if len(values) != data.shape[0]:
+        raise ValueError(f"cine '{path}' has {data.shape[0]} frames but {len(values)} times were given.")
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"cine '{path}': frame times must increase strictly, got {values}.")
+    frames_dir = os.path.abspath(os.fspath(frames_dir))
+    scans = []
+    for index, time in enumerate(values):
+        frame = save_image(data[index:index + 1], geometry.affine, os.path.join(frames_dir, f"frame_{index:03d}.nii.gz"))
+        scans.append({"image": frame, "time": float(time)})
+    return {"generator": {"function": "noder_monai.data.cine_datalist", "cine": path},
+            "subjects": [{"id": _safe_id(subject or _stem(path)), "scans": scans}]}
+
+
+def inputs_datalist(
+    inputs: Sequence[PathLike],
+    output_dir: PathLike,
+    times: Any = None,
+    bids: PathLike | None = None,
+    participant_label: str | Sequence[str] | None = None,
+    time_column: str = "age",
+    subject: str | None = None,
+) -> dict[str, Any] | str:
+    """What the user gave, as a datalist: a datalist path (``.json``, returned as is), a BIDS root (``bids``), one
+    4D cine file, or several scans with ``times``.
+
+    Returns:
+        a datalist path, or a datalist document to write with :func:`write_inputs_datalist`.
+
+    Raises:
+        ValueError: the inputs fit none of these forms; the message says which forms exist.
+    """
+    inputs = [os.fspath(p) for p in inputs]
+    if bids is not None:
+        if inputs:
+            raise ValueError(f"give either --bids ROOT or input files, got both (--bids {bids} and {inputs}).")
+        return bids_datalist(bids, participant_label, time_column)
+    if len(inputs) == 1 and inputs[0].endswith(".json"):
+        if times is not None:
+            raise ValueError("--times gives the scans' times when fitting scan files; a datalist holds its own times.")
+        return inputs[0]
+    if len(inputs) == 1 and is_series(inputs[0]):
+        name = _safe_id(subject or _stem(inputs[0]))
+        return cine_datalist(inputs[0], os.path.join(os.fspath(output_dir), "inputs", name), times, name)
+    if len(inputs) >= 2:
+        return scans_datalist(inputs, times, subject or "sub-01")
+    raise ValueError(
+        f"inputs {inputs}: give a JSON datalist, a 4D cine file, two or more scans with --times T1 T2 ..., "
+        f"or --bids ROOT."
+    )
+
+
+def write_inputs_datalist(document: dict[str, Any], output_dir: PathLike) -> str:
+    """Write ``document`` to ``<output_dir>/datalist.json`` (atomically) and return its path."""
+    return write_json(document, os.path.join(os.path.abspath(os.fspath(output_dir)), "datalist.json"))
