@@ -386,7 +386,7 @@ def predict_inputs(
 
     datalist = _inputs_datalist(inputs, output_dir, scan_times, bids, participant_label, time_column, subject)
     predict(datalist, dataset_dir=dataset_dir, output_dir=output_dir,
-            times=None if times is None else parse_times(times, "times"), device=device, threads=threads,
+            times=None if times is None else parse_times(times, "--times"), device=device, threads=threads,
             batch_size=batch_size)
 
 
