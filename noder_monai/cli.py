@@ -457,8 +457,8 @@ def group_list_flags(argv: list[str]) -> list[str]:
         while index < len(argv) and (_is_number(argv[index]) if kind == "number" else not argv[index].startswith("-")):
             values.append(argv[index])
             index += 1
-        if kind == "number" and len(values) == 0:
-            if index < len(argv):  # a list literal such as "[1.0, 2.5]": fire and parse_times read it
+        if kind == "number" and len(values) <= 1:
+            if not values and index < len(argv):  # a list literal such as "[1.0, 2.5]": fire and parse_times read it
                 values = [argv[index]]
                 index += 1
             out += [token] + values
