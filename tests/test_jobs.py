@@ -113,7 +113,8 @@ def test_skip_existing_keeps_fitted_subjects(run):
     before = model.stat().st_mtime_ns
     summary = jobs.train(run["datalist"], output_dir=run["output_dir"], fit=TINY_FIT, pretrained=None,
                               skip_existing=True, progress=False)
-    assert summary == {} and model.stat().st_mtime_ns == before
+    assert summary["sub-001"]["status"] == "skipped" and summary["sub-001"]["epochs"] == 2
+    assert model.stat().st_mtime_ns == before
 
 
 def write_datalist(tmp_path, subject):

@@ -17,8 +17,8 @@ one after another with :func:`run_cohort`, which
 - at the end, rank 0 waits for every rank's result file and writes ``<summary_dir>/cohort_summary_<stage>.json``
   (one record per subject of the whole cohort, finished earlier or now) and runs the stage's merge (the cohort CSVs).
 
-No process group is held while subjects run (MONAI's metric handlers would try to gather across ranks): one gloo
-group at start agrees on a run token, then is destroyed; ranks finish through files.
+No process group is created (MONAI's metric handlers would try to gather across ranks): the ranks agree on a run
+token through torchrun's key-value store and finish through files.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ __all__ = [
     "files_hash",
     "partition_subjects",
     "rank_device",
+    "rank_threads",
     "read_marker",
     "run_cohort",
     "subject_cost",
@@ -86,6 +87,16 @@ def rank_device(device: str | torch.device | None = None) -> torch.device:
         return torch.device("cpu")
     _, _, local = dist_env()
     return torch.device("cuda", local % max(1, torch.cuda.device_count()))
+
+
+def rank_threads(num_threads: int | None = None) -> int:
+    """Torch CPU threads of this process: ``num_threads`` if given, else the idle cores
+    (:func:`noder_monai.utils.free_cores`) divided among the ranks on this machine (``LOCAL_WORLD_SIZE``)."""
+    if num_threads is not None:
+        return num_threads
+    from noder_monai.utils import free_cores
+
+    return max(1, free_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
 def _header_shape(path: str) -> tuple[int, ...]:
@@ -260,23 +271,30 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+_TOKENS = {"calls": 0}
+
+
 def _run_token(world: int) -> str:
-    """A token every rank of this run shares (rank 0's, broadcast over a short-lived gloo group)."""
+    """A token every rank of this run shares: rank 0's, passed through torchrun's key-value store (``MASTER_ADDR``,
+    ``MASTER_PORT``; no process group). Every rank calls this once per cohort run, in the same order."""
     token = uuid.uuid4().hex
     if world == 1:
         return token
+    from datetime import timedelta
+
     import torch.distributed as dist
 
-    own = not dist.is_initialized()
-    if own:
-        dist.init_process_group("gloo")
-    try:
-        box = [token]
-        dist.broadcast_object_list(box, src=0, group=None if own else dist.new_group(backend="gloo"))
-        return box[0]
-    finally:
-        if own:
-            dist.destroy_process_group()
+    rank, _, _ = dist_env()
+    _TOKENS["calls"] += 1
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_store, timeout=timedelta(hours=1),
+                          wait_for_workers=False)
+    key = f"noder_monai/cohort_token/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/{_TOKENS['calls']}"
+    if rank == 0:
+        store.set(key, token)
+        return token
+    return store.get(key).decode()
 
 
 @dataclass

@@ -177,7 +177,7 @@ def train(
         the whole cohort on rank 0 (also written to ``<output_dir>/training_summary.json``), for the rank's share
         on other ranks.
     """
-    set_threads(num_threads)
+    set_threads(distributed.rank_threads(num_threads))
     output_dir = os.path.abspath(os.fspath(output_dir))
     device = distributed.rank_device(device)
     config = _fit_config(fit)
@@ -294,7 +294,7 @@ def infer(
         ``<output_dir>/inference_summary.json``; ``<output_dir>/cohort_label_volumes.csv`` holds one row per
         subject and time.
     """
-    set_threads(num_threads)
+    set_threads(distributed.rank_threads(num_threads))
     output_dir = os.path.abspath(os.fspath(output_dir))
     device = distributed.rank_device(device)
     if predict_times is not None:
@@ -400,7 +400,7 @@ def evaluate(
     Raises:
         ValueError: no subject of the datalist has held-out scans.
     """
-    set_threads(num_threads)
+    set_threads(distributed.rank_threads(num_threads))
     output_dir = os.path.abspath(os.fspath(output_dir))
     eval_dir = os.path.abspath(os.fspath(eval_dir))
     device = distributed.rank_device(device)
