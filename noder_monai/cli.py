@@ -71,8 +71,8 @@ def fit(
     )
     for subject, record in summary.items():
         if record.get("status") in ("done", "skipped") and "epochs" in record:
-            print(f"{subject}: {record['status']}, {record['epochs']} epochs, final loss {record['final_loss']:.5f}, "
-                  f"{record['seconds']:.1f} s -> {record['model']}")
+            print(f"{subject}: {record['epochs']} epochs, final loss {record['final_loss']:.5f}, "
+                  f"{record['seconds']:.1f} s -> {record['model']}" + (" (finished earlier)" if record["status"] == "skipped" else ""))
         else:
             print(f"{subject}: {_status_line(record)}")
     print(f"outputs: {os.path.abspath(output_dir)}")
@@ -129,7 +129,7 @@ def predict(
     for subject, record in summary.items():
         if record.get("images"):
             folder = os.path.dirname(record["images"][0])
-            print(f"{subject}: {record['status']}, {len(record['times'])} time point(s) {record['times']} -> {folder}")
+            print(f"{subject}: {len(record['times'])} time point(s) {record['times']} -> {folder}")
         else:
             print(f"{subject}: {_status_line(record)}")
     _exit_on_failures(summary)
@@ -170,7 +170,7 @@ def evaluate(
     if "overall" in report:  # rank 0 (or a single process): the cohort report
         print(markdown_table(report))
         print(f"report: {os.path.join(os.path.abspath(eval_dir), 'metrics.json')}")
-    _exit_on_failures(report["records"])
+    _exit_on_failures({subject: {"status": "failed"} for subject in report["failed"]})
 
 
 def demo(

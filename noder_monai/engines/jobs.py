@@ -184,6 +184,11 @@ def train(
     network = _network_kwargs(network)
     if pretrained not in (None, "auto") and not os.path.isfile(pretrained):
         raise FileNotFoundError(f"pretrained autoencoder file '{pretrained}' not found.")
+    if tensorboard:  # a missing package is the run's error, not each subject's
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError as error:
+            raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard") from error
     entries = datalist_subjects(datalist, dataset_dir, demo_dir, demo)
 
     def work(entry: SubjectEntry) -> dict:
@@ -394,8 +399,8 @@ def evaluate(
         reader: image reader for the held-out scans.
 
     Returns:
-        the ``metrics.json`` content (on rank 0; ``cohort_metrics.csv`` holds one row per subject and held-out
-        time) plus ``records`` (per subject, as :func:`train`).
+        the ``metrics.json`` content, with ``failed`` (the ids that failed) (on rank 0; ``cohort_metrics.csv``
+        holds one row per subject and held-out time); on other ranks ``{"metrics", "failed"}`` of their share.
 
     Raises:
         ValueError: no subject of the datalist has held-out scans.
@@ -419,9 +424,8 @@ def evaluate(
                               [t for _, t in entry.heldout]),
         merge=merge, check=_check_fitted(output_dir),
     )
-    if result.rank != 0:  # the cohort report is rank 0's; other ranks return their share
-        return {"metrics": list(METRICS), "records": result.records}
-    report["records"] = result.records
+    if result.rank != 0:  # the cohort report is rank 0's; other ranks return their share's failures
+        return {"metrics": list(METRICS), "failed": result.failed}
     return report
 
 
