@@ -411,16 +411,18 @@ def run_cohort(
             torch.cuda.empty_cache()
 
     result = CohortResult(stage, records, rank, world)
+    ranks = {str(rank): {"host": socket.gethostname(), "subjects": len(share), "worked": worked,
+                         "seconds": round(timer.perf_counter() - start, 3), "peak_rss_mib": _peak_rss_mib()}}
     if world > 1:
         rank_file = os.path.join(summary_dir, ".cohort", f"{stage}_rank{rank}.json")
-        write_json({"token": token, "rank": rank, "host": socket.gethostname(), "records": records}, rank_file)
+        write_json({"token": token, "rank": rank, **ranks[str(rank)], "records": records}, rank_file)
         if rank != 0:
             return result
-        records = _gather(summary_dir, stage, token, world, wait_s)
+        records, ranks = _gather(summary_dir, stage, token, world, wait_s)
     result.records = {entry.id: records.get(entry.id, {"status": "missing"}) for entry in subjects}
     counts = {status: sum(r.get("status") == status for r in result.records.values()) for status in _STATUSES}
     result.summary_path = write_json(
-        {"stage": stage, "subjects": len(subjects), "world_size": world, "counts": counts,
+        {"stage": stage, "subjects": len(subjects), "world_size": world, "counts": counts, "ranks": ranks,
          "failed": [{"id": k, "error": v.get("error"), "traceback": v.get("traceback")}
                     for k, v in result.records.items() if v.get("status") == "failed"],
          "records": result.records},
@@ -462,8 +464,18 @@ def _failure(entry: SubjectEntry, stage: str, error: BaseException, summary_dir:
     return {"status": "failed", "error": f"{type(error).__name__}: {error}", "traceback": path}
 
 
-def _gather(summary_dir: str, stage: str, token: str, world: int, wait_s: float) -> dict[str, dict]:
+def _peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (MiB; Linux reports ``ru_maxrss`` in KiB)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)
+
+
+def _gather(summary_dir: str, stage: str, token: str, world: int, wait_s: float) -> tuple[dict[str, dict], dict]:
     records: dict[str, dict] = {}
+    ranks: dict[str, dict] = {}
     pending = set(range(world))
     waited = 0.0
     while pending:
@@ -474,14 +486,15 @@ def _gather(summary_dir: str, stage: str, token: str, world: int, wait_s: float)
             except (OSError, ValueError):
                 continue
             if document.get("token") == token:
-                records.update(document["records"])
+                records.update(document.pop("records"))
+                ranks[str(other)] = {k: v for k, v in document.items() if k not in ("token", "rank")}
                 pending.discard(other)
         if pending:
             if waited % 600 < wait_s:
                 logger.info("rank 0: waiting for rank(s) %s to finish their share", sorted(pending))
             timer.sleep(wait_s)
             waited += wait_s
-    return records
+    return records, ranks
 
 
 # --- the cohort tables (rank 0, from the per-subject files, so subjects finished by earlier runs are included) ---
