@@ -187,3 +187,29 @@ def test_rank_device_and_threads_follow_torchrun(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="inconsistent"):
         distributed.dist_env()
+
+
+def test_check_subject_names_mixed_grids_and_nothing_is_kept_from_finished_subjects(tmp_path):
+    import gc
+
+    import torch
+
+    from noder_monai.engines import FittedSubject
+
+    datalist = write_cohort(tmp_path / "data", 2)
+    entries = load_datalist(datalist)
+    assert distributed.check_subject(entries[0]) == 16 * 16 * 3 == distributed.subject_cost(entries[0])
+    write_cohort(tmp_path / "other", 1, size=12)
+    os.replace(tmp_path / "other" / "sub-001" / "t2.0.nii.gz", tmp_path / "data" / "sub-001" / "t2.0.nii.gz")
+    with pytest.raises(ValueError, match="subject 'sub-001': files have different grids"):
+        distributed.check_subject(entries[0])
+
+    def alive():
+        gc.collect()
+        return sum(isinstance(o, (FittedSubject, torch.nn.Module)) for o in gc.get_objects())
+
+    before = alive()
+    records = jobs.train(datalist, output_dir=tmp_path / "out", fit=TINY, pretrained=None, progress=False,
+                         num_threads=1)
+    assert [r["status"] for r in records.values()] == ["failed", "done"]
+    assert alive() == before  # no network or fitted subject survives its subject

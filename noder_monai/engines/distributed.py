@@ -99,34 +99,20 @@ def rank_threads(num_threads: int | None = None) -> int:
     return max(1, free_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
-def _header_shape(path: str) -> tuple[int, ...]:
-    """The spatial shape of an image file from its header (NIfTI/Analyze/MGH via nibabel, else a full read)."""
-    try:
-        import nibabel as nib
+_NIBABEL = (".nii", ".nii.gz", ".mgz", ".mgh", ".hdr", ".img")
 
-        image = nib.load(path)
-        shape = tuple(int(s) for s in image.shape)
-        if path.endswith((".nii", ".nii.gz", ".mgz", ".mgh", ".hdr", ".img")):
-            # reading the data is what fails on a truncated or corrupt file; headers alone do not show it
-            image.dataobj[(0,) * len(shape)] if shape else None
-            return shape
-    except ImportError:
-        pass
+
+def _check_file(path: str) -> tuple[int, ...]:
+    """Read ``path`` completely (a corrupt, truncated or unreadable file fails here); return its shape."""
+    if path.endswith(_NIBABEL):
+        import nibabel as nib
+        import numpy as np
+
+        return tuple(int(s) for s in np.asarray(nib.load(path).dataobj).shape)
     from noder_monai.data import load_image
 
     data, _ = load_image(path)
     return tuple(int(s) for s in data.shape[1:])
-
-
-def _check_file(path: str) -> tuple[int, ...]:
-    """Header shape of ``path``; a gzip file is also read to its end (a corrupt or truncated one fails here)."""
-    if path.endswith(".gz"):
-        import gzip
-
-        with gzip.open(path, "rb") as handle:
-            while handle.read(1 << 20):
-                pass
-    return _header_shape(path)
 
 
 def check_subject(entry: SubjectEntry) -> int:
@@ -155,11 +141,18 @@ def check_subject(entry: SubjectEntry) -> int:
 
 
 def subject_cost(entry: SubjectEntry) -> int:
-    """Cost of fitting a subject: voxels x observed scans (read from the first scan's header; 0 if unreadable)."""
+    """Cost of fitting a subject: voxels x observed scans, the voxels read from the first scan's NIfTI/MGH header
+    (other formats: its size in bytes, which orders subjects of one format the same way; 0 if unreadable)."""
+    path = entry.scans[0][0]
     try:
-        voxels = 1
-        for size in _header_shape(entry.scans[0][0]):
-            voxels *= size
+        if path.endswith(_NIBABEL):
+            import nibabel as nib
+
+            voxels = 1
+            for size in nib.load(path).shape:
+                voxels *= int(size)
+        else:
+            voxels = os.path.getsize(path)
         return voxels * len(entry.scans)
     except Exception:
         return 0
