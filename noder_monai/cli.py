@@ -10,6 +10,10 @@ runs the bundle's trainer (``bundle/configs/train.json``'s ``NODERTrainer`` and 
     noder predict data/datalist.json --output_dir runs --times "[1.0, 2.5, 8.0]"
     noder evaluate data/datalist.json --output_dir runs --eval_dir runs/eval
     noder pretrain runs/autoencoder --epochs 5
+    torchrun --nproc_per_node=2 -m noder_monai.cli fit data/datalist.json --output_dir runs
+
+Under ``torchrun`` each process takes a cost-balanced share of the subjects (``engines.distributed``); finished
+subjects are skipped on a rerun; a failing subject is recorded and the exit status is the number that failed.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ def fit(
         device: torch device, e.g. cpu or cuda:0 (default: cuda if available, else cpu).
         seed: random seed of every fit.
         threads: torch CPU threads (default: the cores idle at start, i.e. cores minus the load average).
-        skip_existing: keep subjects whose model.pt already exists (resume an interrupted run).
+        skip_existing: also keep subjects whose model.pt exists without a done-marker (older outputs); subjects
+            with a done-marker for the same settings and scans are always skipped, so a rerun resumes.
         progress: show a progress bar per subject.
         settings: fit settings (epochs, learning_rate, ncc_kernel_size, smoothness_weight, boundary_weight,
             levels, level_fractions, patience, min_improvement, finetune_decoder) and network settings
@@ -66,9 +71,27 @@ def fit(
         progress=progress,
     )
     for subject, record in summary.items():
-        print(f"{subject}: {record['epochs']} epochs, final loss {record['final_loss']:.5f}, "
-              f"{record['seconds']:.1f} s -> {record['model']}")
+        if record.get("status") in ("done", "skipped") and "epochs" in record:
+            print(f"{subject}: {record['epochs']} epochs, final loss {record['final_loss']:.5f}, "
+                  f"{record['seconds']:.1f} s -> {record['model']}" + (" (finished earlier)" if record["status"] == "skipped" else ""))
+        else:
+            print(f"{subject}: {_status_line(record)}")
     print(f"outputs: {os.path.abspath(output_dir)}")
+    _exit_on_failures(summary)
+
+
+def _status_line(record: dict) -> str:
+    return f"{record.get('status')}" + (f": {record['error']}" if record.get("error") else "")
+
+
+def _exit_on_failures(records: dict) -> None:
+    """Exit with the number of failed subjects (capped at 100) when any failed (see cohort_summary_<stage>.json)."""
+    import sys
+
+    failed = [k for k, v in records.items() if v.get("status") == "failed"]
+    if failed:
+        print(f"{len(failed)} subject(s) failed: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(min(len(failed), 100))
 
 
 def predict(
@@ -109,8 +132,12 @@ def predict(
         num_threads=threads, batch_size=batch_size,
     )
     for subject, record in summary.items():
-        folder = os.path.dirname(record["images"][0])
-        print(f"{subject}: {len(record['times'])} time point(s) {record['times']} -> {folder}")
+        if record.get("images"):
+            folder = os.path.dirname(record["images"][0])
+            print(f"{subject}: {len(record['times'])} time point(s) {record['times']} -> {folder}")
+        else:
+            print(f"{subject}: {_status_line(record)}")
+    _exit_on_failures(summary)
 
 
 def evaluate(
@@ -149,12 +176,14 @@ def evaluate(
         datalist=datalist, dataset_dir=dataset_dir, output_dir=output_dir, eval_dir=eval_dir, device=device,
         num_threads=threads, montage=montage,
     )
-    print(markdown_table(report))
-    print(f"report: {os.path.join(os.path.abspath(eval_dir), 'metrics.json')}")
-    if write_report:
-        from noder_monai.engines.report_html import cohort_report
+    if "overall" in report:  # rank 0 (or a single process): the cohort report
+        print(markdown_table(report))
+        print(f"report: {os.path.join(os.path.abspath(eval_dir), 'metrics.json')}")
+        if write_report:
+            from noder_monai.engines.report_html import cohort_report
 
-        print(f"report: {cohort_report(output_dir, datalist, eval_dir, device or 'cpu')['index']}")
+            print(f"report: {cohort_report(output_dir, datalist, eval_dir, device or 'cpu')['index']}")
+    _exit_on_failures({subject: {"status": "failed"} for subject in report["failed"]})
 
 
 def demo(

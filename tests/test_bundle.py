@@ -99,7 +99,9 @@ def test_cohort_skip_existing_keeps_fitted_subjects(cohort):
     workflow = CohortWorkflow(config_file=layered("train.json", absolute=True), skip_existing=True, logging_file=False,
                               datalist=cohort["datalist"], output_dir=cohort["output_dir"], **TINY)
     workflow.initialize()
-    assert workflow.run() == {} and os.stat(path).st_mtime_ns == before
+    records = workflow.run()
+    assert {k: v["status"] for k, v in records.items()} == {"sub-001": "skipped", "sub-002": "skipped"}
+    assert os.stat(path).st_mtime_ns == before
 
 
 @pytest.mark.parametrize("cwd", ["repo", "elsewhere"])
@@ -331,3 +333,33 @@ def test_bundle_outputs_keep_disagreeing_qform_sform(tmp_path):
         header = nib.load(str(folder / name)).header
         assert (int(header["qform_code"]), int(header["sform_code"])) == (1, 2), name
         assert_same_geometry(str(folder / name), paths[0])
+
+
+def test_multi_gpu_configs_shard_the_cohort_over_two_ranks(tmp_path):
+    """`torchrun --nproc_per_node=2 -m monai.bundle run_workflow CohortWorkflow` with multi_gpu_*.json on CPU: each
+    subject fitted by one rank; the evaluation's cohort_metrics.csv has one row per subject and held-out time."""
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from cohort_data import write_cohort
+
+    from noder_monai.engines import distributed
+
+    datalist = write_cohort(tmp_path / "data", 3, size=16)
+    output_dir, eval_dir = str(tmp_path / "out"), str(tmp_path / "eval")
+    common = {"datalist": datalist, "output_dir": output_dir, "eval_dir": eval_dir, "num_threads": 1}
+    fit = {**TINY, "fit#levels": [1], "fit#level_fractions": [1.0]}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for names, overrides in ((["train.json", "multi_gpu_train.json"], cli_overrides({**common, **fit})),
+                             (["inference.json", "evaluate.json", "multi_gpu_evaluate.json"], cli_overrides(common))):
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "monai.bundle",
+             "run_workflow", "noder_monai.engines.CohortWorkflow", "--config_file", json.dumps(layered(*names)),
+             *overrides], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [distributed.read_marker(os.path.join(output_dir, sid), "train")["record"]["rank"]
+             for sid in ("sub-001", "sub-002", "sub-003")]
+    assert sorted(set(ranks)) == [0, 1]
+    with open(os.path.join(output_dir, "cohort_summary_train.json")) as handle:
+        assert json.load(handle)["counts"]["done"] == 3
+    with open(os.path.join(eval_dir, "cohort_metrics.csv")) as handle:
+        rows = [line.split(",")[:2] for line in handle.read().splitlines()[1:]]
+    assert sorted((s, float(t)) for s, t in rows) == [(s, t) for s in ("sub-001", "sub-002", "sub-003") for t in (1.5, 3.0)]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import sys
 import types
@@ -113,7 +114,8 @@ def test_skip_existing_keeps_fitted_subjects(run):
     before = model.stat().st_mtime_ns
     summary = jobs.train(run["datalist"], output_dir=run["output_dir"], fit=TINY_FIT, pretrained=None,
                               skip_existing=True, progress=False)
-    assert summary == {} and model.stat().st_mtime_ns == before
+    assert summary["sub-001"]["status"] == "skipped" and summary["sub-001"]["epochs"] == 2
+    assert model.stat().st_mtime_ns == before
 
 
 def write_datalist(tmp_path, subject):
@@ -147,8 +149,10 @@ def test_bad_datalist_fails_before_fitting_naming_subject_and_field(tmp_path, su
 
 
 def test_missing_model_heldout_and_settings_errors(run, tmp_path):
-    with pytest.raises(FileNotFoundError, match="subject 'sub-001': fitted model .* not found; run training"):
-        jobs.infer(run["datalist"], output_dir=tmp_path / "empty")
+    # a subject without a model is a failed subject of the cohort, recorded with its error
+    record = jobs.infer(run["datalist"], output_dir=tmp_path / "empty")["sub-001"]
+    assert record["status"] == "failed" and os.path.isfile(record["traceback"])
+    assert re.search("FileNotFoundError: subject 'sub-001': fitted model .* not found; run training", record["error"])
     document = json.loads(json.dumps(run["document"]))
     del document["subjects"][0]["heldout"]
     datalist = tmp_path / "datalist.json"

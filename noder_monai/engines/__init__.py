@@ -49,6 +49,7 @@ _EXPORTS = {
         "CohortWorkflow", "bundle_root", "datalist_subjects", "package_error", "query_items", "select_subject",
         "subject_item",
     ),
+    "distributed": ("partition_subjects", "rank_device", "rank_threads", "run_cohort"),
     "predictor": ("PredictionEvaluator", "TimeNameFormatter", "fitted_subject_from_checkpoint", "time_tag"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

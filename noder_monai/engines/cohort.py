@@ -168,24 +168,46 @@ def package_error() -> Iterator[None]:
         raise replacement from error
 
 
+# config keys that do not change a subject's result: left out of the done-marker's config hash
+RESULT_FREE_KEYS = ("imports", "bundle_root", "device", "num_threads", "distributed", "subject_id", "subject",
+                    "run_name", "tracking_uri", "experiment_name", "save_execute_config", "is_not_rank0",
+                    "output_dir", "eval_dir", "demo_dir")
+
+
+def _stage(parser: Any) -> str:
+    if "train" in parser:
+        return "train"
+    return "evaluate" if "key_metric" in parser else "inference"
+
+
 class CohortWorkflow(ConfigWorkflow):
     """A ``ConfigWorkflow`` that runs a per-subject config once for every subject of its ``subjects`` (the datalist).
 
     Every subject gets a fresh ``ConfigWorkflow`` of the same files and overrides plus ``subject_id``: its own
     network, optimizer and handlers (and its own MLflow run, named by the subject id, with ``--tracking mlflow``).
+    The subjects run through :func:`noder_monai.engines.distributed.run_cohort`: under ``torchrun`` (with
+    ``configs/multi_gpu_*.json``) each rank takes a cost-balanced share; a subject whose done-marker matches the
+    config and its input files is skipped (a rerun resumes); a failing subject is recorded in
+    ``cohort_summary_<stage>.json`` and the others go on; rank 0 writes ``cohort_label_volumes.csv`` (inference)
+    and ``cohort_metrics.csv`` (evaluation), one row per subject and time.
 
     Args:
         config_file: the config files, e.g. ``['bundle/configs/common.json', 'bundle/configs/train.json']``.
-        skip_existing: skip subjects whose ``model_path`` already exists (resume an interrupted cohort).
+        skip_existing: also keep subjects whose ``model_path`` exists without a done-marker (older outputs).
+        exit_on_failure: ``finalize`` exits the process with the number of failed subjects (capped at 100) when
+            any failed, so ``python -m monai.bundle run_workflow`` reports them in its exit status.
         kwargs: other ``ConfigWorkflow`` arguments and config overrides (``workflow_type``, ``tracking``,
             ``datalist``, ``fit#epochs``, ...).
     """
 
-    def __init__(self, config_file: str | Sequence[str], skip_existing: bool = False, **kwargs: Any) -> None:
+    def __init__(self, config_file: str | Sequence[str], skip_existing: bool = False, exit_on_failure: bool = True,
+                 **kwargs: Any) -> None:
         super().__init__(config_file=config_file, **kwargs)
         self._subject_args = {"config_file": config_file, **kwargs}
         self.skip_existing = bool(skip_existing)
+        self.exit_on_failure = bool(exit_on_failure)
         self.results: dict[str, Any] = {}
+        self.cohort: Any = None
 
     def initialize(self) -> Any:
         """``ConfigWorkflow.initialize``; a package error is re-raised with its own message (see :func:`package_error`)."""
@@ -193,21 +215,124 @@ class CohortWorkflow(ConfigWorkflow):
             return super().initialize()
 
     def run(self) -> dict[str, Any]:
-        """Initialize, run and finalize the config for every subject. Returns ``{subject id: run result}``.
-
-        A package error inside a subject's config (a stale model, a bad scan, an unwritable ``output_dir``) is
-        re-raised with the package's message, so it is the last line of the traceback (see :func:`package_error`).
-        """
+        """Run the config for every subject of this rank's share. Returns ``{subject id: record}`` (``status``:
+        done, skipped, failed or locked; on rank 0 for the whole cohort). A package error inside a
+        subject's config is re-raised with the package's message, its last line (see :func:`package_error`)."""
         with package_error():
-            for entry in self.parser.get_parsed_content("subjects"):
-                workflow = ConfigWorkflow(**{**self._subject_args, "subject_id": entry.id})
-                if self.skip_existing and "model_path" in workflow.parser:
-                    workflow.parser.parse(reset=True)
-                    path = workflow.parser.get_parsed_content("model_path")
-                    if os.path.isfile(path):
-                        logger.info("%s: %s exists, skipped", entry.id, path)
-                        continue
-                workflow.initialize()
-                self.results[entry.id] = workflow.run()
-                workflow.finalize()
+            from noder_monai.engines import distributed
+
+            parser = self.parser
+            stage = _stage(parser)
+            subjects = parser.get_parsed_content("subjects")
+            output_dir = os.path.abspath(parser.get_parsed_content("output_dir"))
+            eval_dir = os.path.abspath(parser.get_parsed_content("eval_dir")) if "eval_dir" in parser else output_dir
+            summary_dir = eval_dir if stage == "evaluate" else output_dir
+            config = {k: v for k, v in parser.get().items() if k not in RESULT_FREE_KEYS}
+            predict_times = parser.get_parsed_content("predict_times") if "predict_times" in parser else None
+
+            def folder(entry: SubjectEntry) -> str:
+                return os.path.join(summary_dir, entry.id)
+
+            def inputs(entry: SubjectEntry) -> tuple[list[str], Any]:
+                model = os.path.join(output_dir, entry.id, "model.pt")
+                if stage == "train":
+                    return [path for path, _ in entry.scans], entry.times
+                if stage == "inference":
+                    return [model, *([entry.label] if entry.label else [])], [entry.predict_times, predict_times]
+                return [model, *(path for path, _ in entry.heldout)], [t for _, t in entry.heldout]
+
+            def work(entry: SubjectEntry) -> dict[str, Any]:
+                return _run_subject(self._subject_args, entry, stage, predict_times)
+
+            def check(entry: SubjectEntry) -> None:
+                distributed.check_subject(entry)
+                model = os.path.join(output_dir, entry.id, "model.pt")
+                if stage != "train" and not os.path.isfile(model):
+                    raise FileNotFoundError(f"subject '{entry.id}': fitted model '{model}' not found; run training first.")
+
+            def merge(entries: Sequence[SubjectEntry], records: dict[str, dict]) -> None:
+                if stage == "inference":
+                    distributed.cohort_label_volumes(entries, lambda e: os.path.join(output_dir, e.id, "predictions"),
+                                                     os.path.join(output_dir, "cohort_label_volumes.csv"))
+                elif stage == "evaluate":
+                    from noder_monai.engines.report import METRICS
+
+                    distributed.cohort_metrics(entries, lambda e: os.path.join(eval_dir, e.id, "subject_metrics.json"),
+                                               os.path.join(eval_dir, "cohort_metrics.csv"), METRICS)
+
+            def legacy(entry: SubjectEntry, _: str) -> dict | None:
+                model = os.path.join(output_dir, entry.id, "model.pt")
+                return {"model": model, "legacy": True} if os.path.isfile(model) else None
+
+            self.cohort = distributed.run_cohort(
+                subjects, stage, work, folder, summary_dir, config, inputs, merge=merge, check=check,
+                legacy=legacy if self.skip_existing and stage == "train" else None,
+                distributed=parser.get_parsed_content("distributed") if "distributed" in parser else None,
+            )
+            self.results = self.cohort.records
         return self.results
+
+    def finalize(self) -> Any:
+        result = super().finalize()
+        if self.exit_on_failure and self.cohort is not None and self.cohort.failed:
+            raise SystemExit(self.cohort.exit_code)
+        return result
+
+
+def _run_subject(args: Mapping[str, Any], entry: SubjectEntry, stage: str, predict_times: Any) -> dict[str, Any]:
+    """One subject's ConfigWorkflow: initialize, run, finalize; its record with the files it wrote."""
+    workflow = ConfigWorkflow(**{**args, "subject_id": entry.id})
+    workflow.initialize()
+    try:
+        workflow.run()
+        parser = workflow.parser
+        if stage == "train":
+            model = parser.get_parsed_content("model_path")
+            return {"model": model, "outputs": [model]}
+        if stage == "inference":
+            return _inference_outputs(parser.get_parsed_content("prediction_dir"), entry, predict_times)
+        return _evaluation_outputs(parser.get_parsed_content("metric_dir"), entry,
+                                   parser.get_parsed_content("evaluator").state.metric_details)
+    finally:
+        workflow.finalize()
+
+
+def _inference_outputs(folder: str, entry: SubjectEntry, predict_times: Any) -> dict[str, Any]:
+    """The files the inference config wrote for ``entry`` and, with a label, its ``label_volumes.csv``."""
+    import torch
+
+    from noder_monai.data import load_image
+    from noder_monai.engines.jobs import _label_volumes
+    from noder_monai.engines.predictor import time_tag
+    from noder_monai.utils import write_csv
+
+    times = [item["time"] for item in query_items(entry, predict_times)]
+    outputs = [os.path.join(folder, f"{kind}_{time_tag(t)}.nii.gz") for t in times for kind in ("image", "ddf", "jacobian")]
+    if entry.label is not None:
+        labels = [os.path.join(folder, f"label_{time_tag(t)}.nii.gz") for t in times]
+        maps = [load_image(path) for path in labels]
+        rows = _label_volumes(torch.stack([m for m, _ in maps]), times, maps[0][1])
+        outputs += [*labels, write_csv(rows, ["time", "label", "voxels", "volume_mm3"],
+                                       os.path.join(folder, "label_volumes.csv"))]
+    return {"times": times, "prediction_dir": folder, "outputs": outputs}
+
+
+def _evaluation_outputs(folder: str, entry: SubjectEntry, details: Mapping[str, Any]) -> dict[str, Any]:
+    """``<metric_dir>/subject_metrics.json`` (as ``noder evaluate`` writes it) from the evaluator's metric details."""
+    import math
+
+    from noder_monai.engines.report import METRICS, mean_metrics
+    from noder_monai.utils import write_json
+
+    first, last = entry.times[0], entry.times[-1]
+    rows = []
+    for index, item in enumerate(query_items(entry, heldout=True)):
+        t = item["time"]
+        row = {"time": t, "split": "interpolation" if first <= t <= last else "extrapolation", "image": item["target"]}
+        for name in METRICS:
+            value = float(details[name].reshape(-1)[index]) if name in details else float("nan")
+            row[name] = value if math.isfinite(value) else None
+        rows.append(row)
+    path = write_json({"scans": rows, "mean": mean_metrics(rows)}, os.path.join(folder, "subject_metrics.json"))
+    outputs = [path, *(os.path.join(folder, name) for name in sorted(os.listdir(folder)) if name.endswith(".csv"))]
+    return {"mean": mean_metrics(rows), "outputs": outputs}

@@ -9,9 +9,14 @@ equal those of ``bundle/configs/inference.json``. Output layout under ``output_d
     <id>/fitted/image_t<time>.nii.gz      the fit at every observed time
     <id>/predictions/{image,ddf,jacobian,label}_t<time>.nii.gz, predictions.json, label_volumes.csv
     <id>/predictions/ddf_itk_t<time>.nii.gz  the displacement in ITK/ANTs convention (LPS millimetres)
-    training_summary.json, inference_summary.json, tensorboard/<id>/ (when tensorboard is installed)
+    <id>/done_train.json, <id>/done_inference.json   done-markers, written last (see engines.distributed)
+    training_summary.json, inference_summary.json, cohort_label_volumes.csv, cohort_summary_<stage>.json
+    tensorboard/<id>/ (when tensorboard is installed)
 
-and under ``eval_dir``: ``metrics.json``, ``metrics.md`` and ``<id>_montage.png``. ``<time>`` is
+and under ``eval_dir``: ``metrics.json``, ``metrics.md``, ``cohort_metrics.csv``, ``<id>_montage.png`` and
+``<id>/subject_metrics.json``. Every job runs through :func:`~noder_monai.engines.distributed.run_cohort`: under
+``torchrun`` each rank takes a cost-balanced share; finished subjects are skipped, failing ones recorded; rank 0
+writes the cohort files. ``<time>`` is
 :func:`~noder_monai.engines.predictor.time_tag` (``t2.1``, ``t7.0``, ``t-0.5``). Every file is written to a
 temporary name and renamed, with the input scans' geometry (NIfTI qform/sform and their codes, see
 :class:`~noder_monai.data.io.Geometry`). Every job first checks that the folder it writes to is writable
@@ -35,6 +40,7 @@ import torch
 from noder_monai.data import SubjectEntry, load_image, make_demo_dataset, save_image
 from noder_monai.data.io import check_output_dir, load_label_map, parse_times, voxel_volume_mm3
 from noder_monai.data.itk_field import save_itk_displacement
+from noder_monai.engines import distributed
 from noder_monai.engines.cohort import datalist_subjects
 from noder_monai.engines.fit import FitConfig, fit_sequence
 from noder_monai.engines.predictor import time_tag
@@ -42,15 +48,7 @@ from noder_monai.engines.report import METRICS, markdown_table, mean_metrics, sa
 from noder_monai.engines.subject import FittedSubject
 from noder_monai.metrics import nrmse, percent_folded, psnr, ssim
 from noder_monai.networks import NODER
-from noder_monai.utils import (
-    atomic_write,
-    clean_stale_temporaries,
-    resolve_device,
-    set_threads,
-    summary_writer,
-    write_csv,
-    write_json,
-)
+from noder_monai.utils import atomic_write, clean_stale_temporaries, set_threads, summary_writer, write_csv, write_json
 
 __all__ = ["train", "infer", "evaluate", "run_demo", "split_settings"]
 
@@ -188,70 +186,107 @@ def train(
         num_threads: torch CPU threads (None: the cores idle at start, see :func:`noder_monai.utils.free_cores`).
         demo_dir: demo dataset folder used when neither ``datalist`` nor ``dataset_dir`` is given.
         demo: keyword arguments of ``make_demo_dataset`` for the demo dataset.
-        skip_existing: keep subjects whose ``model.pt`` already exists and still matches the datalist's scan files
-            and times (resume an interrupted cohort); a stale or unreadable one is fitted again.
+        skip_existing: also keep subjects whose ``model.pt`` exists without a done-marker (outputs of an older
+            version); subjects with a valid done-marker are always kept (a rerun resumes).
         tensorboard: write loss scalars to ``<output_dir>/tensorboard/<id>``; None does so if tensorboard is installed.
         progress: show a progress bar per subject.
         reader: image reader, ``"itk"``, ``"nibabel"`` or None (MONAI's choice).
 
     Returns:
-        ``{subject id: {"model", "epochs", "final_loss", "seconds", "fitted"}}``, also written to
-        ``<output_dir>/training_summary.json``.
+        ``{subject id: {"status", "model", "epochs", "final_loss", "seconds", "fitted"}}`` (``status``: ``done``,
+        ``skipped`` (finished by an earlier run), ``failed`` (with ``error`` and ``traceback``) or ``locked``), for
+        the whole cohort on rank 0 (also written to ``<output_dir>/training_summary.json``), for the rank's share
+        on other ranks.
 
     Raises:
         ValueError: ``output_dir`` exists and is not a folder or is not writable (before any subject is fitted).
     """
-    set_threads(num_threads)
-    device = resolve_device(device)
+    set_threads(distributed.rank_threads(num_threads))
+    output_dir = os.path.abspath(os.fspath(output_dir))
+    device = distributed.rank_device(device)
     config = _fit_config(fit)
     network = _network_kwargs(network)
     if pretrained not in (None, "auto") and not os.path.isfile(pretrained):
         raise FileNotFoundError(f"pretrained autoencoder file '{pretrained}' not found.")
+    if tensorboard:  # a missing package is the run's error, not each subject's
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError as error:
+            raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard") from error
     entries = datalist_subjects(datalist, dataset_dir, demo_dir, demo)
     output_dir = _prepare_output_dir(output_dir)  # after the datalist checks, before the first fit
-    summary: dict[str, dict] = {}
-    for number, entry in enumerate(entries, 1):
-        folder = os.path.join(output_dir, entry.id)
-        model_path = os.path.join(folder, "model.pt")
-        if skip_existing and os.path.isfile(model_path):
-            try:
-                reasons = _stale_reasons(FittedSubject.load(model_path), entry)
-            except ValueError as error:
-                reasons = [f"it cannot be read ({error})"]
-            if not reasons:
-                logger.info("%s: %s exists, skipped", entry.id, model_path)
-                continue
-            logger.warning("%s: %s is stale (%s); fitting again", entry.id, model_path, "; ".join(reasons))
-        sequence = entry.load(reader)
-        writer = summary_writer(tensorboard, os.path.join(output_dir, "tensorboard", entry.id))
-        logger.info("%s: fitting %d scans of size %s on %s", entry.id, len(entry.scans), sequence.spatial_size, device)
-        start = timer.perf_counter()
-        try:
-            subject = fit_sequence(
-                sequence, config, network, pretrained, device, seed,
-                progress and f"subject {number}/{len(entries)} {entry.id}",
-                callback=_epoch_logger(entry.id, config.epochs, writer),
-            )
-        finally:
-            if writer is not None:
-                writer.close()
-        seconds = timer.perf_counter() - start
-        subject.save(model_path)
-        write_json(subject.history, os.path.join(folder, "loss.json"))
-        write_csv(subject.history, ["epoch", "level", "total", "similarity", "smoothness", "boundary"],
-                   os.path.join(folder, "loss.csv"))
-        fitted = subject.predict(sequence.times)
-        paths = [
-            save_image(image, sequence.geometry, os.path.join(folder, "fitted", f"image_{time_tag(t)}.nii.gz"))
-            for image, t in zip(fitted.images, sequence.times.tolist())
-        ]
-        final = subject.history[-1]["total"]
-        summary[entry.id] = {"model": model_path, "epochs": len(subject.history), "final_loss": final,
-                             "seconds": round(seconds, 3), "fitted": paths}
-        logger.info("[%d/%d] %s: %d epochs in %.1f s, final loss %.5f -> %s", number, len(entries), entry.id,
-                    len(subject.history), seconds, final, model_path)
-    write_json(summary, os.path.join(output_dir, "training_summary.json"))
-    return summary
+
+    def work(entry: SubjectEntry) -> dict:
+        return _train_subject(entry, output_dir, config, network, pretrained, device, seed, progress, tensorboard,
+                              reader)
+
+    settings = {"fit": dataclasses.asdict(config), "network": network, "seed": seed,
+                "pretrained": _file_identity(pretrained)}
+    result = distributed.run_cohort(
+        entries, "train", work, lambda entry: os.path.join(output_dir, entry.id), output_dir, settings,
+        inputs=lambda entry: ([path for path, _ in entry.scans], entry.times),
+        merge=lambda subjects, records: write_json(records, os.path.join(output_dir, "training_summary.json")),
+        legacy=_legacy_model if skip_existing else None,
+    )
+    return result.records
+
+
+def _file_identity(path: Any) -> Any:
+    """A file setting as it enters the config hash: its path, size and modification time (None, "auto" as is)."""
+    if path in (None, "auto") or not os.path.isfile(path):
+        return path
+    stat = os.stat(path)
+    return [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
+
+
+def _legacy_model(entry: SubjectEntry, folder: str) -> dict | None:
+    """``skip_existing``: keep a ``model.pt`` without a done-marker if it still matches the datalist's scans."""
+    path = os.path.join(folder, "model.pt")
+    if not os.path.isfile(path):
+        return None
+    try:
+        reasons = _stale_reasons(FittedSubject.load(path), entry)
+    except ValueError as error:
+        reasons = [f"it cannot be read ({error})"]
+    if reasons:
+        logger.warning("%s: %s is stale (%s); fitting again", entry.id, path, "; ".join(reasons))
+        return None
+    return {"model": path, "legacy": True}
+
+
+def _train_subject(entry: SubjectEntry, output_dir: str, config: FitConfig, network: dict, pretrained: Any,
+                   device: torch.device, seed: int, progress: bool, tensorboard: bool | None,
+                   reader: str | None) -> dict:
+    """Fit one subject and write its model, loss curve and fitted images; returns its record with ``outputs``."""
+    folder = os.path.join(output_dir, entry.id)
+    model_path = os.path.join(folder, "model.pt")
+    sequence = entry.load(reader)
+    writer = summary_writer(tensorboard, os.path.join(output_dir, "tensorboard", entry.id))
+    logger.info("%s: fitting %d scans of size %s on %s", entry.id, len(entry.scans), sequence.spatial_size, device)
+    start = timer.perf_counter()
+    try:
+        subject = fit_sequence(
+            sequence, config, network, pretrained, device, seed, progress and f"subject {entry.id}",
+            callback=_epoch_logger(entry.id, config.epochs, writer),
+        )
+    finally:
+        if writer is not None:
+            writer.close()
+    seconds = timer.perf_counter() - start
+    subject.save(model_path)
+    outputs = [model_path, write_json(subject.history, os.path.join(folder, "loss.json")),
+               write_csv(subject.history, ["epoch", "level", "total", "similarity", "smoothness", "boundary"],
+                         os.path.join(folder, "loss.csv"))]
+    fitted = subject.predict(sequence.times)
+    paths = [
+        save_image(image, sequence.geometry, os.path.join(folder, "fitted", f"image_{time_tag(t)}.nii.gz"))
+        for image, t in zip(fitted.images, sequence.times.tolist())
+    ]
+    final = subject.history[-1]["total"]
+    logger.info("%s: %d epochs in %.1f s, final loss %.5f -> %s", entry.id, len(subject.history), seconds, final,
+                model_path)
+    return {"model": model_path, "epochs": len(subject.history), "final_loss": final,
+            "fit_seconds": round(seconds, 3), "fitted": paths, "outputs": outputs + paths}
 
 
 def _label_volumes(labels: torch.Tensor, times: Sequence[float], affine: torch.Tensor) -> list[dict]:
@@ -300,51 +335,79 @@ def infer(
             message names the model file and the change), or a label map is not one volume of integer labels.
 
     Returns:
-        ``{subject id: predictions.json content}`` (times and file lists), also written to
-        ``<output_dir>/inference_summary.json``.
+        ``{subject id: predictions.json content and "status"}`` (as :func:`train`), also written to
+        ``<output_dir>/inference_summary.json``; ``<output_dir>/cohort_label_volumes.csv`` holds one row per
+        subject and time.
     """
-    set_threads(num_threads)
-    device = resolve_device(device)
+    set_threads(distributed.rank_threads(num_threads))
+    output_dir = os.path.abspath(os.fspath(output_dir))
+    device = distributed.rank_device(device)
     if predict_times is not None:
         predict_times = parse_times(predict_times, name="predict_times")
     entries = datalist_subjects(datalist, dataset_dir, demo_dir, demo)
     output_dir = _prepare_output_dir(output_dir)
-    summary: dict[str, dict] = {}
-    for entry in entries:
-        subject = _load_subject(output_dir, entry, device)
-        times = entry.predict_times or predict_times or sorted({*entry.times, *(t for _, t in entry.heldout)})
-        times = sorted(set(times))
-        labels = None
-        if entry.label is not None:
-            labels, label_geometry = load_label_map(entry.label, reader)
-            _check_grid(subject, labels.shape[1:], torch.as_tensor(label_geometry.affine, dtype=torch.float64),
-                        f"subject '{entry.id}': field 'label' ({entry.label})")
-        prediction = subject.predict(times, labels=labels, batch_size=batch_size)
-        folder = os.path.join(output_dir, entry.id, "predictions")
-        record: dict[str, Any] = {"subject": entry.id, "times": times, "images": [], "ddfs": [], "ddfs_itk": [],
-                                  "jacobians": [], "labels": []}
-        geometry = prediction.geometry  # the scans' header forms: outputs read exactly like the inputs
-        for index, t in enumerate(times):
-            tag = time_tag(t)
-            record["images"].append(save_image(prediction.images[index], geometry,
-                                               os.path.join(folder, f"image_{tag}.nii.gz")))
-            record["ddfs"].append(save_image(prediction.ddfs[index], geometry,
-                                             os.path.join(folder, f"ddf_{tag}.nii.gz")))
-            record["ddfs_itk"].append(save_itk_displacement(prediction.ddfs[index], geometry,
-                                                            os.path.join(folder, f"ddf_itk_{tag}.nii.gz")))
-            record["jacobians"].append(save_image(prediction.jacobians[index], geometry,
-                                                  os.path.join(folder, f"jacobian_{tag}.nii.gz")))
-            if prediction.labels is not None:
-                record["labels"].append(save_image(prediction.labels[index], geometry,
-                                                   os.path.join(folder, f"label_{tag}.nii.gz"), dtype=np.int32))
+
+    def merge(subjects: Sequence[SubjectEntry], records: dict[str, dict]) -> None:
+        write_json(records, os.path.join(output_dir, "inference_summary.json"))
+        distributed.cohort_label_volumes(subjects, lambda entry: os.path.join(output_dir, entry.id, "predictions"),
+                                         os.path.join(output_dir, "cohort_label_volumes.csv"))
+
+    result = distributed.run_cohort(
+        entries, "inference", lambda entry: _infer_subject(entry, output_dir, predict_times, device, batch_size, reader),
+        lambda entry: os.path.join(output_dir, entry.id), output_dir, {"predict_times": predict_times},
+        inputs=lambda entry: ([os.path.join(output_dir, entry.id, "model.pt"), *([entry.label] if entry.label else [])],
+                              entry.predict_times),
+        merge=merge, check=_check_fitted(output_dir),
+    )
+    return result.records
+
+
+def _check_fitted(output_dir: str) -> Callable[[SubjectEntry], None]:
+    def check(entry: SubjectEntry) -> None:
+        distributed.check_subject(entry)
+        path = os.path.join(output_dir, entry.id, "model.pt")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"subject '{entry.id}': fitted model '{path}' not found; run training with this "
+                                    "output_dir first.")
+
+    return check
+
+
+def _infer_subject(entry: SubjectEntry, output_dir: str, predict_times: Sequence[float] | None,
+                   device: torch.device, batch_size: int, reader: str | None) -> dict:
+    """Predict one subject at its query times and write its files; returns predictions.json's content + ``outputs``."""
+    subject = _load_subject(output_dir, entry, device)
+    times = entry.predict_times or predict_times or sorted({*entry.times, *(t for _, t in entry.heldout)})
+    times = sorted(set(times))
+    labels = None
+    if entry.label is not None:
+        labels, label_geometry = load_label_map(entry.label, reader)
+        _check_grid(subject, labels.shape[1:], torch.as_tensor(label_geometry.affine, dtype=torch.float64),
+                    f"subject '{entry.id}': field 'label' ({entry.label})")
+    prediction = subject.predict(times, labels=labels, batch_size=batch_size)
+    folder = os.path.join(output_dir, entry.id, "predictions")
+    record: dict[str, Any] = {"subject": entry.id, "times": times, "images": [], "ddfs": [], "ddfs_itk": [],
+                              "jacobians": [], "labels": []}
+    geometry = prediction.geometry  # the scans' header forms: outputs read exactly like the inputs
+    for index, t in enumerate(times):
+        tag = time_tag(t)
+        record["images"].append(save_image(prediction.images[index], geometry,
+                                           os.path.join(folder, f"image_{tag}.nii.gz")))
+        record["ddfs"].append(save_image(prediction.ddfs[index], geometry, os.path.join(folder, f"ddf_{tag}.nii.gz")))
+        record["ddfs_itk"].append(save_itk_displacement(prediction.ddfs[index], geometry,
+                                                        os.path.join(folder, f"ddf_itk_{tag}.nii.gz")))
+        record["jacobians"].append(save_image(prediction.jacobians[index], geometry,
+                                              os.path.join(folder, f"jacobian_{tag}.nii.gz")))
         if prediction.labels is not None:
-            write_csv(_label_volumes(prediction.labels, times, prediction.affine),
-                       ["time", "label", "voxels", "volume_mm3"], os.path.join(folder, "label_volumes.csv"))
-        write_json(record, os.path.join(folder, "predictions.json"))
-        summary[entry.id] = record
-        logger.info("%s: %d time point(s) -> %s", entry.id, len(times), folder)
-    write_json(summary, os.path.join(output_dir, "inference_summary.json"))
-    return summary
+            record["labels"].append(save_image(prediction.labels[index], geometry,
+                                               os.path.join(folder, f"label_{tag}.nii.gz"), dtype=np.int32))
+    outputs = [*record["images"], *record["ddfs"], *record["ddfs_itk"], *record["jacobians"], *record["labels"]]
+    if prediction.labels is not None:
+        outputs.append(write_csv(_label_volumes(prediction.labels, times, prediction.affine),
+                                 ["time", "label", "voxels", "volume_mm3"], os.path.join(folder, "label_volumes.csv")))
+    outputs.append(write_json(record, os.path.join(folder, "predictions.json")))
+    logger.info("%s: %d time point(s) -> %s", entry.id, len(times), folder)
+    return {**record, "outputs": outputs}
 
 
 def evaluate(
@@ -380,62 +443,94 @@ def evaluate(
         reader: image reader for the held-out scans.
 
     Returns:
-        the ``metrics.json`` content.
+        the ``metrics.json`` content, with ``failed`` (the ids that failed) (on rank 0; ``cohort_metrics.csv``
+        holds one row per subject and held-out time); on other ranks ``{"metrics", "failed"}`` of their share.
 
     Raises:
         ValueError: no subject of the datalist has held-out scans, ``eval_dir`` cannot be written, a fitted model is
             stale, or a held-out scan is constant or has NaN/Inf voxels (the message names the file).
     """
-    set_threads(num_threads)
-    output_dir = os.path.abspath(os.fspath(output_dir))  # only read here
-    device = resolve_device(device)
+    set_threads(distributed.rank_threads(num_threads))
+    output_dir = os.path.abspath(os.fspath(output_dir))
+    eval_dir = os.path.abspath(os.fspath(eval_dir))
+    device = distributed.rank_device(device)
     entries = [entry for entry in datalist_subjects(datalist, dataset_dir, demo_dir, demo) if entry.heldout]
     if not entries:
         raise ValueError("no subject of the datalist has a 'heldout' field: there is nothing to evaluate.")
     eval_dir = _prepare_output_dir(eval_dir)
-    report: dict[str, Any] = {"metrics": list(METRICS), "subjects": {}}
-    all_rows: list[dict] = []
-    for entry in entries:
-        subject = _load_subject(output_dir, entry, device)
-        scans = sorted(entry.heldout, key=lambda scan: scan[1])
-        targets = []
-        for index, (path, _) in enumerate(scans):
-            image, affine = load_image(path, reader)
-            _check_grid(subject, image.shape[1:], affine, f"subject '{entry.id}': field 'heldout'[{index}] ({path})")
-            targets.append(image)
-        target = torch.stack(targets)
-        times = [t for _, t in scans]
-        prediction = subject.predict(times)
-        names = [path for path, _ in scans]  # a constant or NaN held-out scan is named in the error
-        values = {
-            "nrmse": nrmse(prediction.images, target, names=names),
-            "ssim": ssim(prediction.images, target, names=names),
-            "psnr": psnr(prediction.images, target, names=names),
-            "percent_folded": percent_folded(prediction.ddfs),
-        }
-        first, last = float(subject.times[0]), float(subject.times[-1])
-        rows = []
-        for index, (path, t) in enumerate(scans):
-            row = {"time": t, "split": "interpolation" if first <= t <= last else "extrapolation", "image": path}
-            row.update({name: _finite_or_none(float(values[name][index])) for name in METRICS})
-            rows.append(row)
-        all_rows.extend(rows)
-        result: dict[str, Any] = {"scans": rows, "mean": mean_metrics(rows)}
-        if montage:
-            result["montage"] = os.fspath(save_montage(target, prediction.images,
-                                                       os.path.join(eval_dir, f"{entry.id}_montage.png"), times))
-        report["subjects"][entry.id] = result
-        logger.info("%s: %s", entry.id, ", ".join(f"{k} {v:.4g}" for k, v in result["mean"].items() if v is not None))
+    report: dict[str, Any] = {}
+
+    def merge(subjects: Sequence[SubjectEntry], records: dict[str, dict]) -> None:
+        report.update(_merge_reports(subjects, eval_dir, records))
+
+    result = distributed.run_cohort(
+        entries, "evaluate", lambda entry: _evaluate_subject(entry, output_dir, eval_dir, device, montage, reader),
+        lambda entry: os.path.join(eval_dir, entry.id), eval_dir, {"montage": montage},
+        inputs=lambda entry: ([os.path.join(output_dir, entry.id, "model.pt"), *(p for p, _ in entry.heldout)],
+                              [t for _, t in entry.heldout]),
+        merge=merge, check=_check_fitted(output_dir),
+    )
+    if result.rank != 0:  # the cohort report is rank 0's; other ranks return their share's failures
+        return {"metrics": list(METRICS), "failed": result.failed}
+    return report
+
+
+def _merge_reports(subjects: Sequence[SubjectEntry], eval_dir: str, records: dict[str, dict]) -> dict[str, Any]:
+    """metrics.json, metrics.md and cohort_metrics.csv from every subject's ``<eval_dir>/<id>/subject_metrics.json``."""
+    _, results = distributed.cohort_metrics(
+        subjects, lambda entry: os.path.join(eval_dir, entry.id, "subject_metrics.json"),
+        os.path.join(eval_dir, "cohort_metrics.csv"), METRICS,
+    )
+    all_rows = [row for result in results.values() for row in result["scans"]]
+    report: dict[str, Any] = {"metrics": list(METRICS), "subjects": results}
     report["splits"] = {
         split: {"count": len(rows), **mean_metrics(rows)}
         for split in ("interpolation", "extrapolation")
         if (rows := [row for row in all_rows if row["split"] == split])
     }
     report["overall"] = {"count": len(all_rows), **mean_metrics(all_rows)}
+    report["failed"] = sorted(k for k, v in records.items() if v.get("status") == "failed")
     write_json(report, os.path.join(eval_dir, "metrics.json"))
     atomic_write(os.path.join(eval_dir, "metrics.md"), markdown_table(report).encode("utf-8"))
     logger.info("metrics -> %s", os.path.join(eval_dir, "metrics.json"))  # the table: metrics.md, printed by the CLI
     return report
+
+
+def _evaluate_subject(entry: SubjectEntry, output_dir: str, eval_dir: str, device: torch.device, montage: bool,
+                      reader: str | None) -> dict:
+    """Score one subject's held-out scans; writes ``<eval_dir>/<id>/subject_metrics.json`` (and the montage)."""
+    subject = _load_subject(output_dir, entry, device)
+    scans = sorted(entry.heldout, key=lambda scan: scan[1])
+    targets = []
+    for index, (path, _) in enumerate(scans):
+        image, affine = load_image(path, reader)
+        _check_grid(subject, image.shape[1:], affine, f"subject '{entry.id}': field 'heldout'[{index}] ({path})")
+        targets.append(image)
+    target = torch.stack(targets)
+    times = [t for _, t in scans]
+    prediction = subject.predict(times)
+    names = [path for path, _ in scans]  # a constant or NaN held-out scan is named in the error
+    values = {
+        "nrmse": nrmse(prediction.images, target, names=names),
+        "ssim": ssim(prediction.images, target, names=names),
+        "psnr": psnr(prediction.images, target, names=names),
+        "percent_folded": percent_folded(prediction.ddfs),
+    }
+    first, last = float(subject.times[0]), float(subject.times[-1])
+    rows = []
+    for index, (path, t) in enumerate(scans):
+        row = {"time": t, "split": "interpolation" if first <= t <= last else "extrapolation", "image": path}
+        row.update({name: _finite_or_none(float(values[name][index])) for name in METRICS})
+        rows.append(row)
+    result: dict[str, Any] = {"scans": rows, "mean": mean_metrics(rows)}
+    outputs = []
+    if montage:
+        result["montage"] = os.fspath(save_montage(target, prediction.images,
+                                                   os.path.join(eval_dir, f"{entry.id}_montage.png"), times))
+        outputs.append(result["montage"])
+    outputs.append(write_json(result, os.path.join(eval_dir, entry.id, "subject_metrics.json")))
+    logger.info("%s: %s", entry.id, ", ".join(f"{k} {v:.4g}" for k, v in result["mean"].items() if v is not None))
+    return {"mean": result["mean"], "outputs": outputs}
 
 
 def run_demo(
