@@ -345,36 +345,46 @@ def _copy_model(qs_run, tmp_path, **changes):
     return datalist, model
 
 
+def _failed(summary_dir, stage, message):
+    """The subject 'qs' is recorded as failed by the cohort run of ``stage``, its error matching ``message``."""
+    summary = json.loads((summary_dir / f"cohort_summary_{stage}.json").read_text())
+    (failure,) = summary["failed"]
+    assert failure["id"] == "qs" and os.path.isfile(failure["traceback"])
+    assert re.search(message, failure["error"].split(": ", 1)[1]), failure["error"]
+
+
 def test_stale_model_is_refused_by_infer_and_evaluate_and_refitted_by_skip_existing(qs_run, tmp_path):
     scans = [dict(scan) for scan in qs_run["document"]["subjects"][0]["scans"]]
     scans[2]["time"] = 4.0
     datalist, model = _copy_model(qs_run, tmp_path, scans=scans)
     message = (f"subject 'qs': model '{model}' is stale: times changed from [0.0, 1.0, 3.0] to [0.0, 1.0, 4.0]. "
                "Fit the subject again")
-    with pytest.raises(ValueError, match=f"^{message}".replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
-        jobs.infer(datalist, output_dir=tmp_path / "out")
-    with pytest.raises(ValueError, match=r"model '.*model\.pt' is stale: times changed"):
-        jobs.evaluate(datalist, output_dir=tmp_path / "out", eval_dir=tmp_path / "eval", montage=False)
+    assert jobs.infer(datalist, output_dir=tmp_path / "out")["qs"]["status"] == "failed"
+    _failed(tmp_path / "out", "inference", "^" + re.escape(message))
+    assert jobs.evaluate(datalist, output_dir=tmp_path / "out", eval_dir=tmp_path / "eval", montage=False)["failed"]
+    _failed(tmp_path / "eval", "evaluate", r"model '.*model\.pt' is stale: times changed")
     before = model.stat().st_mtime_ns
     summary = jobs.train(datalist, output_dir=tmp_path / "out", fit=QS_FIT, pretrained=None, skip_existing=True,
                          progress=False)
     assert list(summary) == ["qs"] and model.stat().st_mtime_ns != before
     assert FittedSubject.load(model).times.tolist() == [0.0, 1.0, 4.0]
     # now current: kept
-    assert jobs.train(datalist, output_dir=tmp_path / "out", fit=QS_FIT, pretrained=None, skip_existing=True,
-                      progress=False) == {}
+    refitted = model.stat().st_mtime_ns
+    kept = jobs.train(datalist, output_dir=tmp_path / "out", fit=QS_FIT, pretrained=None, skip_existing=True,
+                      progress=False)
+    assert kept["qs"]["status"] == "skipped" and model.stat().st_mtime_ns == refitted
 
 
 def test_changed_scan_file_makes_the_model_stale(qs_run, tmp_path):
     copies = [str(shutil.copy(path, tmp_path / os.path.basename(path))) for path in qs_run["paths"]]
     scans = [{"image": copies[i], "time": t} for i, t in ((0, 0.0), (1, 1.0), (3, 3.0))]
     datalist, model = _copy_model(qs_run, tmp_path, scans=scans)
-    with pytest.raises(ValueError, match=r"is stale: scan files changed from \["):
-        jobs.infer(datalist, output_dir=tmp_path / "out")
+    assert jobs.infer(datalist, output_dir=tmp_path / "out")["qs"]["status"] == "failed"
+    _failed(tmp_path / "out", "inference", r"is stale: scan files changed from \[")
 
 
 @pytest.mark.parametrize("kind, message", [
-    ("channels", r"label map '{}' has 2 channels \(shape \(16, 16, 16\) per channel\): a one-hot or 4D label map"),
+    ("channels", r"files have different grids: .*\[16, 16, 16, 2\]: \['{}'\]"),  # the up-front check names it
     ("fraction", r"label map '{}' has non-integer or non-finite values; labels must be integers\."),
 ])
 def test_bad_label_map_is_named_by_infer(qs_run, tmp_path, kind, message):
@@ -382,13 +392,13 @@ def test_bad_label_map_is_named_by_infer(qs_run, tmp_path, kind, message):
     label = str(tmp_path / "label.nii.gz")
     nib.save(nib.Nifti1Image(data, nib.load(qs_run["label"]).affine), label)
     datalist, _ = _copy_model(qs_run, tmp_path, label=label)
-    with pytest.raises(ValueError, match=message.format(label)):
-        jobs.infer(datalist, output_dir=tmp_path / "out", predict_times=[1.5])
+    assert jobs.infer(datalist, output_dir=tmp_path / "out", predict_times=[1.5])["qs"]["status"] == "failed"
+    _failed(tmp_path / "out", "inference", message.format(re.escape(label)))
 
 
 def test_constant_heldout_scan_is_named_by_evaluate(qs_run, tmp_path):
     constant = str(tmp_path / "constant.nii.gz")
     nib.save(nib.Nifti1Image(np.full((16, 16, 16), 5.0, np.float32), nib.load(qs_run["paths"][0]).affine), constant)
     datalist, _ = _copy_model(qs_run, tmp_path, heldout=[{"image": constant, "time": 2.0}])
-    with pytest.raises(ValueError, match=f"^target '{constant}' is constant \\(every voxel 5\\)"):
-        jobs.evaluate(datalist, output_dir=tmp_path / "out", eval_dir=tmp_path / "eval", montage=False)
+    assert jobs.evaluate(datalist, output_dir=tmp_path / "out", eval_dir=tmp_path / "eval", montage=False)["failed"]
+    _failed(tmp_path / "eval", "evaluate", f"^target '{re.escape(constant)}' is constant \\(every voxel 5\\)")
