@@ -284,6 +284,11 @@ def test_bundle_checks_output_dir_and_cohort_ends_with_the_package_message(data,
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == message
     assert "Failed to evaluate" in result.stderr  # MONAI's wrapper stays in the chain, above the message
+    # the plain runner too: common.json's initialize installs a hook that repeats the package's message last
+    plain = runner("run", "--config_file", json.dumps(layered("train.json")), "--logging_file", "None",
+                   *cli_overrides(overrides))
+    assert plain.returncode != 0 and "Failed to evaluate" in plain.stderr
+    assert plain.stderr.strip().splitlines()[-1] == message
     # a plain ConfigWorkflow fails in initialize, before any fit
     workflow = ConfigWorkflow(config_file=layered("train.json"), workflow_type="train", logging_file=False,
                               **overrides)

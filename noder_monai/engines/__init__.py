@@ -46,8 +46,8 @@ _EXPORTS = {
         "read_checkpoint",
     ),
     "cohort": (
-        "CohortWorkflow", "bundle_root", "datalist_subjects", "package_error", "query_items", "select_subject",
-        "subject_item",
+        "CohortWorkflow", "bundle_root", "datalist_subjects", "install_error_hook", "package_error", "query_items",
+        "select_subject", "subject_item",
     ),
     "distributed": ("partition_subjects", "rank_device", "rank_threads", "run_cohort"),
     "predictor": ("PredictionEvaluator", "TimeNameFormatter", "fitted_subject_from_checkpoint", "time_tag"),

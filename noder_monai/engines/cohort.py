@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import re
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,35 @@ def query_items(
 _CONFIG_ERROR = "Failed to evaluate"
 
 
+def _config_cause(error: BaseException) -> BaseException:
+    """The exception a config expression raised, under MONAI's ``Failed to evaluate`` wrappers (itself if none)."""
+    cause = error
+    while isinstance(cause, RuntimeError) and str(cause).startswith(_CONFIG_ERROR) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    return cause
+
+
+def install_error_hook() -> None:
+    """Make the package's own message the last line of an uncaught error in ``python -m monai.bundle run``.
+
+    Python prints MONAI's ``Failed to evaluate ConfigExpression`` wrapper last; the hook prints the usual traceback
+    and then, when the wrapper hides another error, that error's type and message once more as the final line.
+    ``common.json``'s ``initialize`` installs it; it changes nothing for errors without such a wrapper.
+    """
+    if getattr(sys.excepthook, "noder_package_error", False):
+        return
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+        previous(kind, error, trace)
+        cause = _config_cause(error)
+        if cause is not error:
+            print(f"{type(cause).__name__}: {cause}", file=sys.stderr)
+
+    hook.noder_package_error = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+
+
 @contextlib.contextmanager
 def package_error() -> Iterator[None]:
     """Re-raise the error a config expression raised, not MONAI's wrapper around it.
@@ -153,10 +183,7 @@ def package_error() -> Iterator[None]:
     try:
         yield
     except RuntimeError as error:
-        cause: BaseException = error
-        while (isinstance(cause, RuntimeError) and str(cause).startswith(_CONFIG_ERROR)
-               and cause.__cause__ is not None):
-            cause = cause.__cause__
+        cause = _config_cause(error)
         if cause is error or not isinstance(cause, Exception):
             raise
         try:
