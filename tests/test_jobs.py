@@ -260,9 +260,10 @@ def qs_run(tmp_path_factory):
 
 def test_outputs_keep_disagreeing_qform_sform_through_train_and_infer(qs_run):
     record = qs_run["inference"]["qs"]
+    template = str(qs_run["out"] / "qs" / "template.nii.gz")
     outputs = [*qs_run["training"]["qs"]["fitted"], *record["images"], *record["ddfs"], *record["ddfs_itk"],
-               *record["jacobians"], *record["labels"]]
-    assert len(outputs) == 3 + 5
+               *record["jacobians"], *record["labels"], template]
+    assert len(outputs) == 3 + 5 + 1
     for path in outputs:
         header = nib.load(path).header
         assert (int(header["qform_code"]), int(header["sform_code"])) == (1, 2), path

@@ -277,6 +277,8 @@ def _train_subject(entry: SubjectEntry, output_dir: str, config: FitConfig, netw
     outputs = [model_path, write_json(subject.history, os.path.join(folder, "loss.json")),
                write_csv(subject.history, ["epoch", "level", "total", "similarity", "smoothness", "boundary"],
                          os.path.join(folder, "loss.csv"))]
+    template = subject.save_template(os.path.join(folder, "template.nii.gz"))
+    outputs += [template] if template else []
     fitted = subject.predict(sequence.times)
     paths = [
         save_image(image, sequence.geometry, os.path.join(folder, "fitted", f"image_{time_tag(t)}.nii.gz"))

@@ -14,7 +14,7 @@ from monai.networks.blocks import Warp
 
 from noder_monai import __version__
 from noder_monai.data import IntensityMapping, compose_displacements
-from noder_monai.data.io import Geometry, parse_times
+from noder_monai.data.io import Geometry, parse_times, save_image
 from noder_monai.data.sequence import file_fingerprint
 from noder_monai.metrics import jacobian_determinant
 from noder_monai.networks import NODER
@@ -417,6 +417,16 @@ class FittedSubject:
         if reasons:
             where = f"model '{self.path}'" if self.path else f"the model of subject {self.subject!r}"
             raise ValueError(f"{where} is stale: {'; '.join(reasons)}. Fit the subject again.")
+
+    def save_template(self, path: str | Path) -> str | None:
+        """Write the subject template (in the input's intensity units and geometry) as NIfTI; None if there is none.
+
+        Returns:
+            the path written, or None when the fit built no template (``FitConfig.source`` other than "template").
+        """
+        if self.template is None:
+            return None
+        return save_image(self.intensity.inverse(self.template)[0].cpu(), self.geometry, path)
 
     def save(self, path: str | Path) -> Path:
         """Write the subject to ``path`` atomically (temporary name, then rename). Returns the path."""
