@@ -5,6 +5,7 @@ The fit is the bundle's training run (:func:`~noder_monai.engines.fit_sequence` 
 equal those of ``bundle/configs/inference.json``. Output layout under ``output_dir`` (one folder per subject id)::
 
     <id>/model.pt                         the fitted subject (FittedSubject.save)
+    <id>/template.nii.gz                  the subject template, when the fit built one (the default)
     <id>/loss.csv, <id>/loss.json         the loss curve, one record per epoch
     <id>/fitted/image_t<time>.nii.gz      the fit at every observed time
     <id>/predictions/{image,ddf,jacobian,label}_t<time>.nii.gz, predictions.json, label_volumes.csv
