@@ -314,16 +314,10 @@ def test_package_error_unwraps_nested_config_expressions():
 
 def test_bundle_outputs_keep_disagreeing_qform_sform(tmp_path):
     sys.path.insert(0, os.path.dirname(__file__))
-    from test_data_geometry import assert_same_geometry, write_qs
-    from test_inputs import _blob_scans
+    from test_data_geometry import assert_same_geometry
+    from test_inputs import write_disagreeing_subject
 
-    qform = np.diag([2.0, 2.0, 2.0, 1.0])
-    qform[:3, 3] = -8
-    sform = qform.copy()
-    sform[:3, 3] = [-18, -3, 7]
-    scans = _blob_scans((16, 16, 16), count=3)
-    paths = [write_qs(tmp_path / f"t{i}.nii.gz", scan, qform, sform) for i, scan in enumerate(scans)]
-    label = write_qs(tmp_path / "label.nii.gz", (scans[0] > 60).astype(np.float32) * 3, qform, sform)
+    paths, label = write_disagreeing_subject(tmp_path, count=3)
     document = {"subjects": [{"id": "qs", "scans": [{"image": p, "time": float(t)} for t, p in enumerate(paths)],
                               "label": label, "predict_times": [1.5]}]}
     datalist = tmp_path / "datalist.json"

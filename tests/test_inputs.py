@@ -38,6 +38,21 @@ def _blob_scans(shape, count=3, seed=0):
     return scans
 
 
+def write_disagreeing_subject(folder, count=3):
+    """``count`` 16^3 blob scans and a label map whose qform (code 1, origin -8) and sform (code 2, origin
+    (-18, -3, 7)) disagree, written to ``folder``; returns (scan paths, label path)."""
+    from test_data_geometry import write_qs
+
+    qform = np.diag([2.0, 2.0, 2.0, 1.0])
+    qform[:3, 3] = -8
+    sform = qform.copy()
+    sform[:3, 3] = [-18, -3, 7]
+    scans = _blob_scans((16, 16, 16), count=count)
+    paths = [write_qs(folder / f"t{i}.nii.gz", scan, qform, sform) for i, scan in enumerate(scans)]
+    label = write_qs(folder / "label.nii.gz", (scans[0] > 60).astype(np.float32) * 3, qform, sform)
+    return paths, label
+
+
 def _write(tmp_path, scans, matrix, qform=None, name="t"):
     qform = matrix if qform is None else qform
     return [write_qs(tmp_path / f"{name}{i}.nii.gz", scan, qform, matrix, 1, 1 if qform is matrix else 2)

@@ -225,8 +225,8 @@ def test_bundle_root_from_repo_root_bundle_folder_and_elsewhere(tmp_path, monkey
 # ---- input checks wired into the jobs ---------------------------------------------------------------------------
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_data_geometry import assert_same_geometry, write_qs  # noqa: E402
-from test_inputs import _blob_scans  # noqa: E402
+from test_data_geometry import assert_same_geometry  # noqa: E402
+from test_inputs import write_disagreeing_subject  # noqa: E402
 
 QS_FIT = {"epochs": 2, "ncc_kernel_size": 9}
 
@@ -236,13 +236,7 @@ def qs_run(tmp_path_factory):
     """A subject whose scans' qform (code 1) and sform (code 2) disagree, with a label map and a held-out scan,
     through jobs.train and jobs.infer (umask 022)."""
     root = tmp_path_factory.mktemp("qs")
-    qform = np.diag([2.0, 2.0, 2.0, 1.0])
-    qform[:3, 3] = -8
-    sform = qform.copy()
-    sform[:3, 3] = [-18, -3, 7]
-    scans = _blob_scans((16, 16, 16), count=4)
-    paths = [write_qs(root / f"t{i}.nii.gz", scan, qform, sform) for i, scan in enumerate(scans)]
-    label = write_qs(root / "label.nii.gz", (scans[0] > 60).astype(np.float32) * 3, qform, sform)
+    paths, label = write_disagreeing_subject(root, count=4)
     document = {"subjects": [{"id": "qs", "scans": [{"image": paths[i], "time": t} for i, t in ((0, 0.0), (1, 1.0), (3, 3.0))],
                               "label": label, "heldout": [{"image": paths[2], "time": 2.0}]}]}
     datalist = root / "datalist.json"
