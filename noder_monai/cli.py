@@ -77,19 +77,37 @@ def fit(
         else:
             print(f"{subject}: {_status_line(record)}")
     print(f"outputs: {os.path.abspath(output_dir)}")
-    _exit_on_failures(summary)
+    _exit_on_failures(summary, "train")
+
+
+def _print_index(output_dir: str, datalist: str | None, eval_dir: str | None = None, device: str | None = None) -> None:
+    """Write the HTML report (each rank its share of the pages) and print the index's path on rank 0."""
+    from noder_monai.engines import distributed
+    from noder_monai.engines.report_html import cohort_report
+
+    index = cohort_report(output_dir, datalist, eval_dir, device or "cpu")["index"]
+    if index is not None:
+        print(f"report:      {index}")
+    distributed.wait_for_ranks("report")
 
 
 def _status_line(record: dict) -> str:
     return f"{record.get('status')}" + (f": {record['error']}" if record.get("error") else "")
 
 
-def _exit_on_failures(records: dict) -> None:
-    """Exit with the number of failed subjects (capped at 100) when any failed (see cohort_summary_<stage>.json)."""
+def _exit_on_failures(records: dict, stage: str) -> None:
+    """Exit with the number of failed subjects (capped at 100) when any failed (see cohort_summary_<stage>.json).
+
+    Under torchrun only rank 0, whose records cover the whole cohort, exits with the count, after every rank
+    finished (torchrun stops the other processes when one exits non-zero); the other ranks exit 0.
+    """
     import sys
 
+    from noder_monai.engines import distributed
+
+    distributed.wait_for_ranks(stage)
     failed = [k for k, v in records.items() if v.get("status") == "failed"]
-    if failed:
+    if failed and distributed.dist_env()[0] == 0:
         print(f"{len(failed)} subject(s) failed: {', '.join(failed)}", file=sys.stderr)
         sys.exit(min(len(failed), 100))
 
@@ -137,7 +155,7 @@ def predict(
             print(f"{subject}: {len(record['times'])} time point(s) {record['times']} -> {folder}")
         else:
             print(f"{subject}: {_status_line(record)}")
-    _exit_on_failures(summary)
+    _exit_on_failures(summary, "inference")
 
 
 def evaluate(
@@ -176,14 +194,12 @@ def evaluate(
         datalist=datalist, dataset_dir=dataset_dir, output_dir=output_dir, eval_dir=eval_dir, device=device,
         num_threads=threads, montage=montage,
     )
-    if "overall" in report:  # rank 0 (or a single process): the cohort report
+    if "overall" in report:  # rank 0 (or a single process): the cohort table
         print(markdown_table(report))
         print(f"report: {os.path.join(os.path.abspath(eval_dir), 'metrics.json')}")
-        if write_report:
-            from noder_monai.engines.report_html import cohort_report
-
-            print(f"report: {cohort_report(output_dir, datalist, eval_dir, device or 'cpu')['index']}")
-    _exit_on_failures({subject: {"status": "failed"} for subject in report["failed"]})
+    if write_report:
+        _print_index(output_dir, datalist, eval_dir, device)
+    _exit_on_failures({subject: {"status": "failed"} for subject in report["failed"]}, "evaluate")
 
 
 def demo(
@@ -362,13 +378,16 @@ def fit_inputs(
             e.g. --epochs 100 --levels "[2,1]" --level_fractions "[0.5,0.5]".
     """
     datalist = _inputs_datalist(inputs, output_dir, times, bids, participant_label, time_column, subject)
-    fit(datalist, dataset_dir=dataset_dir, output_dir=output_dir, pretrained=pretrained, device=device, seed=seed,
-        threads=threads, skip_existing=skip_existing, progress=progress, **settings)
+    failures = None
+    try:
+        fit(datalist, dataset_dir=dataset_dir, output_dir=output_dir, pretrained=pretrained, device=device, seed=seed,
+            threads=threads, skip_existing=skip_existing, progress=progress, **settings)
+    except SystemExit as exit_on_failures:  # some subjects failed: the others still get their pages
+        failures = exit_on_failures
     if report:
-        from noder_monai.engines.report_html import cohort_report
-
-        index = cohort_report(output_dir, datalist)["index"]
-        print(f"report:      {index}")
+        _print_index(output_dir, datalist)
+    if failures is not None:
+        raise failures
 
 
 def predict_inputs(
@@ -437,9 +456,11 @@ def report(
         output_dir: the folder `noder fit` wrote to.
         datalist: the run's datalist (default: <output_dir>/datalist.json, written by `noder fit` for scans, cine
             and BIDS inputs).
-        eval_dir: folder of `noder evaluate`'s metrics.json, for % folded voxels (default: <output_dir>/eval).
+        eval_dir: folder of `noder evaluate`'s outputs, for % folded voxels (default: <output_dir>/eval).
         device: torch device (default: cpu).
         threads: torch CPU threads (default: the cores idle now, sampled at start).
+
+    Under torchrun each process draws its share of the pages and the first writes the index.
     """
     from noder_monai.engines.report_html import cohort_report
     from noder_monai.utils import set_threads
@@ -448,7 +469,8 @@ def report(
     result = cohort_report(output_dir, datalist, eval_dir, device or "cpu")
     for subject, page in result["pages"].items():
         print(f"{subject}: {page}")
-    print(f"report:      {result['index']}")
+    if result["index"] is not None:
+        print(f"report:      {result['index']}")
 
 
 COMMANDS = {"fit": fit_inputs, "predict": predict_inputs, "evaluate": evaluate, "demo": demo, "pretrain": pretrain,

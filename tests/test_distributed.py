@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -79,6 +80,18 @@ def test_every_subject_fitted_exactly_once_across_two_ranks(cohort):
             if record["status"] == "done":
                 marker = distributed.read_marker(os.path.join(cohort["out"], subject_id), "train")
                 assert marker["record"]["rank"] == rank and marker["record"]["epochs"] == 2
+
+
+def test_report_pages_are_drawn_once_each_and_the_index_by_rank_zero(cohort):
+    good = [i for i in cohort["ids"] if i != "sub-003"]
+    drawn = re.findall(r"(sub-\d+): report -> ", cohort["fit"].stderr)
+    assert sorted(drawn) == good, drawn  # each page once, by one of the two ranks
+    assert cohort["fit"].stdout.count("report:      ") == 1
+    for subject_id in good:
+        assert os.path.getsize(os.path.join(cohort["out"], subject_id, "report.html")) > 1000
+    with open(os.path.join(cohort["out"], "report.html"), encoding="utf-8") as handle:
+        index = handle.read()
+    assert all(f'href="{i}/report.html"' in index for i in good) and "sub-003: not fitted" in index
 
 
 def test_corrupt_scan_is_listed_as_failed_while_the_others_finish(cohort):

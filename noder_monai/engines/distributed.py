@@ -58,6 +58,7 @@ __all__ = [
     "run_cohort",
     "subject_cost",
     "subject_lock",
+    "wait_for_ranks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -267,27 +268,54 @@ def _duration(seconds: float) -> str:
 _TOKENS = {"calls": 0}
 
 
-def _run_token(world: int) -> str:
-    """A token every rank of this run shares: rank 0's, passed through torchrun's key-value store (``MASTER_ADDR``,
-    ``MASTER_PORT``; no process group). Every rank calls this once per cohort run, in the same order."""
-    token = uuid.uuid4().hex
-    if world == 1:
-        return token
+def _store(world: int):
+    """torchrun's key-value store (``MASTER_ADDR``, ``MASTER_PORT``; no process group)."""
     from datetime import timedelta
 
     import torch.distributed as dist
 
     rank, _, _ = dist_env()
-    _TOKENS["calls"] += 1
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=rank == 0 and not agent_store, timeout=timedelta(hours=1),
-                          wait_for_workers=False)
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                         is_master=rank == 0 and not agent_store, timeout=timedelta(hours=1),
+                         wait_for_workers=False)
+
+
+def _run_token(world: int) -> str:
+    """A token every rank of this run shares: rank 0's, passed through torchrun's key-value store. Every rank calls
+    this once per cohort run, in the same order."""
+    token = uuid.uuid4().hex
+    if world == 1:
+        return token
+    rank, _, _ = dist_env()
+    _TOKENS["calls"] += 1
+    store = _store(world)
     key = f"noder_monai/cohort_token/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/{_TOKENS['calls']}"
     if rank == 0:
         store.set(key, token)
         return token
     return store.get(key).decode()
+
+
+def wait_for_ranks(name: str, wait_s: float = 0.5) -> None:
+    """Rank 0 waits until every rank of this ``torchrun`` run has called ``wait_for_ranks(name)``; other ranks
+    only check in. Call it last, before exiting: torchrun stops every process as soon as one exits non-zero, so rank
+    0, which exits with the cohort's failure count, must exit after the others finished their share. No-op outside
+    torchrun."""
+    rank, world, _ = dist_env()
+    if world == 1:
+        return
+    store = _store(world)
+    key = f"noder_monai/finished/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/{name}"
+    store.add(key, 1)
+    if rank != 0:
+        return
+    waited = 0.0
+    while store.add(key, 0) < world:
+        if waited % 600 < wait_s:
+            logger.info("rank 0: waiting for the other ranks to finish %s", name)
+        timer.sleep(wait_s)
+        waited += wait_s
 
 
 @dataclass

@@ -325,8 +325,8 @@ def subject_report(
     Args:
         output_dir: the folder ``noder fit`` wrote to (holds ``<id>/model.pt`` and ``<id>/loss.json``).
         entry: the subject's datalist entry (scans, optional label, held-out scans, predict_times).
-        eval_dir: folder of ``metrics.json`` from ``noder evaluate`` (default ``<output_dir>/eval``): its % folded
-            voxels are shown when present.
+        eval_dir: folder of ``noder evaluate``'s outputs (default ``<output_dir>/eval``): the % folded voxels of
+            ``<eval_dir>/<id>/subject_metrics.json`` are shown when present.
         device: torch device for the predictions the figures show.
         reader: image reader.
         comparison: :func:`heldout_comparison` rows if already computed.
@@ -395,12 +395,12 @@ def subject_report(
                                  "Total loss and its similarity term per epoch; dotted lines: resolution changes."))
 
     folded: dict[float, Any] = {}
-    metrics_path = os.path.join(os.fspath(eval_dir) if eval_dir else os.path.join(output_dir, "eval"), "metrics.json")
+    metrics_path = os.path.join(os.fspath(eval_dir) if eval_dir else os.path.join(output_dir, "eval"), entry.id,
+                                "subject_metrics.json")
     if os.path.isfile(metrics_path):
         with open(metrics_path, encoding="utf-8") as handle:
-            report = json.load(handle)
-        for row in report.get("subjects", {}).get(entry.id, {}).get("scans", []):
-            folded[float(row["time"])] = row.get("percent_folded")
+            for row in json.load(handle).get("scans", []):
+                folded[float(row["time"])] = row.get("percent_folded")
     if comparison is None:
         comparison = heldout_comparison(subject, entry, reader)
     sections.append(f"<section><h2>{SECTIONS[4]}</h2>\n{_metrics_html(comparison, folded)}\n</section>")
@@ -423,21 +423,29 @@ def cohort_report(
 ) -> dict[str, Any]:
     """Write every fitted subject's page and the index ``<output_dir>/report.html`` (links and held-out means).
 
-    Subjects of the datalist without ``<output_dir>/<id>/model.pt`` are listed as not fitted.
+    Subjects of the datalist without ``<output_dir>/<id>/model.pt`` are listed as not fitted. Under ``torchrun``
+    each rank draws the pages of its share of the subjects (the same cost-balanced share as the fit,
+    :func:`~noder_monai.engines.distributed.partition_subjects`) and rank 0 writes the index.
 
     Args:
         output_dir: the folder ``noder fit`` wrote to.
         datalist: the run's datalist (default: ``<output_dir>/datalist.json``, which ``noder fit`` writes for
             scans, cine and BIDS inputs).
-        eval_dir: folder of ``metrics.json`` (default ``<output_dir>/eval``).
+        eval_dir: as for :func:`subject_report`.
         device: torch device for the figures' predictions.
         reader: image reader.
 
     Returns:
-        ``{"index": path, "pages": {id: path}, "comparison": rows of every subject}``.
+        ``{"index": path, "pages": {id: path}, "comparison": rows of every subject}``; on ranks other than 0,
+        ``index`` is None and ``pages`` and ``comparison`` cover the rank's share.
     """
+    from noder_monai.engines.distributed import dist_env, partition_subjects
+    from noder_monai.engines.subject import FittedSubject
+
     output_dir = os.path.abspath(os.fspath(output_dir))
     entries = _entries(output_dir, datalist)
+    rank, world, _ = dist_env()
+    share = {entry.id for entry in partition_subjects(entries, rank, world)}
     pages: dict[str, str] = {}
     all_rows: list[dict] = []
     items = []
@@ -445,13 +453,16 @@ def cohort_report(
         if not os.path.isfile(os.path.join(output_dir, entry.id, "model.pt")):
             items.append(f"<li>{html.escape(entry.id)}: not fitted</li>")
             continue
-        from noder_monai.engines.subject import FittedSubject
-
+        if entry.id not in share and rank != 0:
+            continue
         rows = heldout_comparison(FittedSubject.load(os.path.join(output_dir, entry.id, "model.pt")), entry, reader)
-        pages[entry.id] = subject_report(output_dir, entry, eval_dir, device, reader, comparison=rows)
+        if entry.id in share:
+            pages[entry.id] = subject_report(output_dir, entry, eval_dir, device, reader, comparison=rows)
         all_rows.extend({**row, "subject": entry.id} for row in rows)
         items.append(f'<li><a href="{html.escape(entry.id)}/report.html">{html.escape(entry.id)}</a>: '
                      f"{len(entry.scans)} scans, {len(entry.heldout)} held out</li>")
+    if rank != 0:
+        return {"index": None, "pages": pages, "comparison": all_rows}
     body = f"<section><h2>Subjects</h2><ul>{''.join(items)}</ul></section>"
     body += (f"<section><h2>Held-out metrics (mean over all subjects' held-out scans)</h2>\n"
              f"{_metrics_html(all_rows, {}, per_scan=False)}\n<p class=\"note\">Per scan: each subject's page."
@@ -471,7 +482,7 @@ class HTMLReportHandler:
     Args:
         output_dir: the folder the fit wrote ``<id>/model.pt`` to.
         subject: the subject's datalist entry (``SubjectEntry``).
-        eval_dir: folder of the evaluation's outputs (``metrics.json`` is read from it when present).
+        eval_dir: as for :func:`subject_report`.
         enabled: False attaches nothing.
     """
 
