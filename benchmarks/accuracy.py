@@ -68,6 +68,11 @@ SPECKLE_NOISE = 0.01
 #: NODER fits: name -> (FitConfig overrides, NODER overrides, the prediction sources scored from that one fit).
 VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...]]] = {
     "default": ({}, {}, ("template", "baseline")),
+    "previous default": ({"level_fractions": (0.45, 0.45, 0.1), "finest_time_groups": 1,
+                          "image_smoothing_sigma": 0.0}, {}, ("template",)),
+    "image smoothing 0": ({"image_smoothing_sigma": 0.0}, {}, ("template",)),
+    "image smoothing 1": ({"image_smoothing_sigma": 1.0}, {}, ("template",)),
+    "all times in every full-resolution epoch": ({"finest_time_groups": 1}, {}, ("template",)),
     "cine preset": ({"source": "nearest"}, {}, ("nearest",)),
     "levels (2, 1), fractions (0.8, 0.2)": ({"levels": (2, 1), "level_fractions": (0.8, 0.2)}, {}, ("baseline",)),
     "box 7": ({}, {"smoothing_kernel": 7}, ("baseline",)),

@@ -57,8 +57,8 @@ def fit(
             with a done-marker for the same settings and scans are always skipped, so a rerun resumes.
         progress: show a progress bar per subject.
         settings: fit settings (epochs, learning_rate, ncc_kernel_size, smoothness_weight, boundary_weight,
-            levels, level_fractions, patience, min_improvement, finetune_decoder) and network settings
-            (latent_channels, encoder_channels, decoder_channels, dynamics_channels, hidden_features,
+            levels, level_fractions, patience, min_improvement, finetune_decoder, source, image_smoothing_sigma) and
+            network settings (latent_channels, encoder_channels, decoder_channels, dynamics_channels, hidden_features,
             num_hidden_layers, smoothing_kernel, step_size, adjoint, field, integration_steps),
             e.g. --epochs 100 --levels "[2,1]" --level_fractions "[0.5,0.5]".
     """
@@ -372,8 +372,8 @@ def fit_inputs(
         progress: show a progress bar (subject i of N, level, loss) when the output is a terminal.
         report: write each subject's report.html and the index <output_dir>/report.html (--noreport to skip).
         settings: fit settings (epochs, learning_rate, ncc_kernel_size, smoothness_weight, boundary_weight,
-            levels, level_fractions, patience, min_improvement, finetune_decoder, source) and network settings
-            (latent_channels, encoder_channels, decoder_channels, dynamics_channels, hidden_features,
+            levels, level_fractions, patience, min_improvement, finetune_decoder, source, image_smoothing_sigma) and
+            network settings (latent_channels, encoder_channels, decoder_channels, dynamics_channels, hidden_features,
             num_hidden_layers, smoothing_kernel, step_size, adjoint, field, integration_steps),
             e.g. --epochs 100 --levels "[2,1]" --level_fractions "[0.5,0.5]".
     """

@@ -134,7 +134,8 @@ def test_loss_and_optimizer_overrides_change_the_fit(data):
     base = {"datalist": data["datalist"], **TINY, "fit#epochs": 3}
     del base["pretrained"]  # from the bundle's models/: a random decoder hardly moves in 3 epochs
     histories, configs = {}, {}
-    for name, extra in {"default": {}, "ncc": {"loss#ncc_kernel_size": 5}, "lr": {"optimizer#lr": 0.01}}.items():
+    for name, extra in {"default": {}, "ncc": {"loss#ncc_kernel_size": 5}, "lr": {"optimizer#lr": 0.01},
+                        "sigma": {"fit#image_smoothing_sigma": 0.0}}.items():
         output_dir = str(data["root"] / f"override_{name}")
         run_workflow(layered("train.json"), "train", output_dir=output_dir, **base, **extra)
         subject = FittedSubject.load(os.path.join(output_dir, "sub-001", "model.pt"))
@@ -142,7 +143,9 @@ def test_loss_and_optimizer_overrides_change_the_fit(data):
         configs[name] = subject.fit_config
     assert configs["default"]["ncc_kernel_size"] == 21 and configs["ncc"]["ncc_kernel_size"] == 5
     assert configs["default"]["learning_rate"] == 5e-3 and configs["lr"]["learning_rate"] == 0.01
+    assert configs["default"]["image_smoothing_sigma"] == 0.5 and configs["sigma"]["image_smoothing_sigma"] == 0.0
     assert histories["ncc"][0] != histories["default"][0]  # another window: another loss from the first epoch
+    assert histories["sigma"][0] != histories["default"][0]  # unsmoothed scans: another loss from the first epoch
     assert histories["lr"][0] == histories["default"][0] and histories["lr"][-1] != histories["default"][-1]
 
 

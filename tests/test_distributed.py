@@ -122,6 +122,33 @@ def test_merged_csvs_hold_one_row_per_subject_and_time(cohort):
         assert json.load(handle)["overall"]["count"] == 8
 
 
+def test_two_machines_share_the_cohort_with_torchrun_nnodes(tmp_path):
+    """`torchrun --nnodes=2`, one launcher per "machine" (both on this one, static rendezvous, one process each,
+    one shared output folder): every subject is fitted once, each node fits some, node 0 writes the summary."""
+    import socket
+
+    datalist = write_cohort(tmp_path / "data", 4)
+    out = str(tmp_path / "out")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launchers = [
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                          f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                          "-m", "noder_monai.cli", "fit", datalist, "--output_dir", out, "--pretrained", "None",
+                          "--noprogress", "--noreport", "--threads", "1", *FIT],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+        for node in (0, 1)
+    ]
+    finished = [launcher.communicate(timeout=300) for launcher in launchers]
+    assert [launcher.returncode for launcher in launchers] == [0, 0], [err[-2000:] for _, err in finished]
+    with open(os.path.join(out, "cohort_summary_train.json")) as handle:
+        summary = json.load(handle)
+    assert summary["world_size"] == 2 and summary["counts"]["done"] == 4
+    assert sorted(record["rank"] for record in summary["records"].values()) == [0, 0, 1, 1]
+    assert "outputs:" in finished[0][0]
+
+
 def test_killed_run_resumes_and_leaves_finished_subjects_untouched(tmp_path):
     datalist = write_cohort(tmp_path / "data", 4)
     out = str(tmp_path / "out")

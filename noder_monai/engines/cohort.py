@@ -222,7 +222,8 @@ class CohortWorkflow(ConfigWorkflow):
         config_file: the config files, e.g. ``['bundle/configs/common.json', 'bundle/configs/train.json']``.
         skip_existing: also keep subjects whose ``model_path`` exists without a done-marker (older outputs).
         exit_on_failure: ``finalize`` exits the process with the number of failed subjects (capped at 100) when
-            any failed, so ``python -m monai.bundle run_workflow`` reports them in its exit status.
+            any failed, so ``python -m monai.bundle run_workflow`` reports them in its exit status (under torchrun:
+            rank 0, after every rank finished).
         kwargs: other ``ConfigWorkflow`` arguments and config overrides (``workflow_type``, ``tracking``,
             ``datalist``, ``fit#epochs``, ...).
     """
@@ -300,8 +301,17 @@ class CohortWorkflow(ConfigWorkflow):
         return self.results
 
     def finalize(self) -> Any:
+        """``ConfigWorkflow.finalize``; then, under torchrun, rank 0 waits until every rank finished (torchrun stops
+        all processes once one exits non-zero) and only rank 0, whose records cover the cohort, exits with the
+        number of failed subjects."""
         result = super().finalize()
-        if self.exit_on_failure and self.cohort is not None and self.cohort.failed:
+        if self.cohort is None:
+            return result
+        if self.cohort.world_size > 1:
+            from noder_monai.engines.distributed import wait_for_ranks
+
+            wait_for_ranks(self.cohort.stage)
+        if self.exit_on_failure and self.cohort.rank == 0 and self.cohort.failed:
             raise SystemExit(self.cohort.exit_code)
         return result
 

@@ -22,6 +22,8 @@ from monai.utils import CommonKeys as Keys
 from noder_monai.data import SubjectSequence
 from noder_monai.engines.subject import PREDICT_SOURCES, FittedSubject
 from noder_monai.engines.trainer import (
+    FINEST_TIME_GROUPS,
+    IMAGE_SMOOTHING_SIGMA,
     MIN_LEVEL_VOXELS,
     CoarseToFineHandler,
     TemplateHandler,
@@ -31,6 +33,8 @@ from noder_monai.engines.trainer import (
     downsample_image,
     fitted_subject,
     init_network,
+    check_finest_time_groups,
+    check_image_smoothing_sigma,
 )
 from noder_monai.losses import NODERLoss
 from noder_monai.networks import LEVELS, NODER
@@ -73,6 +77,13 @@ class FitConfig:
             template instead of the first scan. Defaults to 1 (the fields are then those of the first-scan fit).
         template_start: fraction of the epochs after which the first of several builds happens; the others are
             spread evenly over the remaining epochs.
+        image_smoothing_sigma: Gaussian sigma in image voxels by which the scans the fit compares are smoothed
+            (scaled with the level, like ``antsRegistration --smoothing-sigmas``;
+            :func:`~noder_monai.engines.trainer.level_image`). It removes the spurious sub-voxel motion that
+            linear interpolation of a noisy scan favours. Predictions use the unsmoothed scans. 0 smooths nothing.
+        finest_time_groups: at full resolution (level 1), each epoch fits one of this many interleaved groups of
+            the observed times in turn, so a full-resolution epoch costs about 1 / groups of one over all times
+            (the recorded loss of such an epoch is its group's). 1 fits every time in every epoch.
     """
 
     epochs: int = 300
@@ -81,13 +92,15 @@ class FitConfig:
     smoothness_weight: float = _LOSS_DEFAULTS["smoothness_weight"]
     boundary_weight: float = _LOSS_DEFAULTS["boundary_weight"]
     levels: Sequence[int] = (4, 2, 1)
-    level_fractions: Sequence[float] = (0.45, 0.45, 0.1)
+    level_fractions: Sequence[float] = (0.6, 0.2, 0.2)
     patience: int = 0
     min_improvement: float = 1e-4
     finetune_decoder: bool = True
     source: str = "template"
     template_rounds: int = 1
     template_start: float = 0.5
+    image_smoothing_sigma: float = IMAGE_SMOOTHING_SIGMA
+    finest_time_groups: int = FINEST_TIME_GROUPS
 
     def __post_init__(self) -> None:
         self.levels = tuple(int(v) for v in self.levels)
@@ -112,6 +125,8 @@ class FitConfig:
             raise ValueError(f"template_rounds must be >= 1, got {self.template_rounds}.")
         if not 0 <= self.template_start < 1:
             raise ValueError(f"template_start must be in [0, 1), got {self.template_start}.")
+        self.image_smoothing_sigma = check_image_smoothing_sigma(self.image_smoothing_sigma)
+        check_finest_time_groups(self.finest_time_groups)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "FitConfig":
@@ -306,6 +321,8 @@ def fit_sequence(
         optimizer=optimizer,
         loss_function=loss,
         train_handlers=handlers,
+        image_smoothing_sigma=config.image_smoothing_sigma,
+        finest_time_groups=config.finest_time_groups,
     )
     bar = _progress_bar(progress, f"fit {sequence.subject}", sum(epochs))
     if bar is not None:

@@ -48,6 +48,11 @@ __all__ = [
     "subject_template",
     "TemplateHandler",
     "MIN_LEVEL_VOXELS",
+    "IMAGE_SMOOTHING_SIGMA",
+    "level_image",
+    "check_image_smoothing_sigma",
+    "FINEST_TIME_GROUPS",
+    "check_finest_time_groups",
 ]
 
 logger = logging.getLogger(__name__)
@@ -65,6 +70,60 @@ def downsample_image(image: torch.Tensor, level: int) -> torch.Tensor:
         return image
     pool = F.avg_pool3d if image.ndim == 5 else F.avg_pool2d
     return pool(pad_to_multiple(image, level, mode="replicate"), level)
+
+
+#: Default Gaussian sigma (image voxels) of :func:`level_image`: the fit's images are smoothed this much.
+IMAGE_SMOOTHING_SIGMA = 0.5
+
+
+def check_image_smoothing_sigma(sigma: Any) -> float:
+    """``sigma`` as a float; raises ValueError naming ``image_smoothing_sigma`` unless it is a finite number >= 0."""
+    try:
+        value = float(sigma)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"image_smoothing_sigma must be a finite number >= 0 (image voxels), got {sigma!r}.")
+    return value
+
+
+def check_finest_time_groups(groups: Any) -> int:
+    """``groups`` unchanged; raises ValueError naming ``finest_time_groups`` unless it is an integer >= 1."""
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"finest_time_groups must be an integer >= 1, got {groups!r}.")
+    return groups
+
+
+def level_image(image: torch.Tensor, level: int, sigma: float = IMAGE_SMOOTHING_SIGMA) -> torch.Tensor:
+    """The image the fit uses at ``level``: :func:`downsample_image`, then a Gaussian of ``sigma / level`` level
+    voxels (MONAI's ``gaussian_1d`` and ``separable_filtering``, border replicated; ``sigma`` in image voxels, so
+    the same physical width at every level; 0 smooths nothing), as ``antsRegistration --smoothing-sigmas`` smooths
+    its images per level.
+
+    Why: warping a noisy source with linear interpolation averages its noise by an amount that depends on the
+    sub-voxel shift (most at half a voxel), so the local NCC to a noisy target rises off the true alignment whatever
+    the anatomy does; the fit then carries spurious sub-voxel motion. A source whose noise is already correlated over a voxel (smoothed)
+    loses that bias; the targets are smoothed alike so that source and target stay equally sharp.
+
+    Shapes: (N, C, *S) -> (N, C, *ceil(S / level)).
+
+    Raises:
+        ValueError: ``sigma`` negative or not finite.
+    """
+    sigma = check_image_smoothing_sigma(sigma)
+    image = downsample_image(image, level)
+    if sigma == 0:
+        return image
+    from monai.networks.layers import separable_filtering
+    from monai.networks.layers.convutils import gaussian_1d
+
+    kernel = gaussian_1d(torch.tensor(sigma / level), truncated=4.0, approx="erf").to(image)
+    return separable_filtering(image, [kernel] * (image.ndim - 2), mode="replicate")
+
+
+#: Default ``finest_time_groups`` of :class:`NODERTrainer`: full-resolution epochs alternate between two halves of
+#: the observed times.
+FINEST_TIME_GROUPS = 2
 
 
 #: The loss (smoothness and boundary terms, NCC windows) needs this many voxels along every axis at every level.
@@ -171,11 +230,11 @@ class NODERTrainer(SupervisedTrainer):
     """``SupervisedTrainer`` fitting one subject's trajectory; every epoch is one iteration over all observed times.
 
     The iteration runs at ``engine.state.level`` (set per epoch by :class:`CoarseToFineHandler`, default 1):
-    baseline and targets are block-averaged to that level (once per level) and the loss's NCC window is scaled to
-    cover the same physical extent (:func:`~noder_monai.networks.scale_window`). ``engine.state.output`` is a list
-    of one dict (one subject is one sample, as after decollation, so ``from_engine(["loss"], first=True)`` works):
-    ``image`` (baseline), ``label`` (targets), ``pred`` (warped), ``loss`` and ``terms`` (the loss terms as floats);
-    ``engine.state.history`` the per-epoch records ``{"epoch", "level", "total", "similarity", "smoothness",
+    baseline and targets are block-averaged to that level and smoothed (:func:`level_image`, once per level) and
+    the loss's NCC window is scaled to cover the same physical extent (:func:`~noder_monai.networks.scale_window`).
+    ``engine.state.output`` is a list of one dict (one subject is one sample, as after decollation, so
+    ``from_engine(["loss"], first=True)`` works): ``image`` (baseline), ``label`` (targets), ``pred`` (warped),
+    ``loss`` and ``terms`` (the loss terms as floats); ``engine.state.history`` the per-epoch records ``{"epoch", "level", "total", "similarity", "smoothness",
     "boundary"}`` stored in the fitted subject.
 
     Args:
@@ -186,6 +245,10 @@ class NODERTrainer(SupervisedTrainer):
         optimizer: over the network's trainable parameters.
         loss_function: a :class:`NODERLoss` (its window is the level-1 window).
         prepare_batch: item -> (baseline, targets, scaled times). Defaults to :func:`prepare_sequence_batch`.
+        image_smoothing_sigma: Gaussian sigma (image voxels) of the images at every level (:func:`level_image`).
+        finest_time_groups: at level 1 (full resolution), each epoch fits one of this many interleaved groups of
+            the observed times, in turn (so one full-resolution epoch costs about 1 / groups of an epoch over all
+            times; the recorded loss is that group's); 1 fits every time in every epoch.
         kwargs: other ``SupervisedTrainer`` arguments (``train_handlers``, ``inferer``, ``amp``, ...).
     """
 
@@ -198,10 +261,14 @@ class NODERTrainer(SupervisedTrainer):
         optimizer: torch.optim.Optimizer,
         loss_function: NODERLoss,
         prepare_batch: Callable = prepare_sequence_batch,
+        image_smoothing_sigma: float = IMAGE_SMOOTHING_SIGMA,
+        finest_time_groups: int = FINEST_TIME_GROUPS,
         **kwargs: Any,
     ) -> None:
         if not isinstance(loss_function, NODERLoss):
             raise ValueError(f"loss_function must be a NODERLoss, got {type(loss_function).__name__}.")
+        sigma = check_image_smoothing_sigma(image_smoothing_sigma)
+        groups = check_finest_time_groups(finest_time_groups)
         kwargs.setdefault("optim_set_to_none", True)
         kwargs.setdefault("decollate", False)  # one subject per batch; the output holds (T - 1)-batches
         super().__init__(
@@ -214,10 +281,12 @@ class NODERTrainer(SupervisedTrainer):
             prepare_batch=prepare_batch,
             **kwargs,
         )
+        self.image_smoothing_sigma = sigma
+        self.finest_time_groups = groups
         self.state.level = 1
         self.state.history = []
         self.state.template = None
-        self._levels: dict[int, tuple[NODERLoss, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._levels: dict[tuple[int, int], tuple[NODERLoss, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._templates: dict[int, torch.Tensor] = {}
 
     def set_template(self, template: torch.Tensor | None) -> None:
@@ -227,17 +296,20 @@ class NODERTrainer(SupervisedTrainer):
 
     def _template_at(self, level: int) -> torch.Tensor:
         if level not in self._templates:
-            self._templates[level] = downsample_image(self.state.template, level)
+            self._templates[level] = level_image(self.state.template, level, self.image_smoothing_sigma)
         return self._templates[level]
 
-    def _at_level(self, level: int, batchdata: Mapping[str, Any]) -> tuple[NODERLoss, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The level's loss and block-averaged data, made once per level (the loss caches the fixed targets' statistics)."""
+    def _at_level(self, level: int, batchdata: Mapping[str, Any],
+                  group: int = 0) -> tuple[NODERLoss, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The level's loss and block-averaged data, made once per level and time group (each loss caches its fixed
+        targets' statistics). At level 1 with ``finest_time_groups`` G > 1, group ``g`` holds the targets
+        ``g, g + G, g + 2G, ...`` (interleaved, so every group spans the observed times)."""
         if level not in LEVELS:
             raise ValueError(f"engine.state.level must be one of {LEVELS}, got {level!r}.")
-        if level not in self._levels:
+        if (level, group) not in self._levels:
             baseline, targets, times = self.prepare_batch(batchdata, self.state.device, self.non_blocking)
             loss = self.loss_function
-            if level_window(loss.ncc_kernel_size, level) != loss.ncc_kernel_size:
+            if level_window(loss.ncc_kernel_size, level) != loss.ncc_kernel_size or group > 0:
                 loss = NODERLoss(
                     spatial_dims=loss.spatial_dims,
                     ncc_kernel_size=level_window(loss.ncc_kernel_size, level),
@@ -245,14 +317,22 @@ class NODERTrainer(SupervisedTrainer):
                     smoothness_weight=loss.smoothness_weight,
                     boundary_weight=loss.boundary_weight,
                 )
-            self._levels[level] = (loss, downsample_image(baseline, level), downsample_image(targets, level), times)
-        return self._levels[level]
+            chosen = slice(group, None, self._groups(level, times.numel()))
+            self._levels[(level, group)] = (loss, level_image(baseline, level, self.image_smoothing_sigma),
+                                            level_image(targets[chosen], level, self.image_smoothing_sigma),
+                                            times[chosen])
+        return self._levels[(level, group)]
+
+    def _groups(self, level: int, targets: int) -> int:
+        """Time groups at ``level``: ``finest_time_groups`` at level 1 (at most one per target), else 1."""
+        return min(self.finest_time_groups, targets) if level == 1 else 1
 
     def _iteration(self, engine: NODERTrainer, batchdata: dict[str, Any]) -> list[dict]:
         if batchdata is None:
             raise ValueError("must provide batch data for current iteration.")
         level = int(getattr(engine.state, "level", 1))
-        loss_function, baseline, targets, times = engine._at_level(level, batchdata)
+        group = len(engine.state.history) % engine._groups(level, torch.as_tensor(batchdata["time"]).numel() - 1)
+        loss_function, baseline, targets, times = engine._at_level(level, batchdata, group)
         if engine.state.template is not None:
             baseline = engine._template_at(level)
         engine.network.train()
