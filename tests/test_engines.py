@@ -171,14 +171,16 @@ def test_a_known_translation_is_reproduced():
     assert ddf[:, 1][:, inside].abs().mean().item() < 0.2
 
 
-def test_early_stopping_ends_the_last_level_after_patience_epochs_without_improvement():
+@pytest.mark.parametrize("groups", [1, 2])
+def test_early_stopping_ends_the_last_level_after_patience_epochs_without_improvement(groups):
     synthetic = synthetic_sequence(spatial_dims=2, size=16, kind="cardiac", seed=0)
     sequence = SubjectSequence.from_tensors(synthetic.images[:4], synthetic.times[:4])
-    config = FitConfig(epochs=50, levels=(2, 1), level_fractions=(0.2, 0.8), patience=3, min_improvement=1.0)
+    config = FitConfig(epochs=50, levels=(2, 1), level_fractions=(0.2, 0.8), patience=3, min_improvement=1.0,
+                       finest_time_groups=groups)
     fitted = fit_sequence(sequence, config, network=SMALL_NETWORK, progress=False)
-    # 10 epochs at level 2 (never stopped early), then the first level-1 epoch sets the best loss and no later
-    # epoch improves it by 100%, so three stale epochs end the fit
-    assert [record["level"] for record in fitted.history] == [2] * 10 + [1] * 4
+    # 10 epochs at level 2 (never stopped early), then the first level-1 epoch of each group of times sets that
+    # group's best loss and no later epoch improves it by 100%, so three stale epochs end the fit
+    assert [record["level"] for record in fitted.history] == [2] * 10 + [1] * (3 + groups)
 
 
 def test_image_smoothing_shrinks_the_spurious_shift_that_noisy_scans_favour():

@@ -332,6 +332,7 @@ class NODERTrainer(SupervisedTrainer):
             raise ValueError("must provide batch data for current iteration.")
         level = int(getattr(engine.state, "level", 1))
         group = len(engine.state.history) % engine._groups(level, torch.as_tensor(batchdata["time"]).numel() - 1)
+        engine.state.time_group = group
         loss_function, baseline, targets, times = engine._at_level(level, batchdata, group)
         if engine.state.template is not None:
             baseline = engine._template_at(level)
@@ -368,7 +369,8 @@ class CoarseToFineHandler:
         levels: resolution levels (image voxels per level voxel, each in ``LEVELS``), coarsest first.
         epochs_per_level: epochs at each level (e.g. ``FitConfig.epochs_per_level()``); zero skips a level.
         patience: in the last level, stop after this many epochs without a relative improvement of
-            ``min_improvement`` of the best loss (0 disables early stopping).
+            ``min_improvement`` of the best loss (of the epoch's group of times, ``engine.state.time_group``, when
+            full-resolution epochs alternate between groups; 0 disables early stopping).
         min_improvement: relative improvement of the best loss that resets the patience counter.
     """
 
@@ -389,7 +391,8 @@ class CoarseToFineHandler:
             raise ValueError(f"patience must be >= 0, got {patience}.")
         self.patience = int(patience)
         self.min_improvement = float(min_improvement)
-        self._best, self._stale = math.inf, 0
+        self._best: dict[int, float] = {}
+        self._stale = 0
 
     def level_at(self, epoch: int) -> int:
         """The level of 1-based ``epoch`` (epochs after the schedule stay at the last level)."""
@@ -413,8 +416,10 @@ class CoarseToFineHandler:
         if not self.patience or engine.state.level != self.levels[-1]:
             return
         loss = float(engine.state.output[0][Keys.LOSS])
-        if self._best == math.inf or loss < self._best - abs(self._best) * self.min_improvement:
-            self._best, self._stale = loss, 0
+        group = getattr(engine.state, "time_group", 0)  # each group of times has its own loss scale
+        best = self._best.get(group, math.inf)
+        if best == math.inf or loss < best - abs(best) * self.min_improvement:
+            self._best[group], self._stale = loss, 0
         else:
             self._stale += 1
         if self._stale >= self.patience:
