@@ -313,6 +313,10 @@ def test_package_error_unwraps_nested_config_expressions():
     assert str(error.value.__cause__).startswith("Failed to evaluate")
     with pytest.raises(RuntimeError, match="not from a config"), package_error():
         raise RuntimeError("not from a config")
+    parser = ConfigParser({"fit": {"_target_": "noder_monai.engines.FitConfig", "finest_time_groups": 0}})
+    with pytest.raises(ValueError, match="finest_time_groups must be an integer >= 1, got 0") as error, package_error():
+        parser.get_parsed_content("fit")
+    assert str(error.value.__cause__).startswith("Failed to instantiate component")
 
 
 def test_bundle_outputs_keep_disagreeing_qform_sform(tmp_path):

@@ -138,13 +138,14 @@ def query_items(
     return [{"image": baseline, "time": float(t), **extra} for t in sorted(set(float(t) for t in times))]
 
 
-_CONFIG_ERROR = "Failed to evaluate"
+_CONFIG_ERRORS = ("Failed to evaluate", "Failed to instantiate component")
 
 
 def _config_cause(error: BaseException) -> BaseException:
-    """The exception a config expression raised, under MONAI's ``Failed to evaluate`` wrappers (itself if none)."""
+    """The exception a config expression or component raised, under MONAI's ``Failed to evaluate`` / ``Failed to
+    instantiate component`` wrappers (itself if none)."""
     cause = error
-    while isinstance(cause, RuntimeError) and str(cause).startswith(_CONFIG_ERROR) and cause.__cause__ is not None:
+    while isinstance(cause, RuntimeError) and str(cause).startswith(_CONFIG_ERRORS) and cause.__cause__ is not None:
         cause = cause.__cause__
     return cause
 
@@ -152,8 +153,9 @@ def _config_cause(error: BaseException) -> BaseException:
 def install_error_hook() -> None:
     """Make the package's own message the last line of an uncaught error in ``python -m monai.bundle run``.
 
-    Python prints MONAI's ``Failed to evaluate ConfigExpression`` wrapper last; the hook prints the usual traceback
-    and then, when the wrapper hides another error, that error's type and message once more as the final line.
+    Python prints MONAI's ``Failed to evaluate ConfigExpression`` (or ``Failed to instantiate component``) wrapper
+    last; the hook prints the usual traceback and then, when the wrapper hides another error, that error's type and
+    message once more as the final line.
     ``common.json``'s ``initialize`` installs it; it changes nothing for errors without such a wrapper.
     """
     if getattr(sys.excepthook, "noder_package_error", False):
@@ -172,10 +174,11 @@ def install_error_hook() -> None:
 
 @contextlib.contextmanager
 def package_error() -> Iterator[None]:
-    """Re-raise the error a config expression raised, not MONAI's wrapper around it.
+    """Re-raise the error a config expression or component raised, not MONAI's wrapper around it.
 
     MONAI wraps an exception raised while a config expression is evaluated in ``RuntimeError("Failed to evaluate
-    ConfigExpression: ...")`` (once per level of ``@`` references), which ``python -m monai.bundle run_workflow``
+    ConfigExpression: ...")`` (once per level of ``@`` references), and one raised by a ``_target_`` in
+    ``RuntimeError("Failed to instantiate component ...")``, which ``python -m monai.bundle run_workflow``
     prints last. Inside this context such a wrapper is replaced by a new exception of the original type and message
     (the whole chain stays in the traceback), so the package's message is the last line the user reads.
     Exceptions of types that cannot be rebuilt from their message are left as they are.
