@@ -57,9 +57,10 @@ def fit(
             with a done-marker for the same settings and scans are always skipped, so a rerun resumes.
         progress: show a progress bar per subject.
         settings: fit settings (epochs, learning_rate, ncc_kernel_size, smoothness_weight, boundary_weight,
-            levels, level_fractions, patience, min_improvement, finetune_decoder, source, image_smoothing_sigma) and
-            network settings (latent_channels, encoder_channels, decoder_channels, dynamics_channels, hidden_features,
-            num_hidden_layers, smoothing_kernel, step_size, adjoint, field, integration_steps),
+            levels, level_fractions, patience, min_improvement, finetune_decoder, source, image_smoothing_sigma,
+            finest_time_groups) and network settings (latent_channels, encoder_channels, decoder_channels,
+            dynamics_channels, hidden_features, num_hidden_layers, smoothing_kernel, step_size, adjoint, field,
+            integration_steps),
             e.g. --epochs 100 --levels "[2,1]" --level_fractions "[0.5,0.5]".
     """
     from noder_monai.engines import jobs
@@ -372,9 +373,10 @@ def fit_inputs(
         progress: show a progress bar (subject i of N, level, loss) when the output is a terminal.
         report: write each subject's report.html and the index <output_dir>/report.html (--noreport to skip).
         settings: fit settings (epochs, learning_rate, ncc_kernel_size, smoothness_weight, boundary_weight,
-            levels, level_fractions, patience, min_improvement, finetune_decoder, source, image_smoothing_sigma) and
-            network settings (latent_channels, encoder_channels, decoder_channels, dynamics_channels, hidden_features,
-            num_hidden_layers, smoothing_kernel, step_size, adjoint, field, integration_steps),
+            levels, level_fractions, patience, min_improvement, finetune_decoder, source, image_smoothing_sigma,
+            finest_time_groups) and network settings (latent_channels, encoder_channels, decoder_channels,
+            dynamics_channels, hidden_features, num_hidden_layers, smoothing_kernel, step_size, adjoint, field,
+            integration_steps),
             e.g. --epochs 100 --levels "[2,1]" --level_fractions "[0.5,0.5]".
     """
     datalist = _inputs_datalist(inputs, output_dir, times, bids, participant_label, time_column, subject)

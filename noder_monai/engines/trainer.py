@@ -102,8 +102,8 @@ def level_image(image: torch.Tensor, level: int, sigma: float = IMAGE_SMOOTHING_
 
     Why: warping a noisy source with linear interpolation averages its noise by an amount that depends on the
     sub-voxel shift (most at half a voxel), so the local NCC to a noisy target rises off the true alignment whatever
-    the anatomy does; the fit then carries spurious sub-voxel motion. A source whose noise is already correlated over a voxel (smoothed)
-    loses that bias; the targets are smoothed alike so that source and target stay equally sharp.
+    the anatomy does; the fit then carries spurious sub-voxel motion. A source whose noise is already correlated
+    over a voxel (smoothed) loses that bias; the targets are smoothed alike so that both stay equally sharp.
 
     Shapes: (N, C, *S) -> (N, C, *ceil(S / level)).
 
@@ -234,8 +234,8 @@ class NODERTrainer(SupervisedTrainer):
     the loss's NCC window is scaled to cover the same physical extent (:func:`~noder_monai.networks.scale_window`).
     ``engine.state.output`` is a list of one dict (one subject is one sample, as after decollation, so
     ``from_engine(["loss"], first=True)`` works): ``image`` (baseline), ``label`` (targets), ``pred`` (warped),
-    ``loss`` and ``terms`` (the loss terms as floats); ``engine.state.history`` the per-epoch records ``{"epoch", "level", "total", "similarity", "smoothness",
-    "boundary"}`` stored in the fitted subject.
+    ``loss`` and ``terms`` (the loss terms as floats); ``engine.state.history`` the per-epoch records ``{"epoch",
+    "level", "total", "similarity", "smoothness", "boundary"}`` stored in the fitted subject.
 
     Args:
         device: torch device of the fit.
@@ -301,26 +301,29 @@ class NODERTrainer(SupervisedTrainer):
 
     def _at_level(self, level: int, batchdata: Mapping[str, Any],
                   group: int = 0) -> tuple[NODERLoss, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The level's loss and block-averaged data, made once per level and time group (each loss caches its fixed
-        targets' statistics). At level 1 with ``finest_time_groups`` G > 1, group ``g`` holds the targets
-        ``g, g + G, g + 2G, ...`` (interleaved, so every group spans the observed times)."""
+        """The level's loss and data for one group of times. The scans are block-averaged and smoothed once per
+        level; each group gets its own loss (which caches its fixed targets' statistics). At level 1 with
+        ``finest_time_groups`` G > 1, group ``g`` holds the targets ``g, g + G, g + 2G, ...`` (interleaved, so
+        every group spans the observed times)."""
         if level not in LEVELS:
             raise ValueError(f"engine.state.level must be one of {LEVELS}, got {level!r}.")
         if (level, group) not in self._levels:
             baseline, targets, times = self.prepare_batch(batchdata, self.state.device, self.non_blocking)
-            loss = self.loss_function
-            if level_window(loss.ncc_kernel_size, level) != loss.ncc_kernel_size or group > 0:
-                loss = NODERLoss(
-                    spatial_dims=loss.spatial_dims,
-                    ncc_kernel_size=level_window(loss.ncc_kernel_size, level),
-                    similarity_weight=loss.similarity_weight,
-                    smoothness_weight=loss.smoothness_weight,
-                    boundary_weight=loss.boundary_weight,
-                )
-            chosen = slice(group, None, self._groups(level, times.numel()))
-            self._levels[(level, group)] = (loss, level_image(baseline, level, self.image_smoothing_sigma),
-                                            level_image(targets[chosen], level, self.image_smoothing_sigma),
-                                            times[chosen])
+            baseline = level_image(baseline, level, self.image_smoothing_sigma)
+            targets = level_image(targets, level, self.image_smoothing_sigma)
+            groups = self._groups(level, times.numel())
+            for each in range(groups):
+                loss = self.loss_function
+                if level_window(loss.ncc_kernel_size, level) != loss.ncc_kernel_size or each > 0:
+                    loss = NODERLoss(
+                        spatial_dims=loss.spatial_dims,
+                        ncc_kernel_size=level_window(loss.ncc_kernel_size, level),
+                        similarity_weight=loss.similarity_weight,
+                        smoothness_weight=loss.smoothness_weight,
+                        boundary_weight=loss.boundary_weight,
+                    )
+                chosen = slice(each, None, groups)
+                self._levels[(level, each)] = (loss, baseline, targets[chosen].contiguous(), times[chosen])
         return self._levels[(level, group)]
 
     def _groups(self, level: int, targets: int) -> int:
