@@ -1,6 +1,6 @@
 """Build hook: the pretrained weights live once in the repository, in ``bundle/models/`` (what the bundle's configs
 load); a wheel gets them as package data in ``noder_monai/engines/weights/`` so a non-editable install finds them
-too (``noder_monai.engines.default_autoencoder_path``). All other settings are in setup.cfg."""
+too (``noder_monai.engines.pretrain.default_autoencoder_path``). All other settings are in setup.cfg."""
 
 import shutil
 from pathlib import Path

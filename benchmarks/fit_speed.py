@@ -44,7 +44,7 @@ def _one_run(args: argparse.Namespace, tree: str | None = None) -> dict:
 
     from noder_monai.baselines import linear_interpolation, nearest_scan
     from noder_monai.data import SubjectSequence
-    from noder_monai.engines import FitConfig, FittedSubject, fit_sequence
+    from noder_monai.engines import FitConfig, fit_sequence
     from noder_monai.metrics import nrmse, psnr, ssim
     from noder_monai.networks import NODER
 
@@ -84,7 +84,7 @@ def _one_run(args: argparse.Namespace, tree: str | None = None) -> dict:
 
     big = NODER((128, 128, 128))
     big.set_initial_state()
-    subject = FittedSubject(big, torch.rand(1, 1, 128, 128, 128), fitted.times, fitted.affine, fitted.intensity)
+    subject = type(fitted)(big, torch.rand(1, 1, 128, 128, 128), fitted.times, fitted.affine, fitted.intensity)
     subject.predict([1.0])
     start = time.perf_counter()
     subject.predict(HELDOUT_TIMES, batch_size=1)

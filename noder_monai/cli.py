@@ -1,6 +1,6 @@
 """The ``noder`` command: fit, predict, evaluate, run the demo, pretrain the autoencoder.
 
-Every verb is a job of :mod:`noder_monai.engines.jobs` (or :mod:`noder_monai.engines.pretrain`): ``noder fit``
+Every verb is a job of :mod:`noder_monai.workflows.jobs` (or :mod:`noder_monai.engines.pretrain`): ``noder fit``
 runs the bundle's trainer (``bundle/configs/train.json``'s ``NODERTrainer`` and handlers) once per subject, and
 ``noder predict`` writes the predictions ``bundle/configs/inference.json`` writes.
 ``noder <verb> --help`` explains the verb's arguments. Examples::
@@ -63,7 +63,7 @@ def fit(
             integration_steps),
             e.g. --epochs 100 --levels "[2,1]" --level_fractions "[0.5,0.5]".
     """
-    from noder_monai.engines import jobs
+    from noder_monai.workflows import jobs
 
     fit_settings, network = jobs.split_settings(**settings)
     summary = jobs.train(
@@ -83,13 +83,13 @@ def fit(
 
 def _print_index(output_dir: str, datalist: str | None, eval_dir: str | None = None, device: str | None = None) -> None:
     """Write the HTML report (each rank its share of the pages) and print the index's path on rank 0."""
-    from noder_monai.engines import distributed
-    from noder_monai.engines.report_html import cohort_report
+    from noder_monai.workflows import cohort
+    from noder_monai.reporting.html import cohort_report
 
     index = cohort_report(output_dir, datalist, eval_dir, device or "cpu")["index"]
     if index is not None:
         print(f"report:      {index}")
-    distributed.wait_for_ranks("report")
+    cohort.wait_for_ranks("report")
 
 
 def _status_line(record: dict) -> str:
@@ -104,11 +104,11 @@ def _exit_on_failures(records: dict, stage: str) -> None:
     """
     import sys
 
-    from noder_monai.engines import distributed
+    from noder_monai.workflows import cohort
 
-    distributed.wait_for_ranks(stage)
+    cohort.wait_for_ranks(stage)
     failed = [k for k, v in records.items() if v.get("status") == "failed"]
-    if failed and distributed.dist_env()[0] == 0:
+    if failed and cohort.dist_env()[0] == 0:
         print(f"{len(failed)} subject(s) failed: {', '.join(failed)}", file=sys.stderr)
         sys.exit(min(len(failed), 100))
 
@@ -140,9 +140,9 @@ def predict(
         threads: torch CPU threads (default: the cores idle at start, i.e. cores minus the load average).
         batch_size: time points decoded and warped at once (lower it if memory is short).
     """
-    from noder_monai.engines import jobs
+    from noder_monai.workflows import jobs
 
-    from noder_monai.data.io import parse_times
+    from noder_monai.io.image import parse_times
 
     if times is not None:
         times = parse_times(times, name="--times")
@@ -186,8 +186,8 @@ def evaluate(
         report: write the HTML report (<output_dir>/<id>/report.html and the index <output_dir>/report.html;
             --noreport to skip).
     """
-    from noder_monai.engines import jobs
-    from noder_monai.engines.report import markdown_table
+    from noder_monai.workflows import jobs
+    from noder_monai.reporting.tables import markdown_table
 
     eval_dir = eval_dir or os.path.join(output_dir, "eval")
     write_report = report
@@ -235,7 +235,7 @@ def demo(
         report: write the HTML report (--noreport to skip).
         settings: fit and network settings as for `noder fit`, e.g. --epochs 100.
     """
-    from noder_monai.engines import jobs
+    from noder_monai.workflows import jobs
 
     if not full:
         settings.setdefault("epochs", _DEMO_QUICK["epochs"])
@@ -249,7 +249,7 @@ def demo(
     if report:
         import time as timer
 
-        from noder_monai.engines.report_html import cohort_report, comparison_table
+        from noder_monai.reporting.html import cohort_report, comparison_table
 
         start = timer.perf_counter()
         written = cohort_report(result["output_dir"], result["datalist"], result["eval_dir"], device or "cpu")
@@ -432,7 +432,7 @@ def predict_inputs(
         threads: torch CPU threads (default: the cores idle now, sampled at start).
         batch_size: time points decoded and warped at once (lower it if memory is short).
     """
-    from noder_monai.data.io import parse_times
+    from noder_monai.io.image import parse_times
 
     datalist = _inputs_datalist(inputs, output_dir, scan_times, bids, participant_label, time_column, subject)
     predict(datalist, dataset_dir=dataset_dir, output_dir=output_dir,
@@ -464,7 +464,7 @@ def report(
 
     Under torchrun each process draws its share of the pages and the first writes the index.
     """
-    from noder_monai.engines.report_html import cohort_report
+    from noder_monai.reporting.html import cohort_report
     from noder_monai.utils import set_threads
 
     set_threads(threads)

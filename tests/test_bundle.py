@@ -13,7 +13,8 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from noder_monai.data import make_demo_dataset
-from noder_monai.engines import FittedSubject, time_tag
+from noder_monai.engines import time_tag
+from noder_monai.model import FittedSubject
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = os.path.join(REPO, "bundle")
@@ -57,7 +58,7 @@ def cohort(data):
     """``run_workflow`` of the cohort from bundle/ with MLflow tracking: every subject fitted, one run each."""
     output_dir = str(data["root"] / "cohort")
     overrides = {"datalist": data["datalist"], "output_dir": output_dir, **TINY}
-    result = runner("run_workflow", "noder_monai.engines.CohortWorkflow", "--config_file",
+    result = runner("run_workflow", "noder_monai.workflows.CohortWorkflow", "--config_file",
                     json.dumps(["configs/common.json", "configs/train.json"]), "--tracking", "mlflow",
                     *cli_overrides(overrides), cwd=BUNDLE)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -92,7 +93,7 @@ def test_cohort_fits_every_subject_with_one_mlflow_run_each(cohort):
 
 
 def test_cohort_skip_existing_keeps_fitted_subjects(cohort):
-    from noder_monai.engines import CohortWorkflow
+    from noder_monai.workflows import CohortWorkflow
 
     path = os.path.join(cohort["output_dir"], "sub-001", "model.pt")
     before = os.stat(path).st_mtime_ns
@@ -237,7 +238,7 @@ def test_evaluation_logs_the_heldout_metrics_to_mlflow(cohort, tmp_path):
     shutil.copytree(cohort["output_dir"], output_dir, ignore=shutil.ignore_patterns("mlruns*", "config_*"))
     overrides = {"datalist": cohort["datalist"], "output_dir": output_dir, "eval_dir": str(tmp_path / "eval"),
                  "num_threads": 1}
-    result = runner("run_workflow", "noder_monai.engines.CohortWorkflow", "--config_file",
+    result = runner("run_workflow", "noder_monai.workflows.CohortWorkflow", "--config_file",
                     json.dumps(layered("inference.json", "evaluate.json")), "--tracking", "mlflow",
                     *cli_overrides(overrides))
     assert result.returncode == 0, result.stderr[-4000:]
@@ -271,10 +272,11 @@ def test_wheel_carries_the_weights_that_live_once_in_bundle_models(tmp_path):
 
 
 def test_transforms_and_the_file_format_do_not_import_the_training_code():
-    code = ("import sys, noder_monai.transforms, noder_monai.engines.subject; "
-            "print(sorted(m for m in sys.modules if m.startswith('noder_monai.engines')))")
+    code = ("import sys, noder_monai.transforms, noder_monai.model; "
+            "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('noder_monai.')}))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.stdout.strip() == "['noder_monai.engines', 'noder_monai.engines.subject']", result.stderr[-2000:]
+    loaded = result.stdout.strip()
+    assert loaded and not {"engines", "workflows", "reporting", "cli"} & set(eval(loaded)), result.stderr[-2000:]
 
 
 def test_bundle_checks_output_dir_and_cohort_ends_with_the_package_message(data, tmp_path):
@@ -282,7 +284,7 @@ def test_bundle_checks_output_dir_and_cohort_ends_with_the_package_message(data,
     afile.write_text("x")
     message = f"ValueError: output_dir '{afile}' exists and is not a folder."
     overrides = {"datalist": data["datalist"], "output_dir": str(afile), **TINY}
-    result = runner("run_workflow", "noder_monai.engines.CohortWorkflow", "--config_file",
+    result = runner("run_workflow", "noder_monai.workflows.CohortWorkflow", "--config_file",
                     json.dumps(layered("train.json")), "--logging_file", "None", *cli_overrides(overrides))
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == message
@@ -303,9 +305,9 @@ def test_bundle_checks_output_dir_and_cohort_ends_with_the_package_message(data,
 def test_package_error_unwraps_nested_config_expressions():
     from monai.bundle import ConfigParser
 
-    from noder_monai.engines import package_error
+    from noder_monai.workflows import package_error
 
-    parser = ConfigParser({"times": "$noder_monai.data.io.parse_times('[abc]', name='--times')",
+    parser = ConfigParser({"times": "$noder_monai.io.image.parse_times('[abc]', name='--times')",
                            "later": "$@times + [1.0]"}, globals={"noder_monai": "noder_monai"})
     with pytest.raises(ValueError) as error, package_error():
         parser.get_parsed_content("later")
@@ -321,7 +323,7 @@ def test_package_error_unwraps_nested_config_expressions():
 
 def test_bundle_outputs_keep_disagreeing_qform_sform(tmp_path):
     sys.path.insert(0, os.path.dirname(__file__))
-    from test_data_geometry import assert_same_geometry
+    from test_io_geometry import assert_same_geometry
     from test_inputs import write_disagreeing_subject
 
     paths, label = write_disagreeing_subject(tmp_path, count=3)
@@ -347,7 +349,7 @@ def test_multi_gpu_configs_shard_the_cohort_over_two_ranks(tmp_path):
     sys.path.insert(0, os.path.join(REPO, "tests"))
     from cohort_data import write_cohort
 
-    from noder_monai.engines import distributed
+    from noder_monai.workflows import cohort as cohort_runner
 
     datalist = write_cohort(tmp_path / "data", 3, size=16)
     output_dir, eval_dir = str(tmp_path / "out"), str(tmp_path / "eval")
@@ -358,10 +360,10 @@ def test_multi_gpu_configs_shard_the_cohort_over_two_ranks(tmp_path):
                              (["inference.json", "evaluate.json", "multi_gpu_evaluate.json"], cli_overrides(common))):
         result = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "monai.bundle",
-             "run_workflow", "noder_monai.engines.CohortWorkflow", "--config_file", json.dumps(layered(*names)),
+             "run_workflow", "noder_monai.workflows.CohortWorkflow", "--config_file", json.dumps(layered(*names)),
              *overrides], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
         assert result.returncode == 0, result.stderr[-4000:]
-    ranks = [distributed.read_marker(os.path.join(output_dir, sid), "train")["record"]["rank"]
+    ranks = [cohort_runner.read_marker(os.path.join(output_dir, sid), "train")["record"]["rank"]
              for sid in ("sub-001", "sub-002", "sub-003")]
     assert sorted(set(ranks)) == [0, 1]
     with open(os.path.join(output_dir, "cohort_summary_train.json")) as handle:

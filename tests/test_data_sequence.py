@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from noder_monai.data.io import save_image
+from noder_monai.io.image import save_image
 from noder_monai.data.sequence import SubjectSequence, load_sequence
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from noder_monai.data.datalist import SubjectEntry, load_datalist
-from noder_monai.data.io import save_image
+from noder_monai.io.image import save_image
 
 
 @pytest.fixture()

@@ -17,7 +17,7 @@ from noder_monai.data.deformation_fields import (
     list_displacement_fields,
     load_displacement_field,
 )
-from noder_monai.data.io import save_image
+from noder_monai.io.image import save_image
 from noder_monai.metrics import jacobian_determinant
 
 

@@ -17,7 +17,7 @@ from noder_monai.data.demo import (
     demo_volume,
     make_demo_dataset,
 )
-from noder_monai.data.io import load_image
+from noder_monai.io.image import load_image
 
 SOURCE = "/usr/share/mricron/templates"
 

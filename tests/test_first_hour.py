@@ -14,7 +14,7 @@ from noder_monai import cli
 from noder_monai.data import make_demo_dataset
 from noder_monai.data.bids import bids_datalist
 from noder_monai.data.inputs import cine_frame_times
-from noder_monai.engines.report_html import SECTIONS
+from noder_monai.reporting.html import SECTIONS
 from noder_monai.utils import free_cores
 
 TINY = ["--epochs", "2", "--levels", "[2,1]", "--level_fractions", "[0.5,0.5]", "--pretrained", "None",

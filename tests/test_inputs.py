@@ -13,15 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from noder_monai.data import SubjectSequence, load_scan, load_sequence, save_image, voxel_volume_mm3
-from noder_monai.data.itk_field import ddf_to_itk, save_itk_displacement
-from noder_monai.engines import FitConfig, FittedSubject, fit_sequence
+from noder_monai.data import SubjectSequence, load_sequence
+from noder_monai.io import load_scan, save_image, voxel_volume_mm3
+from noder_monai.io.itk_field import ddf_to_itk, save_itk_displacement
+from noder_monai.engines import FitConfig, fit_sequence
+from noder_monai.model import FittedSubject
 from noder_monai.engines.fit import check_fit_inputs
 from noder_monai.engines.trainer import level_window
-from noder_monai.engines.subject import SUBJECT_FORMAT
+from noder_monai.model.subject import SUBJECT_FORMAT
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_data_geometry import assert_same_geometry, oblique_lps, write_qs  # noqa: E402
+from test_io_geometry import assert_same_geometry, oblique_lps, write_qs  # noqa: E402
 
 TINY = {"epochs": 6, "ncc_kernel_size": 9}
 
@@ -41,7 +43,7 @@ def _blob_scans(shape, count=3, seed=0):
 def write_disagreeing_subject(folder, count=3):
     """``count`` 16^3 blob scans and a label map whose qform (code 1, origin -8) and sform (code 2, origin
     (-18, -3, 7)) disagree, written to ``folder``; returns (scan paths, label path)."""
-    from test_data_geometry import write_qs
+    from test_io_geometry import write_qs
 
     qform = np.diag([2.0, 2.0, 2.0, 1.0])
     qform[:3, 3] = -8

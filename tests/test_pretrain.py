@@ -8,9 +8,11 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from noder_monai.data import SubjectSequence, save_image, synthetic_sequence
+from noder_monai.data import SubjectSequence, synthetic_sequence
+from noder_monai.io import save_image
 from noder_monai.data.deformation_fields import DeformationFieldGenerator, GeneratedDeformationFields
-from noder_monai.engines import FitConfig, fit_sequence, load_autoencoder_weights
+from noder_monai.engines import FitConfig, fit_sequence
+from noder_monai.model import load_autoencoder_weights
 from noder_monai.engines.pretrain import (
     default_autoencoder_path,
     evaluate_autoencoder,

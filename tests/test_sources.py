@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from noder_monai.data import SubjectSequence, compose_displacements, synthetic_sequence
-from noder_monai.engines import FitConfig, FittedSubject, fit_sequence
+from noder_monai.engines import FitConfig, fit_sequence
+from noder_monai.model import FittedSubject
 from noder_monai.functional import invert_displacement
 from noder_monai.metrics import nrmse
 

@@ -20,7 +20,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from noder_monai.data.io import PathLike
+from noder_monai.io.image import PathLike
 
 __all__ = ["bids_datalist"]
 

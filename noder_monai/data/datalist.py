@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from noder_monai.data.io import PathLike
+from noder_monai.io.image import PathLike
 from noder_monai.data.sequence import SubjectSequence, load_sequence
 
 __all__ = ["SubjectEntry", "load_datalist"]

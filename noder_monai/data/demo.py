@@ -23,7 +23,7 @@ from monai.transforms import CropForeground, Resize, SpatialPad
 
 from noder_monai.data.datalist import load_datalist
 from noder_monai.utils import write_json
-from noder_monai.data.io import PathLike, load_image, save_image
+from noder_monai.io.image import PathLike, load_image, save_image
 from noder_monai.data.synthetic import synthetic_sequence
 
 __all__ = [

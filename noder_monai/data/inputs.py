@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 
 from noder_monai.data.bids import bids_datalist
-from noder_monai.data.io import PathLike, load_scan, parse_times, save_image
+from noder_monai.io.image import PathLike, load_scan, parse_times, save_image
 from noder_monai.utils import write_json
 
 __all__ = ["scans_datalist", "cine_datalist", "cine_frame_times", "inputs_datalist", "write_inputs_datalist",

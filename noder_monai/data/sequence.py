@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from noder_monai.data.io import Geometry, PathLike, load_scan
+from noder_monai.io.image import Geometry, PathLike, load_scan
 
 __all__ = ["SubjectSequence", "file_fingerprint", "load_sequence", "load_series"]
 
@@ -46,7 +46,7 @@ class SubjectSequence:
         affine: ``(4, 4)`` float64 voxel-to-world matrix shared by all scans (RAS, mm).
         subject: subject identifier used in messages and outputs.
         paths: the file of each scan when read from disk, else ``None``.
-        geometry: the first scan's :class:`~noder_monai.data.io.Geometry` (header forms, 2D layout) that outputs are
+        geometry: the first scan's :class:`~noder_monai.io.image.Geometry` (header forms, 2D layout) that outputs are
             written with; ``None`` builds one from ``affine``.
         fingerprints: :func:`file_fingerprint` of each scan when read from disk, else ``None``.
     """
@@ -166,7 +166,7 @@ def load_sequence(
         paths: one single-channel image file per scan, in time order.
         times: acquisition time of each scan, strictly increasing.
         subject: subject identifier used in messages.
-        reader: ``"itk"``, ``"nibabel"`` or ``None`` (MONAI's default), see :func:`noder_monai.data.io.load_image`.
+        reader: ``"itk"``, ``"nibabel"`` or ``None`` (MONAI's default), see :func:`noder_monai.io.image.load_image`.
 
     Returns:
         :class:`SubjectSequence` with images ``(T, 1, *spatial)`` and the first scan's affine.
@@ -263,7 +263,7 @@ def load_series(
         path: a 4D image file ``(*spatial, T)`` (2D series may be stored as ``(X, Y, 1, T)``).
         times: the acquisition time of each of the ``T`` frames, strictly increasing.
         subject: subject identifier used in messages.
-        reader: see :func:`noder_monai.data.io.load_image`.
+        reader: see :func:`noder_monai.io.image.load_image`.
 
     Raises:
         ValueError: naming the file, if it has one frame or the number of times differs from the number of frames.

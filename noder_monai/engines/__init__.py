@@ -1,67 +1,63 @@
-"""Engines: fit a subject's trajectory (a MONAI trainer), save/load it as one file, predict at any time.
+"""Engines: one subject's fit as a MONAI trainer with its handlers, the evaluator of the bundle's inference, and the
+pretraining of the deformation autoencoder."""
 
-Names are imported on first use, so ``noder_monai.engines.subject`` (the fitted-subject file format) loads without
-the training code.
-"""
+from noder_monai._deprecated import deprecated_getattr
+from noder_monai.engines.evaluator import PredictionEvaluator, TimeNameFormatter, fitted_subject_from_checkpoint, time_tag
+from noder_monai.engines.fit import PRESETS, FitConfig, check_fit_inputs, fit_sequence
+from noder_monai.engines.pretrain import (
+    PretrainConfig,
+    PretrainResult,
+    default_autoencoder_path,
+    evaluate_autoencoder,
+    load_autoencoder,
+    mean_endpoint_error,
+    pretrain_autoencoder,
+)
+from noder_monai.engines.trainer import (
+    MIN_LEVEL_VOXELS,
+    CoarseToFineHandler,
+    EpochCallbackHandler,
+    FittedSubjectSaver,
+    NODERTrainer,
+    TemplateHandler,
+    cosine_schedule,
+    downsample_image,
+    fitted_subject,
+    init_network,
+    level_window,
+    prepare_sequence_batch,
+    subject_template,
+)
 
-from __future__ import annotations
+__all__ = [
+    "CoarseToFineHandler",
+    "EpochCallbackHandler",
+    "FitConfig",
+    "FittedSubjectSaver",
+    "MIN_LEVEL_VOXELS",
+    "NODERTrainer",
+    "PRESETS",
+    "PredictionEvaluator",
+    "PretrainConfig",
+    "PretrainResult",
+    "TemplateHandler",
+    "TimeNameFormatter",
+    "check_fit_inputs",
+    "cosine_schedule",
+    "default_autoencoder_path",
+    "downsample_image",
+    "evaluate_autoencoder",
+    "fit_sequence",
+    "fitted_subject",
+    "fitted_subject_from_checkpoint",
+    "init_network",
+    "level_window",
+    "load_autoencoder",
+    "mean_endpoint_error",
+    "prepare_sequence_batch",
+    "pretrain_autoencoder",
+    "subject_template",
+    "time_tag",
+]
 
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "fit": ("PRESETS", "FitConfig", "check_fit_inputs", "fit_sequence"),
-    "trainer": (
-        "CoarseToFineHandler",
-        "EpochCallbackHandler",
-        "FittedSubjectSaver",
-        "NODERTrainer",
-        "downsample_image",
-        "fitted_subject",
-        "init_network",
-        "cosine_schedule",
-        "prepare_sequence_batch",
-        "level_window",
-        "subject_template",
-        "TemplateHandler",
-        "MIN_LEVEL_VOXELS",
-    ),
-    "pretrain": (
-        "PretrainConfig",
-        "PretrainResult",
-        "default_autoencoder_path",
-        "evaluate_autoencoder",
-        "load_autoencoder",
-        "mean_endpoint_error",
-        "pretrain_autoencoder",
-    ),
-    "subject": (
-        "AUTOENCODER_FORMAT",
-        "SUBJECT_FORMAT",
-        "FittedSubject",
-        "PREDICT_SOURCES",
-        "Prediction",
-        "atomic_torch_save",
-        "load_autoencoder_weights",
-        "read_checkpoint",
-    ),
-    "cohort": (
-        "CohortWorkflow", "bundle_root", "datalist_subjects", "install_error_hook", "package_error", "query_items",
-        "select_subject", "subject_item",
-    ),
-    "distributed": ("partition_subjects", "rank_device", "rank_threads", "run_cohort"),
-    "predictor": ("PredictionEvaluator", "TimeNameFormatter", "fitted_subject_from_checkpoint", "time_tag"),
-}
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MODULE_OF:
-        return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__ = deprecated_getattr(__name__)

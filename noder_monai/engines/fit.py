@@ -20,7 +20,7 @@ from monai.handlers import LrScheduleHandler
 from monai.utils import CommonKeys as Keys
 
 from noder_monai.data import SubjectSequence
-from noder_monai.engines.subject import PREDICT_SOURCES, FittedSubject
+from noder_monai.model.subject import PREDICT_SOURCES, FittedSubject
 from noder_monai.engines.trainer import (
     FINEST_TIME_GROUPS,
     IMAGE_SMOOTHING_SIGMA,

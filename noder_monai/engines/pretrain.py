@@ -43,7 +43,7 @@ from noder_monai.data.deformation_fields import (
     list_displacement_fields,
 )
 from noder_monai.functional import check_spatial_dims
-from noder_monai.engines.subject import AUTOENCODER_FORMAT, atomic_torch_save, read_checkpoint
+from noder_monai.model.subject import AUTOENCODER_FORMAT, atomic_torch_save, read_checkpoint
 from noder_monai.networks import DeformationAutoencoder
 from noder_monai.utils import cosine_decay, summary_writer, write_json
 

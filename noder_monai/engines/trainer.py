@@ -25,9 +25,9 @@ from monai.engines import IterationEvents, SupervisedTrainer
 from monai.utils import CommonKeys as Keys
 
 from noder_monai.data import IntensityMapping
-from noder_monai.data.io import Geometry, load_scan
+from noder_monai.io.image import Geometry, load_scan
 from noder_monai.engines.pretrain import default_autoencoder_path
-from noder_monai.engines.subject import FittedSubject, load_autoencoder_weights
+from noder_monai.model.subject import FittedSubject, load_autoencoder_weights
 from noder_monai.losses import NODERLoss
 from noder_monai.networks import LEVELS, NODER, scale_window
 from noder_monai.networks.autoencoder import pad_to_multiple

@@ -1,6 +1,6 @@
 """MONAI transforms that warp images and label maps along a fitted subject's trajectory.
 
-A fitted subject (the one file written by :meth:`noder_monai.engines.FittedSubject.save`) gives a displacement field
+A fitted subject (the one file written by :meth:`noder_monai.model.FittedSubject.save`) gives a displacement field
 at any time; these transforms warp whatever channel-first image they are given with it (MONAI ``Warp``, pull-back
 convention ``out(x) = image(x + ddf(x))``), so they slot into any ``Compose`` pipeline, e.g. to carry a second
 modality or a segmentation that is co-registered to the subject's baseline scan through time.
@@ -30,8 +30,8 @@ from monai.networks.blocks import Warp
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, ensure_tuple_rep
 
-from noder_monai.data.io import GEOMETRY_META_KEY
-from noder_monai.engines.subject import PREDICT_SOURCES, FittedSubject
+from noder_monai.io.image import GEOMETRY_META_KEY
+from noder_monai.model.subject import PREDICT_SOURCES, FittedSubject
 from noder_monai.metrics import jacobian_determinant
 
 __all__ = ["ODEWarp", "ODEWarpd", "ODEWarpD", "ODEWarpDict", "load_fitted_subject", "WARP_MODES", "PADDING_MODES"]
@@ -196,7 +196,7 @@ class ODEWarpd(MapTransform):
     """Dictionary version of :class:`ODEWarp`: warp ``keys`` to one time with one displacement field.
 
     Every output's metadata also gets the subject's input geometry under ``GEOMETRY_META_KEY`` (JSON text), which
-    ``SaveImaged(writer=noder_monai.data.GeometryNiftiWriter)`` writes back exactly (qform, sform, codes, singleton
+    ``SaveImaged(writer=noder_monai.io.GeometryNiftiWriter)`` writes back exactly (qform, sform, codes, singleton
     axis).
 
     Args:

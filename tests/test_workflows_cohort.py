@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from noder_monai.data import load_datalist
-from noder_monai.engines import distributed, jobs
+from noder_monai.workflows import cohort as cohort_runner, jobs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -57,7 +57,7 @@ def cohort(tmp_path_factory):
     script.write_text(textwrap.dedent(f"""
         import logging
         logging.basicConfig(level=logging.INFO)
-        from noder_monai.engines import jobs
+        from noder_monai.workflows import jobs
         jobs.infer({datalist!r}, output_dir={out!r}, num_threads=1)
         jobs.evaluate({datalist!r}, output_dir={out!r}, eval_dir={ev!r}, num_threads=1, montage=False)
     """))
@@ -78,7 +78,7 @@ def test_every_subject_fitted_exactly_once_across_two_ranks(cohort):
     for rank, share in enumerate(shares):  # the marker of each fitted subject names the rank that fitted it
         for subject_id, record in share.items():
             if record["status"] == "done":
-                marker = distributed.read_marker(os.path.join(cohort["out"], subject_id), "train")
+                marker = cohort_runner.read_marker(os.path.join(cohort["out"], subject_id), "train")
                 assert marker["record"]["rank"] == rank and marker["record"]["epochs"] == 2
 
 
@@ -155,7 +155,7 @@ def test_killed_run_resumes_and_leaves_finished_subjects_untouched(tmp_path):
     # the first run dies (os._exit, as a kill) after writing sub-003's model and files, before its done-marker
     killer = textwrap.dedent(f"""
         import os
-        from noder_monai.engines import jobs
+        from noder_monai.workflows import jobs
         original = jobs._train_subject
         def dying(entry, *args, **kwargs):
             record = original(entry, *args, **kwargs)
@@ -168,7 +168,7 @@ def test_killed_run_resumes_and_leaves_finished_subjects_untouched(tmp_path):
     killed = subprocess.run([sys.executable, "-c", killer], env=ENV, capture_output=True, text=True, timeout=300)
     assert killed.returncode == 9
     assert os.path.isfile(os.path.join(out, "sub-003", "model.pt"))
-    assert distributed.read_marker(os.path.join(out, "sub-003"), "train") is None
+    assert cohort_runner.read_marker(os.path.join(out, "sub-003"), "train") is None
     assert not os.path.exists(os.path.join(out, "sub-004"))
     before = {sid: tree(os.path.join(out, sid)) for sid in ("sub-001", "sub-002")}
     records = jobs.train(datalist, output_dir=out, fit=TINY, pretrained=None, progress=False, num_threads=1)
@@ -189,7 +189,7 @@ def test_changed_scan_or_config_redoes_and_a_held_lock_is_respected(tmp_path):
     (data / "sub-002" / "t1.0.nii.gz").write_bytes((data / "sub-001" / "t1.0.nii.gz").read_bytes())
     second = jobs.train(datalist, output_dir=out, fit=TINY, pretrained=None, progress=False, num_threads=1)
     assert {k: v["status"] for k, v in second.items()} == {"sub-001": "skipped", "sub-002": "done"}
-    with distributed.subject_lock(os.path.join(out, "sub-001"), "train") as held:
+    with cohort_runner.subject_lock(os.path.join(out, "sub-001"), "train") as held:
         assert held
         third = jobs.train(datalist, output_dir=out, fit={**TINY, "epochs": 3}, pretrained=None, progress=False,
                            num_threads=1)
@@ -203,13 +203,13 @@ def test_changed_scan_or_config_redoes_and_a_held_lock_is_respected(tmp_path):
 def test_shares_are_disjoint_complete_and_balanced_by_cost():
     subjects = [types_entry(f"s{k}") for k in range(7)]
     costs = [100, 90, 10, 10, 10, 10, 5]
-    shares = [distributed.partition_subjects(subjects, rank, 2, costs) for rank in (0, 1)]
+    shares = [cohort_runner.partition_subjects(subjects, rank, 2, costs) for rank in (0, 1)]
     ids = [[s.id for s in share] for share in shares]
     assert sorted(ids[0] + ids[1]) == sorted(s.id for s in subjects) and not set(ids[0]) & set(ids[1])
     totals = [sum(costs[int(i[1:])] for i in share) for share in ids]
     assert abs(totals[0] - totals[1]) <= 20 and ids[0][0] == "s0" and ids[1][0] == "s1"
     with pytest.raises(ValueError, match="rank must be in"):
-        distributed.partition_subjects(subjects, 2, 2, costs)
+        cohort_runner.partition_subjects(subjects, 2, 2, costs)
 
 
 def types_entry(name):
@@ -221,12 +221,12 @@ def types_entry(name):
 def test_rank_device_and_threads_follow_torchrun(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert str(distributed.rank_device("cpu")) == "cpu" and str(distributed.rank_device("cuda:0")) == "cuda:0"
-    assert distributed.rank_threads(3) == 3 and distributed.rank_threads() >= 1
+    assert str(cohort_runner.rank_device("cpu")) == "cpu" and str(cohort_runner.rank_device("cuda:0")) == "cuda:0"
+    assert cohort_runner.rank_threads(3) == 3 and cohort_runner.rank_threads() >= 1
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="inconsistent"):
-        distributed.dist_env()
+        cohort_runner.dist_env()
 
 
 def test_check_subject_names_mixed_grids_and_nothing_is_kept_from_finished_subjects(tmp_path):
@@ -234,15 +234,15 @@ def test_check_subject_names_mixed_grids_and_nothing_is_kept_from_finished_subje
 
     import torch
 
-    from noder_monai.engines import FittedSubject
+    from noder_monai.model import FittedSubject
 
     datalist = write_cohort(tmp_path / "data", 2)
     entries = load_datalist(datalist)
-    assert distributed.check_subject(entries[0]) == 16 * 16 * 3 == distributed.subject_cost(entries[0])
+    assert cohort_runner.check_subject(entries[0]) == 16 * 16 * 3 == cohort_runner.subject_cost(entries[0])
     write_cohort(tmp_path / "other", 1, size=12)
     os.replace(tmp_path / "other" / "sub-001" / "t2.0.nii.gz", tmp_path / "data" / "sub-001" / "t2.0.nii.gz")
     with pytest.raises(ValueError, match="subject 'sub-001': files have different grids"):
-        distributed.check_subject(entries[0])
+        cohort_runner.check_subject(entries[0])
 
     def alive():
         gc.collect()

@@ -14,7 +14,7 @@ from monai.networks.blocks import Warp
 
 from noder_monai import __version__
 from noder_monai.data import IntensityMapping, compose_displacements
-from noder_monai.data.io import Geometry, parse_times, save_image
+from noder_monai.io.image import Geometry, parse_times, save_image
 from noder_monai.data.sequence import file_fingerprint
 from noder_monai.metrics import jacobian_determinant
 from noder_monai.networks import NODER
@@ -97,7 +97,7 @@ class Prediction:
         jacobians: (Q, 1, *S) determinant of the Jacobian of x -> x + ddf(x) (local volume change).
         labels: (Q, 1, *S) the given baseline label map carried along (nearest neighbour), or None.
         affine: (4, 4) voxel-to-world matrix shared by every output.
-        geometry: the scans' :class:`~noder_monai.data.io.Geometry`; pass it as ``affine`` of ``save_image`` so the
+        geometry: the scans' :class:`~noder_monai.io.image.Geometry`; pass it as ``affine`` of ``save_image`` so the
             outputs keep the input's header forms and 2D layout.
     """
 
@@ -124,7 +124,7 @@ class FittedSubject:
         history: per-epoch loss records.
         scans: (T, 1, *S) every observed scan, normalised (needed by ``source="nearest"``); None if not kept.
         template: (1, 1, *S) the subject template the fit warped (``FitConfig(source="template")``), or None.
-        geometry: the scans' :class:`~noder_monai.data.io.Geometry`; ``None`` builds one from ``affine``.
+        geometry: the scans' :class:`~noder_monai.io.image.Geometry`; ``None`` builds one from ``affine``.
         fitted_on: what the model was fitted on (``SubjectSequence.fitted_on()``: grid, affine, times, scan file
             fingerprints), compared by :meth:`stale_reasons` on every reuse.
 

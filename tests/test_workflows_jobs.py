@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from noder_monai.data import make_demo_dataset
-from noder_monai.engines import FittedSubject, bundle_root, datalist_subjects, jobs, time_tag
+from noder_monai.engines import time_tag
+from noder_monai.model import FittedSubject
+from noder_monai.workflows import bundle_root, datalist_subjects, jobs
 from noder_monai.utils import resolve_device
 
 TINY_FIT = {"epochs": 2, "levels": [2, 1], "level_fractions": [0.5, 0.5]}
@@ -225,7 +227,7 @@ def test_bundle_root_from_repo_root_bundle_folder_and_elsewhere(tmp_path, monkey
 # ---- input checks wired into the jobs ---------------------------------------------------------------------------
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_data_geometry import assert_same_geometry  # noqa: E402
+from test_io_geometry import assert_same_geometry  # noqa: E402
 from test_inputs import write_disagreeing_subject  # noqa: E402
 
 QS_FIT = {"epochs": 2, "ncc_kernel_size": 9}

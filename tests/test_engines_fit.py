@@ -7,7 +7,8 @@ import torch
 
 from noder_monai.baselines import linear_interpolation, nearest_scan
 from noder_monai.data import SubjectSequence, synthetic_sequence
-from noder_monai.engines import FitConfig, FittedSubject, fit_sequence
+from noder_monai.engines import FitConfig, fit_sequence
+from noder_monai.model import FittedSubject
 from noder_monai.metrics import nrmse
 
 SMALL_NETWORK = {"smoothing_kernel": 7}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from noder_monai.data.io import Geometry, PathLike, _as_geometry, _nifti_image, atomic_write
+from noder_monai.io.image import Geometry, PathLike, _as_geometry, _nifti_image, atomic_write
 
 __all__ = ["ddf_to_itk", "save_itk_displacement"]
 
@@ -32,7 +32,7 @@ def ddf_to_itk(ddf: torch.Tensor | np.ndarray, geometry: Geometry | np.ndarray |
 
     Args:
         ddf: displacement in voxels, channel ``i`` along spatial axis ``i`` (the package's convention).
-        geometry: the input's :class:`~noder_monai.data.io.Geometry` (its ``itk_affine`` is used), or a (4, 4)
+        geometry: the input's :class:`~noder_monai.io.image.Geometry` (its ``itk_affine`` is used), or a (4, 4)
             RAS affine.
     """
     field = ddf.detach().cpu().numpy() if isinstance(ddf, torch.Tensor) else np.asarray(ddf)

@@ -3,7 +3,7 @@
 ``bundle/configs/train.json`` (and ``inference.json``, ``evaluate.json``) describe one subject's run; the subject is
 ``subject_id`` of the datalist (or its first subject). :class:`CohortWorkflow` runs such a config once per subject::
 
-    python -m monai.bundle run_workflow noder_monai.engines.CohortWorkflow \\
+    python -m monai.bundle run_workflow noder_monai.workflows.CohortWorkflow \\
         --config_file "['bundle/configs/common.json','bundle/configs/train.json']" --datalist my_datalist.json
 """
 
@@ -104,7 +104,7 @@ def select_subject(subjects: Sequence[SubjectEntry], subject_id: str | None = No
         if len(subjects) > 1:
             logger.warning(
                 "subject_id not given: running subject '%s', the first of %d; run every subject with "
-                "`python -m monai.bundle run_workflow noder_monai.engines.CohortWorkflow ...` or `noder fit`.",
+                "`python -m monai.bundle run_workflow noder_monai.workflows.CohortWorkflow ...` or `noder fit`.",
                 subjects[0].id, len(subjects),
             )
         return subjects[0]
@@ -215,7 +215,7 @@ class CohortWorkflow(ConfigWorkflow):
 
     Every subject gets a fresh ``ConfigWorkflow`` of the same files and overrides plus ``subject_id``: its own
     network, optimizer and handlers (and its own MLflow run, named by the subject id, with ``--tracking mlflow``).
-    The subjects run through :func:`noder_monai.engines.distributed.run_cohort`: under ``torchrun`` (with
+    The subjects run through :func:`noder_monai.workflows.cohort.run_cohort`: under ``torchrun`` (with
     ``configs/multi_gpu_*.json``) each rank takes a cost-balanced share; a subject whose done-marker matches the
     config and its input files is skipped (a rerun resumes); a failing subject is recorded in
     ``cohort_summary_<stage>.json`` and the others go on; rank 0 writes ``cohort_label_volumes.csv`` (inference)
@@ -250,7 +250,7 @@ class CohortWorkflow(ConfigWorkflow):
         done, skipped, failed or locked; on rank 0 for the whole cohort). A package error inside a
         subject's config is re-raised with the package's message, its last line (see :func:`package_error`)."""
         with package_error():
-            from noder_monai.engines import distributed
+            from noder_monai.workflows import cohort
 
             parser = self.parser
             stage = _stage(parser)
@@ -276,26 +276,26 @@ class CohortWorkflow(ConfigWorkflow):
                 return _run_subject(self._subject_args, entry, stage, predict_times)
 
             def check(entry: SubjectEntry) -> None:
-                distributed.check_subject(entry)
+                cohort.check_subject(entry)
                 model = os.path.join(output_dir, entry.id, "model.pt")
                 if stage != "train" and not os.path.isfile(model):
                     raise FileNotFoundError(f"subject '{entry.id}': fitted model '{model}' not found; run training first.")
 
             def merge(entries: Sequence[SubjectEntry], records: dict[str, dict]) -> None:
                 if stage == "inference":
-                    distributed.cohort_label_volumes(entries, lambda e: os.path.join(output_dir, e.id, "predictions"),
+                    cohort.cohort_label_volumes(entries, lambda e: os.path.join(output_dir, e.id, "predictions"),
                                                      os.path.join(output_dir, "cohort_label_volumes.csv"))
                 elif stage == "evaluate":
-                    from noder_monai.engines.report import METRICS
+                    from noder_monai.reporting.tables import METRICS
 
-                    distributed.cohort_metrics(entries, lambda e: os.path.join(eval_dir, e.id, "subject_metrics.json"),
+                    cohort.cohort_metrics(entries, lambda e: os.path.join(eval_dir, e.id, "subject_metrics.json"),
                                                os.path.join(eval_dir, "cohort_metrics.csv"), METRICS)
 
             def legacy(entry: SubjectEntry, _: str) -> dict | None:
                 model = os.path.join(output_dir, entry.id, "model.pt")
                 return {"model": model, "legacy": True} if os.path.isfile(model) else None
 
-            self.cohort = distributed.run_cohort(
+            self.cohort = cohort.run_cohort(
                 subjects, stage, work, folder, summary_dir, config, inputs, merge=merge, check=check,
                 legacy=legacy if self.skip_existing and stage == "train" else None,
                 distributed=parser.get_parsed_content("distributed") if "distributed" in parser else None,
@@ -311,7 +311,7 @@ class CohortWorkflow(ConfigWorkflow):
         if self.cohort is None:
             return result
         if self.cohort.world_size > 1:
-            from noder_monai.engines.distributed import wait_for_ranks
+            from noder_monai.workflows.cohort import wait_for_ranks
 
             wait_for_ranks(self.cohort.stage)
         if self.exit_on_failure and self.cohort.rank == 0 and self.cohort.failed:
@@ -341,9 +341,9 @@ def _inference_outputs(folder: str, entry: SubjectEntry, predict_times: Any) -> 
     """The files the inference config wrote for ``entry`` and, with a label, its ``label_volumes.csv``."""
     import torch
 
-    from noder_monai.data import load_image
-    from noder_monai.engines.jobs import _label_volumes
-    from noder_monai.engines.predictor import time_tag
+    from noder_monai.io import load_image
+    from noder_monai.workflows.jobs import _label_volumes
+    from noder_monai.engines.evaluator import time_tag
     from noder_monai.utils import write_csv
 
     times = [item["time"] for item in query_items(entry, predict_times)]
@@ -361,7 +361,7 @@ def _evaluation_outputs(folder: str, entry: SubjectEntry, details: Mapping[str, 
     """``<metric_dir>/subject_metrics.json`` (as ``noder evaluate`` writes it) from the evaluator's metric details."""
     import math
 
-    from noder_monai.engines.report import METRICS, mean_metrics
+    from noder_monai.reporting.tables import METRICS, mean_metrics
     from noder_monai.utils import write_json
 
     first, last = entry.times[0], entry.times[-1]

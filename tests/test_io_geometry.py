@@ -14,18 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from noder_monai.data import (
-    Geometry,
-    atomic_write,
-    check_output_dir,
-    clean_stale_temporaries,
-    load_label_map,
-    load_scan,
-    load_sequence,
-    load_series,
-    parse_times,
-    save_image,
-)
+from noder_monai.data import load_sequence, load_series
+from noder_monai.io import Geometry, check_output_dir, load_label_map, load_scan, parse_times, save_image
+from noder_monai.utils import atomic_write, clean_stale_temporaries
 from noder_monai.data.datalist import load_datalist
 
 

@@ -15,13 +15,13 @@ equal those of ``bundle/configs/inference.json``. Output layout under ``output_d
     tensorboard/<id>/ (when tensorboard is installed)
 
 and under ``eval_dir``: ``metrics.json``, ``metrics.md``, ``cohort_metrics.csv``, ``<id>_montage.png`` and
-``<id>/subject_metrics.json``. Every job runs through :func:`~noder_monai.engines.distributed.run_cohort`: under
+``<id>/subject_metrics.json``. Every job runs through :func:`~noder_monai.workflows.cohort.run_cohort`: under
 ``torchrun`` each rank takes a cost-balanced share; finished subjects are skipped, failing ones recorded; rank 0
 writes the cohort files. ``<time>`` is
-:func:`~noder_monai.engines.predictor.time_tag` (``t2.1``, ``t7.0``, ``t-0.5``). Every file is written to a
+:func:`~noder_monai.engines.evaluator.time_tag` (``t2.1``, ``t7.0``, ``t-0.5``). Every file is written to a
 temporary name and renamed, with the input scans' geometry (NIfTI qform/sform and their codes, see
-:class:`~noder_monai.data.io.Geometry`). Every job first checks that the folder it writes to is writable
-(:func:`~noder_monai.data.io.check_output_dir`) and removes the temporaries a killed run left there.
+:class:`~noder_monai.io.image.Geometry`). Every job first checks that the folder it writes to is writable
+(:func:`~noder_monai.io.image.check_output_dir`) and removes the temporaries a killed run left there.
 """
 
 from __future__ import annotations
@@ -38,15 +38,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from noder_monai.data import SubjectEntry, load_image, make_demo_dataset, save_image
-from noder_monai.data.io import check_output_dir, load_label_map, parse_times, voxel_volume_mm3
-from noder_monai.data.itk_field import save_itk_displacement
-from noder_monai.engines import distributed
-from noder_monai.engines.cohort import datalist_subjects
+from noder_monai.data import SubjectEntry, make_demo_dataset
+from noder_monai.io import load_image, save_image
+from noder_monai.io.image import check_output_dir, load_label_map, parse_times, voxel_volume_mm3
+from noder_monai.io.itk_field import save_itk_displacement
+from noder_monai.workflows import cohort
+from noder_monai.workflows.bundle import datalist_subjects
 from noder_monai.engines.fit import FitConfig, fit_sequence
-from noder_monai.engines.predictor import time_tag
-from noder_monai.engines.report import METRICS, markdown_table, mean_metrics, save_montage
-from noder_monai.engines.subject import FittedSubject
+from noder_monai.engines.evaluator import time_tag
+from noder_monai.reporting.tables import METRICS, markdown_table, mean_metrics, save_montage
+from noder_monai.model.subject import FittedSubject
 from noder_monai.metrics import nrmse, percent_folded, psnr, ssim
 from noder_monai.networks import NODER
 from noder_monai.utils import atomic_write, clean_stale_temporaries, set_threads, summary_writer, write_csv, write_json
@@ -174,8 +175,8 @@ def train(
     """Fit every subject of a datalist; write its model, loss curve and fitted images (see the module docstring).
 
     Args:
-        datalist: datalist file (format: ``noder_monai.data.datalist``); see :func:`~noder_monai.engines.cohort.datalist_subjects`.
-        dataset_dir: folder the datalist's relative paths start from; see :func:`~noder_monai.engines.cohort.datalist_subjects`.
+        datalist: datalist file (format: ``noder_monai.data.datalist``); see :func:`~noder_monai.workflows.bundle.datalist_subjects`.
+        dataset_dir: folder the datalist's relative paths start from; see :func:`~noder_monai.workflows.bundle.datalist_subjects`.
         output_dir: where each subject's folder is written.
         network: :class:`NODER` keyword arguments other than ``spatial_size``.
         fit: :class:`FitConfig` fields (or a ``FitConfig``).
@@ -202,9 +203,9 @@ def train(
     Raises:
         ValueError: ``output_dir`` exists and is not a folder or is not writable (before any subject is fitted).
     """
-    set_threads(distributed.rank_threads(num_threads))
+    set_threads(cohort.rank_threads(num_threads))
     output_dir = os.path.abspath(os.fspath(output_dir))
-    device = distributed.rank_device(device)
+    device = cohort.rank_device(device)
     config = _fit_config(fit)
     network = _network_kwargs(network)
     if pretrained not in (None, "auto") and not os.path.isfile(pretrained):
@@ -223,7 +224,7 @@ def train(
 
     settings = {"fit": dataclasses.asdict(config), "network": network, "seed": seed,
                 "pretrained": _file_identity(pretrained)}
-    result = distributed.run_cohort(
+    result = cohort.run_cohort(
         entries, "train", work, lambda entry: os.path.join(output_dir, entry.id), output_dir, settings,
         inputs=lambda entry: ([path for path, _ in entry.scans], entry.times),
         merge=lambda subjects, records: write_json(records, os.path.join(output_dir, "training_summary.json")),
@@ -321,11 +322,11 @@ def infer(
     and held-out times. The baseline label map is carried along when the subject has a ``label``.
 
     Args:
-        datalist: datalist file; see :func:`~noder_monai.engines.cohort.datalist_subjects`.
-        dataset_dir: folder the datalist's relative paths start from; see :func:`~noder_monai.engines.cohort.datalist_subjects`.
+        datalist: datalist file; see :func:`~noder_monai.workflows.bundle.datalist_subjects`.
+        dataset_dir: folder the datalist's relative paths start from; see :func:`~noder_monai.workflows.bundle.datalist_subjects`.
         output_dir: the folder :func:`train` wrote to; predictions go to ``<output_dir>/<id>/predictions``.
         predict_times: query times for subjects without their own ``predict_times`` (anything
-            :func:`~noder_monai.data.io.parse_times` accepts, e.g. ``[1.0, 2.5]`` or ``"[1.0, 2.5]"``).
+            :func:`~noder_monai.io.image.parse_times` accepts, e.g. ``[1.0, 2.5]`` or ``"[1.0, 2.5]"``).
         device: torch device; None uses cuda when available.
         num_threads: torch CPU threads (None: the cores idle at start, see :func:`noder_monai.utils.free_cores`).
         demo_dir: demo dataset folder used when neither ``datalist`` nor ``dataset_dir`` is given.
@@ -342,9 +343,9 @@ def infer(
         ``<output_dir>/inference_summary.json``; ``<output_dir>/cohort_label_volumes.csv`` holds one row per
         subject and time.
     """
-    set_threads(distributed.rank_threads(num_threads))
+    set_threads(cohort.rank_threads(num_threads))
     output_dir = os.path.abspath(os.fspath(output_dir))
-    device = distributed.rank_device(device)
+    device = cohort.rank_device(device)
     if predict_times is not None:
         predict_times = parse_times(predict_times, name="predict_times")
     entries = datalist_subjects(datalist, dataset_dir, demo_dir, demo)
@@ -352,10 +353,10 @@ def infer(
 
     def merge(subjects: Sequence[SubjectEntry], records: dict[str, dict]) -> None:
         write_json(records, os.path.join(output_dir, "inference_summary.json"))
-        distributed.cohort_label_volumes(subjects, lambda entry: os.path.join(output_dir, entry.id, "predictions"),
+        cohort.cohort_label_volumes(subjects, lambda entry: os.path.join(output_dir, entry.id, "predictions"),
                                          os.path.join(output_dir, "cohort_label_volumes.csv"))
 
-    result = distributed.run_cohort(
+    result = cohort.run_cohort(
         entries, "inference", lambda entry: _infer_subject(entry, output_dir, predict_times, device, batch_size, reader),
         lambda entry: os.path.join(output_dir, entry.id), output_dir, {"predict_times": predict_times},
         inputs=lambda entry: ([os.path.join(output_dir, entry.id, "model.pt"), *([entry.label] if entry.label else [])],
@@ -367,7 +368,7 @@ def infer(
 
 def _check_fitted(output_dir: str) -> Callable[[SubjectEntry], None]:
     def check(entry: SubjectEntry) -> None:
-        distributed.check_subject(entry)
+        cohort.check_subject(entry)
         path = os.path.join(output_dir, entry.id, "model.pt")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"subject '{entry.id}': fitted model '{path}' not found; run training with this "
@@ -434,8 +435,8 @@ def evaluate(
     positive); the middle slice of the last axis.
 
     Args:
-        datalist: datalist file; see :func:`~noder_monai.engines.cohort.datalist_subjects`.
-        dataset_dir: folder the datalist's relative paths start from; see :func:`~noder_monai.engines.cohort.datalist_subjects`.
+        datalist: datalist file; see :func:`~noder_monai.workflows.bundle.datalist_subjects`.
+        dataset_dir: folder the datalist's relative paths start from; see :func:`~noder_monai.workflows.bundle.datalist_subjects`.
         output_dir: the folder :func:`train` wrote to.
         eval_dir: where the report is written.
         device: torch device; None uses cuda when available.
@@ -453,10 +454,10 @@ def evaluate(
         ValueError: no subject of the datalist has held-out scans, ``eval_dir`` cannot be written, a fitted model is
             stale, or a held-out scan is constant or has NaN/Inf voxels (the message names the file).
     """
-    set_threads(distributed.rank_threads(num_threads))
+    set_threads(cohort.rank_threads(num_threads))
     output_dir = os.path.abspath(os.fspath(output_dir))
     eval_dir = os.path.abspath(os.fspath(eval_dir))
-    device = distributed.rank_device(device)
+    device = cohort.rank_device(device)
     entries = [entry for entry in datalist_subjects(datalist, dataset_dir, demo_dir, demo) if entry.heldout]
     if not entries:
         raise ValueError("no subject of the datalist has a 'heldout' field: there is nothing to evaluate.")
@@ -466,7 +467,7 @@ def evaluate(
     def merge(subjects: Sequence[SubjectEntry], records: dict[str, dict]) -> None:
         report.update(_merge_reports(subjects, eval_dir, records))
 
-    result = distributed.run_cohort(
+    result = cohort.run_cohort(
         entries, "evaluate", lambda entry: _evaluate_subject(entry, output_dir, eval_dir, device, montage, reader),
         lambda entry: os.path.join(eval_dir, entry.id), eval_dir, {"montage": montage},
         inputs=lambda entry: ([os.path.join(output_dir, entry.id, "model.pt"), *(p for p, _ in entry.heldout)],
@@ -480,7 +481,7 @@ def evaluate(
 
 def _merge_reports(subjects: Sequence[SubjectEntry], eval_dir: str, records: dict[str, dict]) -> dict[str, Any]:
     """metrics.json, metrics.md and cohort_metrics.csv from every subject's ``<eval_dir>/<id>/subject_metrics.json``."""
-    _, results = distributed.cohort_metrics(
+    _, results = cohort.cohort_metrics(
         subjects, lambda entry: os.path.join(eval_dir, entry.id, "subject_metrics.json"),
         os.path.join(eval_dir, "cohort_metrics.csv"), METRICS,
     )

@@ -221,7 +221,7 @@ def heldout_comparison(subject: Any, entry: Any, reader: str | None = None) -> l
         ``[{"time", "split", "method", "nrmse", "ssim"}, ...]``.
     """
     from noder_monai.baselines import linear_interpolation, nearest_scan
-    from noder_monai.data import load_image
+    from noder_monai.io import load_image
 
     if not entry.heldout:
         return []
@@ -303,7 +303,7 @@ def _page(title: str, body: str) -> str:
 
 
 def _entries(output_dir: str, datalist: PathLike | None) -> list:
-    from noder_monai.engines.cohort import datalist_subjects
+    from noder_monai.workflows.bundle import datalist_subjects
 
     if datalist is None:
         datalist = os.path.join(output_dir, "datalist.json")
@@ -334,8 +334,8 @@ def subject_report(
     Returns:
         the page's path.
     """
-    from noder_monai.data import load_image
-    from noder_monai.engines.subject import FittedSubject
+    from noder_monai.io import load_image
+    from noder_monai.model.subject import FittedSubject
 
     output_dir = os.path.abspath(os.fspath(output_dir))
     folder = os.path.join(output_dir, entry.id)
@@ -425,7 +425,7 @@ def cohort_report(
 
     Subjects of the datalist without ``<output_dir>/<id>/model.pt`` are listed as not fitted. Under ``torchrun``
     each rank draws the pages of its share of the subjects (the same cost-balanced share as the fit,
-    :func:`~noder_monai.engines.distributed.partition_subjects`) and rank 0 writes the index.
+    :func:`~noder_monai.workflows.cohort.partition_subjects`) and rank 0 writes the index.
 
     Args:
         output_dir: the folder ``noder fit`` wrote to.
@@ -439,8 +439,8 @@ def cohort_report(
         ``{"index": path, "pages": {id: path}, "comparison": rows of every subject}``; on ranks other than 0,
         ``index`` is None and ``pages`` and ``comparison`` cover the rank's share.
     """
-    from noder_monai.engines.distributed import dist_env, partition_subjects
-    from noder_monai.engines.subject import FittedSubject
+    from noder_monai.workflows.cohort import dist_env, partition_subjects
+    from noder_monai.model.subject import FittedSubject
 
     output_dir = os.path.abspath(os.fspath(output_dir))
     entries = _entries(output_dir, datalist)

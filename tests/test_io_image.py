@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from noder_monai.data.io import load_image, save_image
+from noder_monai.io.image import load_image, save_image
 
 READERS = ["itk", "nibabel", None]
 

@@ -10,7 +10,7 @@ import torch
 from monai.engines import IterationEvents, SupervisedEvaluator
 from monai.utils import CommonKeys as Keys
 
-from noder_monai.engines.subject import SUBJECT_FORMAT, FittedSubject, read_checkpoint, validate_subject_checkpoint
+from noder_monai.model.subject import SUBJECT_FORMAT, FittedSubject, read_checkpoint, validate_subject_checkpoint
 
 __all__ = ["PredictionEvaluator", "fitted_subject_from_checkpoint", "TimeNameFormatter", "time_tag"]
 

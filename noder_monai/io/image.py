@@ -494,7 +494,7 @@ def save_image(
     input had it; or a plain ``(4, 4)`` matrix (RAS, mm), written as sform and, when it is a rotation times zooms,
     qform too (both code 1), so nibabel and ITK read the same grid. ``C = 1`` is stored as a plain volume; ``C > 1``
     channels last as ``(*spatial3, 1, C)`` with intent ``vector``. Values are written as given (a ddf in this package
-    is in voxel units, MONAI ``Warp`` convention; see :mod:`noder_monai.data.itk_field` for ITK/ANTs fields);
+    is in voxel units, MONAI ``Warp`` convention; see :mod:`noder_monai.io.itk_field` for ITK/ANTs fields);
     integer ``dtype`` rounds to the nearest integer. See :func:`atomic_write` for the temporary name and file mode.
 
     Args:

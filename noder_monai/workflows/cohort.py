@@ -110,7 +110,7 @@ def _check_file(path: str) -> tuple[int, ...]:
         import numpy as np
 
         return tuple(int(s) for s in np.asarray(nib.load(path).dataobj).shape)
-    from noder_monai.data import load_image
+    from noder_monai.io import load_image
 
     data, _ = load_image(path)
     return tuple(int(s) for s in data.shape[1:])
