@@ -1,6 +1,6 @@
 """Build hook: the pretrained weights live once in the repository, in ``bundle/models/`` (what the bundle's configs
-load); a wheel gets them as package data in ``noder_monai/engines/weights/`` so a non-editable install finds them
-too (``noder_monai.engines.pretrain.default_autoencoder_path``). All other settings are in setup.cfg."""
+load); a wheel gets them as package data in ``noder_monai/model/weights/`` so a non-editable install finds them
+too (``noder_monai.model.default_autoencoder_path``). All other settings are in setup.cfg."""
 
 import shutil
 from pathlib import Path
@@ -15,7 +15,7 @@ WEIGHT_FILES = ("model.pt", "model_2d.pt")
 class BuildPyWithWeights(build_py):
     def run(self):
         super().run()
-        target = Path(self.build_lib) / "noder_monai" / "engines" / "weights"
+        target = Path(self.build_lib) / "noder_monai" / "model" / "weights"
         target.mkdir(parents=True, exist_ok=True)
         for name in WEIGHT_FILES:
             shutil.copy2(MODELS / name, target / name)

@@ -4,7 +4,7 @@ Makes ``--subjects`` demo subjects (the shipped Colin27 head, ``--size``^3, seve
 ``torchrun --nproc_per_node=N -m noder_monai.cli fit`` for every N of ``--nproc`` into a fresh output folder, each
 process with ``--threads`` torch threads (on GPUs each process uses ``cuda:LOCAL_RANK``: the same command runs on N
 GPUs unchanged). Prints a markdown table: wall time, speed-up over the first N, mean fit seconds per subject and
-the peak resident memory of each process (from ``cohort_summary_train.json``). Meaningful only on an otherwise idle
+the peak resident memory of each process (from ``cohort_summary_training.json``). Meaningful only on an otherwise idle
 machine: processes x threads should equal the free cores.
 
     python benchmarks/cohort_scaling.py [--subjects 8] [--size 32] [--epochs 300] [--nproc 1,2] [--threads 1]
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         wall = time.perf_counter() - start
         if finished.returncode != 0:
             raise RuntimeError(f"{nproc} process(es) failed:\n{finished.stderr[-3000:]}")
-        with open(os.path.join(output_dir, "cohort_summary_train.json")) as handle:
+        with open(os.path.join(output_dir, "cohort_summary_training.json")) as handle:
             summary = json.load(handle)
         fits = [record["seconds"] for record in summary["records"].values() if record["status"] == "done"]
         rows.append({"processes": nproc, "subjects": len(fits), "wall_s": round(wall, 2),

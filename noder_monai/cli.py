@@ -1,8 +1,10 @@
 """The ``noder`` command: fit, predict, evaluate, run the demo, pretrain the autoencoder.
 
-Every verb is a job of :mod:`noder_monai.workflows.jobs` (or :mod:`noder_monai.engines.pretrain`): ``noder fit``
-runs the bundle's trainer (``bundle/configs/train.json``'s ``NODERTrainer`` and handlers) once per subject, and
-``noder predict`` writes the predictions ``bundle/configs/inference.json`` writes.
+Parsing and printing only: every verb calls one function of :mod:`noder_monai.workflows` (or
+:func:`noder_monai.engines.pretrain_autoencoder`). The verbs are the user's words for the stages
+(:mod:`noder_monai.workflows.stages`): ``noder fit`` runs training (``bundle/configs/train.json``'s trainer and
+handlers, once per subject), ``noder predict`` inference (the predictions ``inference.json`` writes) and ``noder
+evaluate`` evaluation.
 ``noder <verb> --help`` explains the verb's arguments. Examples::
 
     noder demo
@@ -12,84 +14,37 @@ runs the bundle's trainer (``bundle/configs/train.json``'s ``NODERTrainer`` and 
     noder pretrain runs/autoencoder --epochs 5
     torchrun --nproc_per_node=2 -m noder_monai.cli fit data/datalist.json --output_dir runs
 
-Under ``torchrun`` each process takes a cost-balanced share of the subjects (``engines.distributed``); finished
-subjects are skipped on a rerun; a failing subject is recorded and the exit status is the number that failed.
+Under ``torchrun`` each process takes a cost-balanced share of the subjects (:mod:`noder_monai.workflows.cohort`);
+finished subjects are skipped on a rerun; a failing subject is recorded and the exit status is the number that
+failed.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import time as timer
 from typing import Any, Sequence
 
-__all__ = ["fit", "predict", "evaluate", "demo", "pretrain", "fit_inputs", "predict_inputs", "report", "main",
-           "COMMANDS", "group_list_flags"]
+import fire
 
+from noder_monai import workflows
+from noder_monai.data.inputs import inputs_datalist, write_inputs_datalist
+from noder_monai.engines import pretrain_autoencoder
+from noder_monai.io import parse_times
+from noder_monai.reporting.tables import comparison_table, markdown_table
+from noder_monai.utils import resolve_device, set_threads
 
-def fit(
-    datalist: str,
-    dataset_dir: str | None = None,
-    output_dir: str = "noder_outputs",
-    pretrained: str | None = "auto",
-    device: str | None = None,
-    seed: int = 0,
-    threads: int | None = None,
-    skip_existing: bool = False,
-    progress: bool = True,
-    **settings: Any,
-) -> None:
-    """Fit a NODER trajectory to every subject of a datalist.
-
-    Writes per subject <output_dir>/<id>/model.pt (the fitted subject), loss.csv and loss.json (the loss per
-    epoch) and fitted/image_t<time>.nii.gz (the fit at each observed time, in the input's affine and units).
-
-    Args:
-        datalist: JSON datalist: {"subjects": [{"id", "scans": [{"image", "time"}, ...], "label"?, "heldout"?,
-            "predict_times"?}]}; at least two scans per subject, times strictly increasing.
-        dataset_dir: folder the datalist's relative paths start from (default: the datalist's folder).
-        output_dir: where the per-subject folders are written.
-        pretrained: deformation-autoencoder file for the encoder/decoder; "auto" uses the weights shipped with
-            the package when installed; None starts from random weights.
-        device: torch device, e.g. cpu or cuda:0 (default: cuda if available, else cpu).
-        seed: random seed of every fit.
-        threads: torch CPU threads (default: the cores idle at start, i.e. cores minus the load average).
-        skip_existing: also keep subjects whose model.pt exists without a done-marker (older outputs); subjects
-            with a done-marker for the same settings and scans are always skipped, so a rerun resumes.
-        progress: show a progress bar per subject.
-        settings: fit settings (epochs, learning_rate, ncc_kernel_size, smoothness_weight, boundary_weight,
-            levels, level_fractions, patience, min_improvement, finetune_decoder, source, image_smoothing_sigma,
-            finest_time_groups) and network settings (latent_channels, encoder_channels, decoder_channels,
-            dynamics_channels, hidden_features, num_hidden_layers, smoothing_kernel, step_size, adjoint, field,
-            integration_steps),
-            e.g. --epochs 100 --levels "[2,1]" --level_fractions "[0.5,0.5]".
-    """
-    from noder_monai.workflows import jobs
-
-    fit_settings, network = jobs.split_settings(**settings)
-    summary = jobs.train(
-        datalist=datalist, dataset_dir=dataset_dir, output_dir=output_dir, network=network, fit=fit_settings,
-        pretrained=pretrained, device=device, seed=seed, num_threads=threads, skip_existing=skip_existing,
-        progress=progress,
-    )
-    for subject, record in summary.items():
-        if record.get("status") in ("done", "skipped") and "epochs" in record:
-            print(f"{subject}: {record['epochs']} epochs, final loss {record['final_loss']:.5f}, "
-                  f"{record['seconds']:.1f} s -> {record['model']}" + (" (finished earlier)" if record["status"] == "skipped" else ""))
-        else:
-            print(f"{subject}: {_status_line(record)}")
-    print(f"outputs: {os.path.abspath(output_dir)}")
-    _exit_on_failures(summary, "train")
+__all__ = ["COMMANDS", "demo", "evaluate", "fit", "group_list_flags", "main", "predict", "pretrain", "report"]
 
 
 def _print_index(output_dir: str, datalist: str | None, eval_dir: str | None = None, device: str | None = None) -> None:
     """Write the HTML report (each rank its share of the pages) and print the index's path on rank 0."""
-    from noder_monai.workflows import cohort
-    from noder_monai.reporting.html import cohort_report
-
-    index = cohort_report(output_dir, datalist, eval_dir, device or "cpu")["index"]
+    index = workflows.cohort_report(output_dir, datalist, eval_dir, device or "cpu")["index"]
     if index is not None:
         print(f"report:      {index}")
-    cohort.wait_for_ranks("report")
+    workflows.exit_status("report", {})
 
 
 def _status_line(record: dict) -> str:
@@ -97,66 +52,13 @@ def _status_line(record: dict) -> str:
 
 
 def _exit_on_failures(records: dict, stage: str) -> None:
-    """Exit with the number of failed subjects (capped at 100) when any failed (see cohort_summary_<stage>.json).
-
-    Under torchrun only rank 0, whose records cover the whole cohort, exits with the count, after every rank
-    finished (torchrun stops the other processes when one exits non-zero); the other ranks exit 0.
-    """
-    import sys
-
-    from noder_monai.workflows import cohort
-
-    cohort.wait_for_ranks(stage)
-    failed = [k for k, v in records.items() if v.get("status") == "failed"]
-    if failed and cohort.dist_env()[0] == 0:
+    """Exit with :func:`~noder_monai.workflows.exit_status` (the number of failed subjects on rank 0, once every
+    rank finished) when it is not 0, naming the failed subjects."""
+    code = workflows.exit_status(stage, records)
+    if code:
+        failed = [k for k, v in records.items() if v.get("status") == "failed"]
         print(f"{len(failed)} subject(s) failed: {', '.join(failed)}", file=sys.stderr)
-        sys.exit(min(len(failed), 100))
-
-
-def predict(
-    datalist: str,
-    dataset_dir: str | None = None,
-    output_dir: str = "noder_outputs",
-    times: Sequence[float] | None = None,
-    device: str | None = None,
-    threads: int | None = None,
-    batch_size: int = 8,
-) -> None:
-    """Predict every fitted subject at query times: images, displacement fields, Jacobian maps, carried labels.
-
-    Needs `noder fit` with the same output_dir first. Writes <output_dir>/<id>/predictions/
-    {image,ddf,jacobian,label}_t<time>.nii.gz (the input scans' geometry; ddf in voxels, channels last with NIfTI
-    intent vector), ddf_itk_t<time>.nii.gz (the same displacement in ITK/ANTs convention: LPS millimetres, for
-    antsApplyTransforms or itk.DisplacementFieldTransform), predictions.json and, when the subject has a label map,
-    label_volumes.csv. A model whose scan files or times changed since `noder fit` is refused.
-
-    Args:
-        datalist: the datalist used for fitting.
-        dataset_dir: folder the datalist's relative paths start from (default: the datalist's folder).
-        output_dir: the folder `noder fit` wrote to.
-        times: query times, e.g. "[1.0, 2.5]" or 2.5, for subjects without their own predict_times in the datalist
-            (default: each subject's observed and held-out times).
-        device: torch device (default: cuda if available, else cpu).
-        threads: torch CPU threads (default: the cores idle at start, i.e. cores minus the load average).
-        batch_size: time points decoded and warped at once (lower it if memory is short).
-    """
-    from noder_monai.workflows import jobs
-
-    from noder_monai.io.image import parse_times
-
-    if times is not None:
-        times = parse_times(times, name="--times")
-    summary = jobs.infer(
-        datalist=datalist, dataset_dir=dataset_dir, output_dir=output_dir, predict_times=times, device=device,
-        num_threads=threads, batch_size=batch_size,
-    )
-    for subject, record in summary.items():
-        if record.get("images"):
-            folder = os.path.dirname(record["images"][0])
-            print(f"{subject}: {len(record['times'])} time point(s) {record['times']} -> {folder}")
-        else:
-            print(f"{subject}: {_status_line(record)}")
-    _exit_on_failures(summary, "inference")
+        sys.exit(code)
 
 
 def evaluate(
@@ -186,12 +88,9 @@ def evaluate(
         report: write the HTML report (<output_dir>/<id>/report.html and the index <output_dir>/report.html;
             --noreport to skip).
     """
-    from noder_monai.workflows import jobs
-    from noder_monai.reporting.tables import markdown_table
-
     eval_dir = eval_dir or os.path.join(output_dir, "eval")
     write_report = report
-    report = jobs.evaluate(
+    report = workflows.evaluate(
         datalist=datalist, dataset_dir=dataset_dir, output_dir=output_dir, eval_dir=eval_dir, device=device,
         num_threads=threads, montage=montage,
     )
@@ -200,7 +99,7 @@ def evaluate(
         print(f"report: {os.path.join(os.path.abspath(eval_dir), 'metrics.json')}")
     if write_report:
         _print_index(output_dir, datalist, eval_dir, device)
-    _exit_on_failures({subject: {"status": "failed"} for subject in report["failed"]}, "evaluate")
+    _exit_on_failures({subject: {"status": "failed"} for subject in report["failed"]}, "evaluation")
 
 
 def demo(
@@ -235,24 +134,18 @@ def demo(
         report: write the HTML report (--noreport to skip).
         settings: fit and network settings as for `noder fit`, e.g. --epochs 100.
     """
-    from noder_monai.workflows import jobs
-
     if not full:
         settings.setdefault("epochs", _DEMO_QUICK["epochs"])
     subjects = subjects or (2 if full else _DEMO_QUICK["subjects"])
     size = size or (64 if full else _DEMO_QUICK["size"])
-    fit_settings, network = jobs.split_settings(**settings)
-    result = jobs.run_demo(
+    fit_settings, network = workflows.split_settings(**settings)
+    result = workflows.run_demo(
         directory=directory, n_subjects=subjects, size=size, network=network, fit=fit_settings,
         pretrained=pretrained, device=device, num_threads=threads, progress=progress,
     )
     if report:
-        import time as timer
-
-        from noder_monai.reporting.html import cohort_report, comparison_table
-
         start = timer.perf_counter()
-        written = cohort_report(result["output_dir"], result["datalist"], result["eval_dir"], device or "cpu")
+        written = workflows.cohort_report(result["output_dir"], result["datalist"], result["eval_dir"], device or "cpu")
         result["seconds"]["report"] = round(timer.perf_counter() - start, 2)
         print("held-out scans, mean per split (NODER against two baselines that move no anatomy):")
         print(comparison_table(written["comparison"]))
@@ -289,10 +182,7 @@ def pretrain(
         progress: show a progress bar.
         settings: PretrainConfig fields, e.g. --epochs 30 --spatial_dims 3 --spatial_size 32 --batch_size 8.
     """
-    from noder_monai.engines import pretrain as pretraining
-    from noder_monai.utils import resolve_device
-
-    result = pretraining.pretrain_autoencoder(
+    result = pretrain_autoencoder(
         output_dir, fields=fields, device=resolve_device(device), resume=resume, progress=progress, **settings
     )
     print(f"autoencoder: {result.autoencoder} (epoch {result.best_epoch}, validation endpoint error "
@@ -307,8 +197,6 @@ NRMSE ahead of both baselines (``benchmarks/README.md``); ``noder demo --full``:
 def _inputs_datalist(inputs: Sequence[str], output_dir: str, times: Any, bids: str | None,
                      participant_label: Any, time_column: str, subject: str | None) -> str:
     """The datalist path for what was given; scans, cine and BIDS inputs are written to <output_dir>/datalist.json."""
-    from noder_monai.data.inputs import inputs_datalist, write_inputs_datalist
-
     if not inputs and bids is None:
         existing = os.path.join(output_dir, "datalist.json")
         if os.path.isfile(existing):
@@ -322,12 +210,10 @@ def _inputs_datalist(inputs: Sequence[str], output_dir: str, times: Any, bids: s
     return path
 
 
-def fit_inputs(
+def fit(
     *inputs: str,
     times: Any = None,
-    bids: str | None = None,
-    participant_label: Any = None,
-    time_column: str = "age",
+    bids: str | None = None, participant_label: Any = None, time_column: str = "age",  # a BIDS dataset
     subject: str | None = None,
     dataset_dir: str | None = None,
     output_dir: str = "noder_outputs",
@@ -369,7 +255,8 @@ def fit_inputs(
         device: torch device, e.g. cpu or cuda:0 (default: cuda if available, else cpu).
         seed: random seed of every fit.
         threads: torch CPU threads (default: the cores idle now, sampled at start; 1 on a busy machine).
-        skip_existing: keep subjects whose model.pt already exists (resume an interrupted run).
+        skip_existing: also keep subjects whose model.pt exists without a done-marker (older outputs); subjects
+            with a done-marker for the same settings and scans are always skipped, so a rerun resumes.
         progress: show a progress bar (subject i of N, level, loss) when the output is a terminal.
         report: write each subject's report.html and the index <output_dir>/report.html (--noreport to skip).
         settings: fit settings (epochs, learning_rate, ncc_kernel_size, smoothness_weight, boundary_weight,
@@ -380,25 +267,29 @@ def fit_inputs(
             e.g. --epochs 100 --levels "[2,1]" --level_fractions "[0.5,0.5]".
     """
     datalist = _inputs_datalist(inputs, output_dir, times, bids, participant_label, time_column, subject)
-    failures = None
-    try:
-        fit(datalist, dataset_dir=dataset_dir, output_dir=output_dir, pretrained=pretrained, device=device, seed=seed,
-            threads=threads, skip_existing=skip_existing, progress=progress, **settings)
-    except SystemExit as exit_on_failures:  # some subjects failed: the others still get their pages
-        failures = exit_on_failures
-    if report:
+    fit_settings, network = workflows.split_settings(**settings)
+    summary = workflows.train(
+        datalist=datalist, dataset_dir=dataset_dir, output_dir=output_dir, network=network, fit=fit_settings,
+        pretrained=pretrained, device=device, seed=seed, num_threads=threads, skip_existing=skip_existing,
+        progress=progress,
+    )
+    for name, record in summary.items():
+        if record.get("status") in ("done", "skipped") and "epochs" in record:
+            print(f"{name}: {record['epochs']} epochs, final loss {record['final_loss']:.5f}, {record['seconds']:.1f} s"
+                  f" -> {record['model']}" + (" (finished earlier)" if record["status"] == "skipped" else ""))
+        else:
+            print(f"{name}: {_status_line(record)}")
+    print(f"outputs: {os.path.abspath(output_dir)}")
+    if report:  # failed subjects are listed as not fitted; the others get their pages
         _print_index(output_dir, datalist)
-    if failures is not None:
-        raise failures
+    _exit_on_failures(summary, "training")
 
 
-def predict_inputs(
+def predict(
     *inputs: str,
     times: Any = None,
     scan_times: Any = None,
-    bids: str | None = None,
-    participant_label: Any = None,
-    time_column: str = "age",
+    bids: str | None = None, participant_label: Any = None, time_column: str = "age",  # a BIDS dataset
     subject: str | None = None,
     dataset_dir: str | None = None,
     output_dir: str = "noder_outputs",
@@ -432,12 +323,19 @@ def predict_inputs(
         threads: torch CPU threads (default: the cores idle now, sampled at start).
         batch_size: time points decoded and warped at once (lower it if memory is short).
     """
-    from noder_monai.io.image import parse_times
-
     datalist = _inputs_datalist(inputs, output_dir, scan_times, bids, participant_label, time_column, subject)
-    predict(datalist, dataset_dir=dataset_dir, output_dir=output_dir,
-            times=None if times is None else parse_times(times, "--times"), device=device, threads=threads,
-            batch_size=batch_size)
+    summary = workflows.infer(
+        datalist=datalist, dataset_dir=dataset_dir, output_dir=output_dir,
+        predict_times=None if times is None else parse_times(times, name="--times"), device=device,
+        num_threads=threads, batch_size=batch_size,
+    )
+    for name, record in summary.items():
+        if record.get("images"):
+            print(f"{name}: {len(record['times'])} time point(s) {record['times']} -> "
+                  f"{os.path.dirname(record['images'][0])}")
+        else:
+            print(f"{name}: {_status_line(record)}")
+    _exit_on_failures(summary, "inference")
 
 
 def report(
@@ -464,18 +362,15 @@ def report(
 
     Under torchrun each process draws its share of the pages and the first writes the index.
     """
-    from noder_monai.reporting.html import cohort_report
-    from noder_monai.utils import set_threads
-
     set_threads(threads)
-    result = cohort_report(output_dir, datalist, eval_dir, device or "cpu")
+    result = workflows.cohort_report(output_dir, datalist, eval_dir, device or "cpu")
     for subject, page in result["pages"].items():
         print(f"{subject}: {page}")
     if result["index"] is not None:
         print(f"report:      {result['index']}")
 
 
-COMMANDS = {"fit": fit_inputs, "predict": predict_inputs, "evaluate": evaluate, "demo": demo, "pretrain": pretrain,
+COMMANDS = {"fit": fit, "predict": predict, "evaluate": evaluate, "demo": demo, "pretrain": pretrain,
             "report": report}
 """The verbs of the ``noder`` command."""
 
@@ -524,10 +419,6 @@ def group_list_flags(argv: list[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``noder`` console script (``argv`` defaults to ``sys.argv[1:]``)."""
-    import sys
-
-    import fire
-
     argv = group_list_flags(list(sys.argv[1:] if argv is None else argv))
     if "--" not in argv and any(flag in argv for flag in ("-h", "--help")):
         # fire reads `noder fit --help` as a value for **settings; its own spelling is `noder fit -- --help`

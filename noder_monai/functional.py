@@ -9,8 +9,9 @@ from numbers import Integral
 
 import torch
 import torch.nn.functional as F
+from monai.networks.blocks import Warp
 
-__all__ = ["box_filter", "check_ddf", "check_odd_kernel_size", "check_spatial_dims", "invert_displacement", "odd_window"]
+__all__ = ["box_filter", "check_ddf", "compose_displacements", "check_odd_kernel_size", "check_spatial_dims", "invert_displacement", "odd_window"]
 
 _PADDING_MODES = ("zeros", "replicate")
 
@@ -191,8 +192,6 @@ def invert_displacement(
         ValueError: if ``ddf`` is not an (N, D, *S) field, ``initial`` has another shape, ``iterations`` < 1 or
             ``damping`` is outside (0, 1].
     """
-    from monai.networks.blocks import Warp
-
     check_ddf(ddf)
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations!r}.")
@@ -205,3 +204,23 @@ def invert_displacement(
     for _ in range(iterations):
         inverse = inverse - damping * (inverse + warp(ddf, inverse))
     return inverse
+
+
+def compose_displacements(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Displacement of warping with ``first`` and then with ``second`` (MONAI ``Warp`` convention, voxel units).
+
+    ``Warp(Warp(image, first), second) == Warp(image, compose_displacements(first, second))`` up to interpolation:
+    the result is ``second(x) + first(x + second(x))``, ``first`` sampled bilinearly with border padding.
+
+    Args:
+        first: (N, D, *S) displacement applied first.
+        second: (N, D, *S) displacement applied second.
+
+    Returns:
+        (N, D, *S).
+    """
+    if first.shape != second.shape:
+        raise ValueError(
+            f"first and second must have the same shape, got {tuple(first.shape)} and {tuple(second.shape)}."
+        )
+    return second + Warp(mode="bilinear", padding_mode="border")(first, second)

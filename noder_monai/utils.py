@@ -12,12 +12,13 @@ import socket
 import time as _time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Union
 
 import torch
 
-__all__ = ["cosine_decay", "atomic_write", "clean_stale_temporaries", "temporary_name", "write_json", "write_csv", "free_cores", "set_threads", "resolve_device", "summary_writer"]
+__all__ = ["atomic_write", "clean_stale_temporaries", "cosine_decay", "free_cores", "read_csv", "read_json",
+           "resolve_device", "set_threads", "summary_writer", "temporary_name", "tensorboard_available", "time_tag",
+           "write_csv", "write_json"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -26,6 +27,12 @@ def cosine_decay(step: int, total_steps: int, initial: float, final: float) -> f
     """The value at ``step`` of a cosine from ``initial`` (step 0) to ``final`` (step ``total_steps`` and after)."""
     progress = min(1.0, max(0, step) / max(1, total_steps))
     return final + 0.5 * (initial - final) * (1 + math.cos(math.pi * progress))
+
+
+def time_tag(time: float) -> str:
+    """File-name tag of a time: ``"t"`` + the shortest repr of the time rounded to 6 decimals (``t2.1``, ``t7.0``,
+    ``t-0.5``); rounding makes a time that went through float32 metadata give the same tag."""
+    return f"t{round(float(time), 6)!r}"
 
 
 TEMP_MARK = "noder"
@@ -126,6 +133,23 @@ def write_json(document: Any, path: PathLike, indent: int = 2) -> str:
     return atomic_write(path, (json.dumps(document, indent=indent, allow_nan=False) + "\n").encode("utf-8"))
 
 
+def read_json(path: PathLike) -> Any:
+    """The JSON document at ``path``, or None when it is absent or unreadable (a file a killed run never wrote)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+def read_csv(path: PathLike) -> list[dict[str, str]]:
+    """The rows of the CSV file at ``path`` as dicts of text (``[]`` when it is absent)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
 def write_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], path: PathLike) -> str:
     """Write ``rows`` (dicts) as a CSV file with a header of ``columns``, atomically."""
     text = io.StringIO()
@@ -191,18 +215,29 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def tensorboard_available(required: bool | None = None) -> bool:
+    """Whether ``torch.utils.tensorboard`` imports (tensorboard is optional: the ``tracking`` extra).
+
+    Raises:
+        ImportError: naming the package, if ``required`` is True and it is not installed.
+    """
+    try:
+        import torch.utils.tensorboard  # noqa: F401 - optional package, imported only when asked for
+    except ImportError as error:
+        if required:
+            raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard") from error
+        return False
+    return True
+
+
 def summary_writer(enabled: bool | None, log_dir: PathLike) -> Any:
     """A TensorBoard ``SummaryWriter`` for ``log_dir`` when ``enabled`` (or None and tensorboard is installed), else None.
 
     Raises:
         ImportError: naming the package, if ``enabled`` is True and tensorboard is not installed.
     """
-    if enabled is False:
+    if enabled is False or not tensorboard_available(enabled):
         return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as error:
-        if enabled:
-            raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard") from error
-        return None
+    from torch.utils.tensorboard import SummaryWriter  # optional package: see tensorboard_available
+
     return SummaryWriter(log_dir=os.fspath(log_dir))

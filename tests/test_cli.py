@@ -88,10 +88,10 @@ def test_tiny_pretrain_delegates_to_the_pretraining_engine(tmp_path, capsys):
 
 @pytest.mark.parametrize("value, expected", [("[1.0 2.0]", [1.0, 2.0]), ("2.5", [2.5]), ("[0.5, 9.0]", [0.5, 9.0])])
 def test_predict_times_go_through_parse_times(tmp_path, monkeypatch, value, expected):
-    from noder_monai.workflows import jobs
+    from noder_monai import workflows
 
     seen = {}
-    monkeypatch.setattr(jobs, "infer", lambda **kwargs: seen.update(kwargs) or {})
+    monkeypatch.setattr(workflows, "infer", lambda **kwargs: seen.update(kwargs) or {})
     cli.main(["predict", str(tmp_path / "datalist.json"), "--output_dir", str(tmp_path), "--times", value])
     assert seen["predict_times"] == expected
 
@@ -102,9 +102,9 @@ def test_predict_times_go_through_parse_times(tmp_path, monkeypatch, value, expe
     ("inf", "--times must be finite, got inf at index 0."),
 ])
 def test_bad_predict_times_are_named_before_any_model_is_read(tmp_path, monkeypatch, value, message):
-    from noder_monai.workflows import jobs
+    from noder_monai import workflows
 
-    monkeypatch.setattr(jobs, "infer", lambda **kwargs: pytest.fail("infer ran"))
+    monkeypatch.setattr(workflows, "infer", lambda **kwargs: pytest.fail("infer ran"))
     with pytest.raises(ValueError) as error:
         cli.main(["predict", str(tmp_path / "datalist.json"), "--output_dir", str(tmp_path), "--times", value])
     assert str(error.value).startswith(message)

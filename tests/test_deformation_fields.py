@@ -13,11 +13,11 @@ from noder_monai.data.deformation_fields import (
     DeformationFieldGenerator,
     DisplacementFieldPatches,
     GeneratedDeformationFields,
-    compose_displacements,
     list_displacement_fields,
     load_displacement_field,
 )
-from noder_monai.io.image import save_image
+from noder_monai.functional import compose_displacements
+from noder_monai.io import save_image
 from noder_monai.metrics import jacobian_determinant
 
 

@@ -191,7 +191,7 @@ def test_image_smoothing_shrinks_the_spurious_shift_that_noisy_scans_favour():
     from monai.networks.blocks import Warp
 
     from noder_monai.data import demo_volume
-    from noder_monai.engines.trainer import downsample_image, level_image
+    from noder_monai.engines.levels import downsample_image, level_image
     from noder_monai.losses import LocalNCCLoss
 
     clean = demo_volume(48)[0].reshape(48, 48, 48)[:, :, 24].float()

@@ -13,14 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from noder_monai.data import SubjectSequence, load_sequence
-from noder_monai.io import load_scan, save_image, voxel_volume_mm3
-from noder_monai.io.itk_field import ddf_to_itk, save_itk_displacement
-from noder_monai.engines import FitConfig, fit_sequence
-from noder_monai.model import FittedSubject
-from noder_monai.engines.fit import check_fit_inputs
-from noder_monai.engines.trainer import level_window
-from noder_monai.model.subject import SUBJECT_FORMAT
+from noder_monai.data import load_sequence
+from noder_monai.engines import FitConfig, check_fit_inputs, fit_sequence
+from noder_monai.engines.levels import level_window
+from noder_monai.io import ddf_to_itk, save_image, save_itk_displacement, voxel_volume_mm3
+from noder_monai.model import SUBJECT_FORMAT, FittedSubject
+from noder_monai.transforms import sequence_item
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_io_geometry import assert_same_geometry, oblique_lps, write_qs  # noqa: E402
@@ -193,8 +191,8 @@ def _sequence(tmp_path, shape, scans=None):
 @pytest.mark.parametrize("shape,kept", [((32, 32, 8), (2, 1)), ((9, 11, 7), (2, 1)), ((16, 16, 16), (4, 2, 1))])
 def test_levels_too_coarse_for_an_axis_are_dropped_and_logged(tmp_path, caplog, shape, kept):
     sequence = _sequence(tmp_path, shape)
-    with caplog.at_level(logging.WARNING, logger="noder_monai.engines.fit"):
-        config = check_fit_inputs(sequence, FitConfig())
+    with caplog.at_level(logging.WARNING, logger="noder_monai.engines.config"):
+        config = check_fit_inputs(sequence_item(sequence), FitConfig())
     assert config.levels == kept
     assert math.isclose(sum(config.level_fractions), 1.0)
     if kept != (4, 2, 1):

@@ -8,18 +8,11 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from noder_monai.data import SubjectSequence, synthetic_sequence
+from noder_monai.data import DeformationFieldGenerator, GeneratedDeformationFields, SubjectSequence, synthetic_sequence
+from noder_monai.engines import FitConfig, fit_sequence, pretrain_autoencoder
+from noder_monai.engines.pretrain import evaluate_autoencoder, mean_endpoint_error
 from noder_monai.io import save_image
-from noder_monai.data.deformation_fields import DeformationFieldGenerator, GeneratedDeformationFields
-from noder_monai.engines import FitConfig, fit_sequence
-from noder_monai.model import load_autoencoder_weights
-from noder_monai.engines.pretrain import (
-    default_autoencoder_path,
-    evaluate_autoencoder,
-    load_autoencoder,
-    mean_endpoint_error,
-    pretrain_autoencoder,
-)
+from noder_monai.model import default_autoencoder_path, load_autoencoder, load_autoencoder_weights
 from noder_monai.networks import NODER, DeformationAutoencoder
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from noder_monai.data import SubjectSequence, compose_displacements, synthetic_sequence
+from noder_monai.data import SubjectSequence, synthetic_sequence
 from noder_monai.engines import FitConfig, fit_sequence
 from noder_monai.model import FittedSubject
-from noder_monai.functional import invert_displacement
+from noder_monai.functional import compose_displacements, invert_displacement
 from noder_monai.metrics import nrmse
 
 SMALL = {"levels": (2, 1), "level_fractions": (0.5, 0.5), "ncc_kernel_size": 7}

@@ -12,7 +12,8 @@ from monai.transforms import Compose, SaveImaged
 
 from noder_monai.data import SubjectSequence, synthetic_sequence
 from noder_monai.engines import FitConfig, fit_sequence
-from noder_monai.transforms import ODEWarp, ODEWarpd, load_fitted_subject
+from noder_monai.model import load_fitted_subject
+from noder_monai.transforms import ODEWarp, ODEWarpd
 
 TIMES = (0.0, 0.5, 1.0)
 QUERY = [0.25, 0.75, 1.6]

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from noder_monai.data import load_datalist
-from noder_monai.workflows import cohort as cohort_runner, jobs
+from noder_monai.workflows import jobs, markers, shares
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -69,7 +69,7 @@ def cohort(tmp_path_factory):
 def test_every_subject_fitted_exactly_once_across_two_ranks(cohort):
     shares = []
     for rank in (0, 1):
-        with open(os.path.join(cohort["out"], ".cohort", f"train_rank{rank}.json")) as handle:
+        with open(os.path.join(cohort["out"], ".cohort", f"training_rank{rank}.json")) as handle:
             shares.append(json.load(handle)["records"])
     worked = [sorted(k for k, v in share.items() if v["status"] in ("done", "failed")) for share in shares]
     assert all(worked), f"a rank did nothing: {worked}"
@@ -78,7 +78,7 @@ def test_every_subject_fitted_exactly_once_across_two_ranks(cohort):
     for rank, share in enumerate(shares):  # the marker of each fitted subject names the rank that fitted it
         for subject_id, record in share.items():
             if record["status"] == "done":
-                marker = cohort_runner.read_marker(os.path.join(cohort["out"], subject_id), "train")
+                marker = markers.read_marker(os.path.join(cohort["out"], subject_id), "training")
                 assert marker["record"]["rank"] == rank and marker["record"]["epochs"] == 2
 
 
@@ -97,15 +97,14 @@ def test_report_pages_are_drawn_once_each_and_the_index_by_rank_zero(cohort):
 def test_corrupt_scan_is_listed_as_failed_while_the_others_finish(cohort):
     assert cohort["fit"].returncode != 0, cohort["fit"].stderr[-2000:]
     assert "1 subject(s) failed: sub-003" in cohort["fit"].stderr
-    with open(os.path.join(cohort["out"], "cohort_summary_train.json")) as handle:
+    with open(os.path.join(cohort["out"], "cohort_summary_training.json")) as handle:
         summary = json.load(handle)
     assert summary["counts"] == {"done": 4, "skipped": 0, "failed": 1, "locked": 0}
     assert [f["id"] for f in summary["failed"]] == ["sub-003"] and "cannot be read" in summary["failed"][0]["error"]
     with open(summary["failed"][0]["traceback"]) as handle:
         assert "Traceback" in handle.read()
     assert not os.path.exists(os.path.join(cohort["out"], "sub-003", "model.pt"))
-    with open(os.path.join(cohort["out"], "training_summary.json")) as handle:
-        assert sorted(json.load(handle)) == cohort["ids"]
+    assert sorted(summary["records"]) == cohort["ids"]
 
 
 def test_merged_csvs_hold_one_row_per_subject_and_time(cohort):
@@ -142,7 +141,7 @@ def test_two_machines_share_the_cohort_with_torchrun_nnodes(tmp_path):
     ]
     finished = [launcher.communicate(timeout=300) for launcher in launchers]
     assert [launcher.returncode for launcher in launchers] == [0, 0], [err[-2000:] for _, err in finished]
-    with open(os.path.join(out, "cohort_summary_train.json")) as handle:
+    with open(os.path.join(out, "cohort_summary_training.json")) as handle:
         summary = json.load(handle)
     assert summary["world_size"] == 2 and summary["counts"]["done"] == 4
     assert sorted(record["rank"] for record in summary["records"].values()) == [0, 0, 1, 1]
@@ -156,19 +155,19 @@ def test_killed_run_resumes_and_leaves_finished_subjects_untouched(tmp_path):
     killer = textwrap.dedent(f"""
         import os
         from noder_monai.workflows import jobs
-        original = jobs._train_subject
+        original = jobs.train_subject
         def dying(entry, *args, **kwargs):
             record = original(entry, *args, **kwargs)
             if entry.id == "sub-003":
                 os._exit(9)
             return record
-        jobs._train_subject = dying
+        jobs.train_subject = dying
         jobs.train({datalist!r}, output_dir={out!r}, fit={TINY!r}, pretrained=None, progress=False, num_threads=1)
     """)
     killed = subprocess.run([sys.executable, "-c", killer], env=ENV, capture_output=True, text=True, timeout=300)
     assert killed.returncode == 9
     assert os.path.isfile(os.path.join(out, "sub-003", "model.pt"))
-    assert cohort_runner.read_marker(os.path.join(out, "sub-003"), "train") is None
+    assert markers.read_marker(os.path.join(out, "sub-003"), "training") is None
     assert not os.path.exists(os.path.join(out, "sub-004"))
     before = {sid: tree(os.path.join(out, sid)) for sid in ("sub-001", "sub-002")}
     records = jobs.train(datalist, output_dir=out, fit=TINY, pretrained=None, progress=False, num_threads=1)
@@ -176,8 +175,8 @@ def test_killed_run_resumes_and_leaves_finished_subjects_untouched(tmp_path):
         "sub-001": "skipped", "sub-002": "skipped", "sub-003": "done", "sub-004": "done"}
     for sid in ("sub-001", "sub-002"):
         assert tree(os.path.join(out, sid)) == before[sid]
-    with open(os.path.join(out, "training_summary.json")) as handle:  # the resumed run's summary has every subject
-        assert sorted(json.load(handle)) == ["sub-001", "sub-002", "sub-003", "sub-004"]
+    with open(os.path.join(out, "cohort_summary_training.json")) as handle:  # the resumed run's has every subject
+        assert sorted(json.load(handle)["records"]) == ["sub-001", "sub-002", "sub-003", "sub-004"]
 
 
 def test_changed_scan_or_config_redoes_and_a_held_lock_is_respected(tmp_path):
@@ -189,7 +188,7 @@ def test_changed_scan_or_config_redoes_and_a_held_lock_is_respected(tmp_path):
     (data / "sub-002" / "t1.0.nii.gz").write_bytes((data / "sub-001" / "t1.0.nii.gz").read_bytes())
     second = jobs.train(datalist, output_dir=out, fit=TINY, pretrained=None, progress=False, num_threads=1)
     assert {k: v["status"] for k, v in second.items()} == {"sub-001": "skipped", "sub-002": "done"}
-    with cohort_runner.subject_lock(os.path.join(out, "sub-001"), "train") as held:
+    with markers.subject_lock(os.path.join(out, "sub-001"), "training") as held:
         assert held
         third = jobs.train(datalist, output_dir=out, fit={**TINY, "epochs": 3}, pretrained=None, progress=False,
                            num_threads=1)
@@ -203,13 +202,13 @@ def test_changed_scan_or_config_redoes_and_a_held_lock_is_respected(tmp_path):
 def test_shares_are_disjoint_complete_and_balanced_by_cost():
     subjects = [types_entry(f"s{k}") for k in range(7)]
     costs = [100, 90, 10, 10, 10, 10, 5]
-    shares = [cohort_runner.partition_subjects(subjects, rank, 2, costs) for rank in (0, 1)]
-    ids = [[s.id for s in share] for share in shares]
+    parts = [shares.partition_subjects(subjects, rank, 2, costs) for rank in (0, 1)]
+    ids = [[s.id for s in share] for share in parts]
     assert sorted(ids[0] + ids[1]) == sorted(s.id for s in subjects) and not set(ids[0]) & set(ids[1])
     totals = [sum(costs[int(i[1:])] for i in share) for share in ids]
     assert abs(totals[0] - totals[1]) <= 20 and ids[0][0] == "s0" and ids[1][0] == "s1"
     with pytest.raises(ValueError, match="rank must be in"):
-        cohort_runner.partition_subjects(subjects, 2, 2, costs)
+        shares.partition_subjects(subjects, 2, 2, costs)
 
 
 def types_entry(name):
@@ -221,12 +220,12 @@ def types_entry(name):
 def test_rank_device_and_threads_follow_torchrun(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert str(cohort_runner.rank_device("cpu")) == "cpu" and str(cohort_runner.rank_device("cuda:0")) == "cuda:0"
-    assert cohort_runner.rank_threads(3) == 3 and cohort_runner.rank_threads() >= 1
+    assert str(shares.rank_device("cpu")) == "cpu" and str(shares.rank_device("cuda:0")) == "cuda:0"
+    assert shares.rank_threads(3) == 3 and shares.rank_threads() >= 1
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="inconsistent"):
-        cohort_runner.dist_env()
+        shares.dist_env()
 
 
 def test_check_subject_names_mixed_grids_and_nothing_is_kept_from_finished_subjects(tmp_path):
@@ -238,11 +237,11 @@ def test_check_subject_names_mixed_grids_and_nothing_is_kept_from_finished_subje
 
     datalist = write_cohort(tmp_path / "data", 2)
     entries = load_datalist(datalist)
-    assert cohort_runner.check_subject(entries[0]) == 16 * 16 * 3 == cohort_runner.subject_cost(entries[0])
+    assert entries[0].check_files() == 16 * 16 * 3 == entries[0].cost()
     write_cohort(tmp_path / "other", 1, size=12)
     os.replace(tmp_path / "other" / "sub-001" / "t2.0.nii.gz", tmp_path / "data" / "sub-001" / "t2.0.nii.gz")
     with pytest.raises(ValueError, match="subject 'sub-001': files have different grids"):
-        cohort_runner.check_subject(entries[0])
+        entries[0].check_files()
 
     def alive():
         gc.collect()

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from noder_monai.data import make_demo_dataset
-from noder_monai.engines import time_tag
+from noder_monai.data import datalist_subjects, make_demo_dataset
 from noder_monai.model import FittedSubject
-from noder_monai.workflows import bundle_root, datalist_subjects, jobs
-from noder_monai.utils import resolve_device
+from noder_monai.reporting.tables import label_volumes
+from noder_monai.utils import resolve_device, time_tag
+from noder_monai.workflows import jobs
+from noder_monai.workflows import subject as per_subject
 
 TINY_FIT = {"epochs": 2, "levels": [2, 1], "level_fractions": [0.5, 0.5]}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,7 +50,7 @@ def test_training_writes_model_loss_and_fitted_images(run):
     scans = run["document"]["subjects"][0]["scans"]
     assert len(record["fitted"]) == len(scans) == 7
     source = nib.load(str(run["root"] / "data" / scans[0]["image"]))
-    fitted = nib.load(str(folder / "fitted" / f"image_{jobs.time_tag(scans[0]['time'])}.nii.gz"))
+    fitted = nib.load(str(folder / "fitted" / f"image_{time_tag(scans[0]['time'])}.nii.gz"))
     np.testing.assert_allclose(fitted.affine, source.affine, atol=1e-6)
     # the default source is the subject template: the fit at the first time is the template, in the scans' units
     assert subject.default_source == "template" and subject.template is not None
@@ -57,7 +58,8 @@ def test_training_writes_model_loss_and_fitted_images(run):
     np.testing.assert_allclose(fitted.get_fdata(), expected, atol=1e-3 * np.ptp(source.get_fdata()))
     first = subject.predict([scans[0]["time"]], source="baseline").images[0, 0].numpy()
     np.testing.assert_allclose(first, source.get_fdata(), atol=1e-3 * np.ptp(source.get_fdata()))
-    assert json.loads((run["output_dir"] / "training_summary.json").read_text())["sub-001"]["epochs"] == 2
+    summary = json.loads((run["output_dir"] / "cohort_summary_training.json").read_text())
+    assert summary["records"]["sub-001"]["epochs"] == 2 and summary["counts"]["done"] == 1
 
 
 def test_inference_writes_every_output_in_input_space(run):
@@ -211,19 +213,6 @@ def test_tensorboard_required_but_missing_names_the_package(run, tmp_path, monke
         jobs.train(run["datalist"], output_dir=tmp_path, fit=TINY_FIT, pretrained=None, tensorboard=True)
 
 
-def test_bundle_root_from_repo_root_bundle_folder_and_elsewhere(tmp_path, monkeypatch):
-    bundle = os.path.join(REPO, "bundle")
-    monkeypatch.chdir(REPO)
-    assert bundle_root() == bundle
-    monkeypatch.chdir(bundle)
-    assert bundle_root() == bundle
-    monkeypatch.chdir(tmp_path)
-    assert bundle_root() == bundle  # the checkout this package is imported from
-    (tmp_path / "configs").mkdir()
-    (tmp_path / "configs" / "metadata.json").write_text("{}")
-    assert bundle_root() == str(tmp_path)  # a bundle in the current folder wins
-
-
 # ---- input checks wired into the jobs ---------------------------------------------------------------------------
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -291,7 +280,7 @@ def test_label_volumes_count_the_slice_thickness_of_a_stored_2d_image():
     affine = np.diag([0.9, 1.1, 3.0, 1.0])  # a (20, 18) slice stored (20, 18, 1), 3 mm thick
     labels = torch.zeros(1, 1, 20, 18)
     labels[0, 0, :5, :4] = 2
-    assert jobs._label_volumes(labels, [0.5], torch.as_tensor(affine)) == [
+    assert label_volumes(labels, [0.5], torch.as_tensor(affine)) == [
         {"time": 0.5, "label": 2, "voxels": 20, "volume_mm3": pytest.approx(20 * 0.9 * 1.1 * 3.0)}]
 
 
@@ -299,7 +288,7 @@ def test_file_or_unwritable_output_dir_fails_before_any_fit(qs_run, tmp_path, mo
     def no_fit(*args, **kwargs):
         raise AssertionError("fitted before checking output_dir")
 
-    monkeypatch.setattr(jobs, "fit_sequence", no_fit)
+    monkeypatch.setattr(per_subject, "fit_sequence", no_fit)
     afile = tmp_path / "afile"
     afile.write_text("x")
     with pytest.raises(ValueError, match=f"^output_dir '{afile}' exists and is not a folder.$"):
@@ -359,7 +348,7 @@ def test_stale_model_is_refused_by_infer_and_evaluate_and_refitted_by_skip_exist
     assert jobs.infer(datalist, output_dir=tmp_path / "out")["qs"]["status"] == "failed"
     _failed(tmp_path / "out", "inference", "^" + re.escape(message))
     assert jobs.evaluate(datalist, output_dir=tmp_path / "out", eval_dir=tmp_path / "eval", montage=False)["failed"]
-    _failed(tmp_path / "eval", "evaluate", r"model '.*model\.pt' is stale: times changed")
+    _failed(tmp_path / "eval", "evaluation", r"model '.*model\.pt' is stale: times changed")
     before = model.stat().st_mtime_ns
     summary = jobs.train(datalist, output_dir=tmp_path / "out", fit=QS_FIT, pretrained=None, skip_existing=True,
                          progress=False)
@@ -398,4 +387,4 @@ def test_constant_heldout_scan_is_named_by_evaluate(qs_run, tmp_path):
     nib.save(nib.Nifti1Image(np.full((16, 16, 16), 5.0, np.float32), nib.load(qs_run["paths"][0]).affine), constant)
     datalist, _ = _copy_model(qs_run, tmp_path, heldout=[{"image": constant, "time": 2.0}])
     assert jobs.evaluate(datalist, output_dir=tmp_path / "out", eval_dir=tmp_path / "eval", montage=False)["failed"]
-    _failed(tmp_path / "eval", "evaluate", f"^target '{re.escape(constant)}' is constant \\(every voxel 5\\)")
+    _failed(tmp_path / "eval", "evaluation", f"^target '{re.escape(constant)}' is constant \\(every voxel 5\\)")

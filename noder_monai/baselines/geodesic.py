@@ -70,17 +70,9 @@ class GeodesicRegression:
     """
 
     def __init__(
-        self,
-        spatial_dims: int = 3,
-        iterations: int = 200,
-        lr: float = 0.1,
-        ncc_kernel_size: int = 21,
-        smoothness_weight: float = 0.05,
-        grid_stride: int = 4,
-        smoothing_kernel: int = 15,
-        pyramid_levels: int = 1,
-        integration_stride: int = 1,
-        device: Union[str, torch.device] = "cpu",
+        self, spatial_dims: int = 3, iterations: int = 200, lr: float = 0.1, ncc_kernel_size: int = 21,
+        smoothness_weight: float = 0.05, grid_stride: int = 4, smoothing_kernel: int = 15, pyramid_levels: int = 1,
+        integration_stride: int = 1, device: Union[str, torch.device] = "cpu",
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")

@@ -1,33 +1,23 @@
-"""Reading, checking and normalising image sequences; synthetic sequences with known truth; the demo dataset."""
+"""A cohort's data: datalists, one subject's sequence of scans, the user's inputs (scans, cine, BIDS) as a datalist,
+the intensity mapping of a subject, synthetic sequences with known truth, the demo dataset and the deformation
+fields the autoencoder is pretrained on."""
 
 from noder_monai._deprecated import deprecated_getattr
-from noder_monai.data.datalist import SubjectEntry, load_datalist
+from noder_monai.data.datalist import SPLITS, SubjectEntry, load_datalist, select_subject
 from noder_monai.data.deformation_fields import (
     DeformationFieldGenerator,
     DisplacementFieldPatches,
     GeneratedDeformationFields,
-    compose_displacements,
-    list_displacement_fields,
     load_displacement_field,
 )
-from noder_monai.data.demo import (
-    DEMO_HELDOUT_TIMES,
-    DEMO_PREDICT_TIMES,
-    DEMO_TIMES,
-    build_demo_assets,
-    demo_labels,
-    demo_volume,
-    make_demo_dataset,
-)
+from noder_monai.data.demo import demo_labels, demo_volume, make_demo_dataset
+from noder_monai.data.inputs import datalist_subjects, inputs_datalist
 from noder_monai.data.intensity import IntensityMapping
-from noder_monai.data.sequence import SubjectSequence, file_fingerprint, load_sequence, load_series
-from noder_monai.data.synthetic import DEFAULT_TIMES, SyntheticSequence, synthetic_sequence
+from noder_monai.data.sequence import SubjectSequence, load_sequence, load_series
+from noder_monai.data.synthetic import SyntheticSequence, synthetic_sequence
 
 __all__ = [
-    "DEFAULT_TIMES",
-    "DEMO_HELDOUT_TIMES",
-    "DEMO_PREDICT_TIMES",
-    "DEMO_TIMES",
+    "SPLITS",
     "DeformationFieldGenerator",
     "DisplacementFieldPatches",
     "GeneratedDeformationFields",
@@ -35,17 +25,16 @@ __all__ = [
     "SubjectEntry",
     "SubjectSequence",
     "SyntheticSequence",
-    "build_demo_assets",
-    "compose_displacements",
+    "datalist_subjects",
     "demo_labels",
     "demo_volume",
-    "file_fingerprint",
-    "list_displacement_fields",
+    "inputs_datalist",
     "load_datalist",
     "load_displacement_field",
     "load_sequence",
     "load_series",
     "make_demo_dataset",
+    "select_subject",
     "synthetic_sequence",
 ]
 

@@ -20,17 +20,30 @@ otherwise be dropped silently).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from noder_monai.io.image import PathLike
 from noder_monai.data.sequence import SubjectSequence, load_sequence
+from noder_monai.io import check_image_file, scan_shape
+from noder_monai.utils import PathLike
 
-__all__ = ["SubjectEntry", "load_datalist"]
+__all__ = ["SPLITS", "SubjectEntry", "load_datalist", "select_subject", "time_split"]
+
+logger = logging.getLogger(__name__)
 
 SUBJECT_KEYS = ("id", "scans", "label", "heldout", "predict_times")
+SPLITS = ("interpolation", "extrapolation")
+"""How a held-out time relates to the observed ones: inside their span, or outside it."""
+
+
+def time_split(time: float, observed: Sequence[float]) -> str:
+    """``"interpolation"`` if ``time`` lies within ``[observed[0], observed[-1]]`` (sorted observed times), else
+    ``"extrapolation"``: the one held-out split rule of the evaluation, the cohort tables and the report."""
+    return SPLITS[0] if observed[0] <= time <= observed[-1] else SPLITS[1]
 
 
 @dataclass
@@ -67,6 +80,49 @@ class SubjectEntry:
         """
         return load_sequence([path for path, _ in self.scans], self.times, subject=self.id, reader=reader)
 
+    def query_times(self, default: Sequence[float] | None = None) -> list[float]:
+        """The times inference predicts this subject at, sorted and unique: its own ``predict_times``, else
+        ``default``, else its observed and held-out times."""
+        times = self.predict_times or (list(default) if default else None) or [
+            *self.times, *(t for _, t in self.heldout)]
+        return sorted({float(t) for t in times})
+
+    def split(self, time: float) -> str:
+        """The held-out split of ``time`` (:func:`time_split` against the observed times)."""
+        return time_split(time, self.times)
+
+    def files(self) -> list[tuple[str, str]]:
+        """``(field, path)`` of every file the subject names: scans, held-out scans, label map."""
+        return [*(("scans", p) for p, _ in self.scans), *(("heldout", p) for p, _ in self.heldout),
+                *((("label", self.label),) if self.label else ())]
+
+    def check_files(self) -> int:
+        """Read every file completely and check that all share one grid; return the cost (voxels x scans).
+
+        Raises:
+            ValueError: naming the subject, field and file, for an unreadable file or a file on another grid.
+        """
+        shapes: dict[tuple[int, ...], list[str]] = {}
+        for role, path in self.files():
+            try:
+                shape = scan_shape(path, read_all=True)
+            except Exception as error:  # any reader error: the file is unreadable
+                raise ValueError(f"subject '{self.id}': field '{role}' file '{path}' cannot be read: "
+                                 f"{type(error).__name__}: {error}") from error
+            shapes.setdefault(shape, []).append(path)
+        if len(shapes) > 1:
+            raise ValueError(f"subject '{self.id}': files have different grids: "
+                             + "; ".join(f"{list(k)}: {v}" for k, v in shapes.items()))
+        return math.prod(next(iter(shapes))) * len(self.scans)
+
+    def cost(self) -> int:
+        """Cost of fitting the subject: voxels x observed scans, the voxels from the first scan's header (0 if it
+        cannot be read: the up-front file check reports it)."""
+        try:
+            return math.prod(scan_shape(self.scans[0][0])) * len(self.scans)
+        except Exception:  # noqa: BLE001 - an unreadable file is reported by check_files, not here
+            return 0
+
 
 def _time(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -77,15 +133,7 @@ def _time(value: Any, where: str) -> float:
 def _path(value: Any, base: str, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{where} must be a non-empty path string, got {value!r}.")
-    path = os.path.normpath(os.path.join(base, value))
-    if os.path.isdir(path):
-        raise ValueError(
-            f"{where}: '{path}' is a folder, not an image file: folders (e.g. a DICOM series) are not read; convert "
-            f"the series to one NIfTI file (e.g. with dcm2niix) and list that file."
-        )
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{where}: file not found: '{path}'.")
-    return path
+    return check_image_file(os.path.normpath(os.path.join(base, value)), where)
 
 
 def _scan_list(value: Any, base: str, where: str) -> list[tuple[str, float]]:
@@ -174,3 +222,26 @@ def load_datalist(path: PathLike, dataset_dir: PathLike | None = None) -> list[S
         seen.add(entry.id)
         entries.append(entry)
     return entries
+
+
+def select_subject(subjects: Sequence[SubjectEntry], subject_id: str | None = None) -> SubjectEntry:
+    """The subject ``subject_id`` of ``subjects``; None takes the first (and says how to run all of them).
+
+    Raises:
+        ValueError: naming the datalist's ids, if ``subject_id`` is not one of them or the datalist is empty.
+    """
+    if not subjects:
+        raise ValueError("the datalist has no subjects.")
+    if subject_id is None:
+        if len(subjects) > 1:
+            logger.warning(
+                "subject_id not given: running subject '%s', the first of %d; run every subject with "
+                "`python -m monai.bundle run_workflow noder_monai.workflows.CohortWorkflow ...` or `noder fit`.",
+                subjects[0].id, len(subjects),
+            )
+        return subjects[0]
+    for entry in subjects:
+        if entry.id == str(subject_id):
+            return entry
+    raise ValueError(f"subject_id {subject_id!r} is not in the datalist; its ids are {[e.id for e in subjects]}.")
+

@@ -54,10 +54,10 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import DVF2DDF, Warp
+from monai.networks.blocks import DVF2DDF
 from torch.utils.data import Dataset
 
-from noder_monai.functional import box_filter
+from noder_monai.functional import box_filter, compose_displacements
 
 __all__ = [
     "FIELD_COMPONENTS",
@@ -66,7 +66,6 @@ __all__ = [
     "DeformationFieldGenerator",
     "GeneratedDeformationFields",
     "DisplacementFieldPatches",
-    "compose_displacements",
     "field_spatial_size",
     "list_displacement_fields",
     "load_displacement_field",
@@ -96,26 +95,6 @@ def _unit_max(field: torch.Tensor) -> torch.Tensor:
     """Scale each field of ``(N, D, *S)`` so that its longest vector has length 1 (zero fields stay zero)."""
     norms = field.pow(2).sum(1).sqrt().flatten(1).amax(1).clamp_min(1e-12)
     return field / norms.view(-1, *([1] * (field.ndim - 1)))
-
-
-def compose_displacements(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """Displacement of warping with ``first`` and then with ``second`` (MONAI ``Warp`` convention, voxel units).
-
-    ``Warp(Warp(image, first), second) == Warp(image, compose_displacements(first, second))`` up to interpolation:
-    the result is ``second(x) + first(x + second(x))``, ``first`` sampled bilinearly with border padding.
-
-    Args:
-        first: (N, D, *S) displacement applied first.
-        second: (N, D, *S) displacement applied second.
-
-    Returns:
-        (N, D, *S).
-    """
-    if first.shape != second.shape:
-        raise ValueError(
-            f"first and second must have the same shape, got {tuple(first.shape)} and {tuple(second.shape)}."
-        )
-    return second + Warp(mode="bilinear", padding_mode="border")(first, second)
 
 
 class DeformationFieldGenerator:

@@ -22,9 +22,9 @@ from monai.data import MetaTensor
 from monai.transforms import CropForeground, Resize, SpatialPad
 
 from noder_monai.data.datalist import load_datalist
-from noder_monai.utils import write_json
-from noder_monai.io.image import PathLike, load_image, save_image
 from noder_monai.data.synthetic import synthetic_sequence
+from noder_monai.io import load_image, save_image
+from noder_monai.utils import PathLike, write_json
 
 __all__ = [
     "ASSET_DIR",

@@ -9,20 +9,27 @@ per scan).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 
 from noder_monai.data.bids import bids_datalist
-from noder_monai.io.image import PathLike, load_scan, parse_times, save_image
-from noder_monai.utils import write_json
+from noder_monai.data.datalist import SubjectEntry, load_datalist
+from noder_monai.data.demo import make_demo_dataset
+from noder_monai.io import load_scan, parse_times, save_image
+from noder_monai.utils import PathLike, write_json
 
-__all__ = ["scans_datalist", "cine_datalist", "cine_frame_times", "inputs_datalist", "write_inputs_datalist",
-           "is_series"]
+__all__ = ["cine_datalist", "cine_frame_times", "datalist_subjects", "inputs_datalist", "is_series", "scans_datalist",
+           "write_inputs_datalist"]
+
+logger = logging.getLogger(__name__)
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 _TIME_UNITS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
 
@@ -159,3 +166,42 @@ def inputs_datalist(
 def write_inputs_datalist(document: dict[str, Any], output_dir: PathLike) -> str:
     """Write ``document`` to ``<output_dir>/datalist.json`` (atomically) and return its path."""
     return write_json(document, os.path.join(os.path.abspath(os.fspath(output_dir)), "datalist.json"))
+
+
+def datalist_subjects(
+    datalist: str | os.PathLike | None = None,
+    dataset_dir: str | os.PathLike | None = None,
+    demo_dir: str | os.PathLike | None = None,
+    demo: Mapping[str, Any] | None = None,
+) -> list[SubjectEntry]:
+    """The subjects of a datalist (format: ``noder_monai.data.datalist``), their ids checked as folder names.
+
+    Args:
+        datalist: the datalist file; its relative paths start at ``dataset_dir``, or at its own folder if None.
+        dataset_dir: the data folder; with no ``datalist``, the datalist is ``<dataset_dir>/datalist.json``.
+        demo_dir: with neither of the above, the demo dataset in this folder (made on first use).
+        demo: keyword arguments of :func:`noder_monai.data.make_demo_dataset` for the demo dataset.
+
+    Raises:
+        ValueError: none of ``datalist``, ``dataset_dir`` and ``demo_dir`` is given, or an id is not a safe
+            folder name.
+    """
+    if datalist is not None:
+        path, base = os.fspath(datalist), None if dataset_dir is None else os.fspath(dataset_dir)
+    elif dataset_dir is not None:
+        path, base = os.path.join(os.fspath(dataset_dir), "datalist.json"), os.fspath(dataset_dir)
+    elif demo_dir is not None:
+        if not os.path.isfile(os.path.join(os.fspath(demo_dir), "datalist.json")):
+            logger.info("making the demo dataset in %s", demo_dir)
+        path, base = make_demo_dataset(demo_dir, **dict(demo or {})), None
+    else:
+        raise ValueError("give datalist (a datalist file) or dataset_dir (a folder holding datalist.json), got neither.")
+    entries = load_datalist(path, base)
+    for entry in entries:
+        if not _SAFE_ID.match(entry.id):
+            raise ValueError(
+                f"subject '{entry.id}': field 'id' is used as a folder name and may only hold letters, digits, '.', "
+                f"'_' and '-' (not starting with '.', '_' or '-'), got {entry.id!r}."
+            )
+    logger.info("datalist %s: %d subject(s)", path, len(entries))
+    return entries

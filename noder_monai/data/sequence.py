@@ -7,10 +7,13 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import nibabel as nib
 import numpy as np
 import torch
 
-from noder_monai.io.image import Geometry, PathLike, load_scan
+from noder_monai.io import Geometry, load_scan
+from noder_monai.utils import PathLike
 
 __all__ = ["SubjectSequence", "file_fingerprint", "load_sequence", "load_series"]
 
@@ -229,8 +232,6 @@ def _is_time_series(path: str) -> bool:
     if not path.endswith((".nii", ".nii.gz")):
         return False
     try:
-        import nibabel as nib
-
         header = nib.load(path).header
     except Exception:
         return False

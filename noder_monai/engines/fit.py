@@ -1,251 +1,38 @@
-"""Fit NODER to one subject's sequence: coarse-to-fine Adam on NCC + smoothness + boundary terms.
+"""Fit NODER to one subject's sequence from Python: the bundle's training run on an in-memory sequence.
 
-:func:`fit_sequence` is the Python face of the bundle's training run: it builds the same
-:class:`~noder_monai.engines.trainer.NODERTrainer`, loss, optimizer, schedule and handlers as
-``bundle/configs/train.json`` for an in-memory sequence.
+:func:`fit_sequence` makes the training item ``train.json`` reads from files (:func:`~noder_monai.transforms.
+sequence_item`, then :class:`~noder_monai.transforms.IntensityMappingd`), passes :func:`~noder_monai.engines.
+check_fit_inputs`, and builds the pieces ``train.json`` builds by ``_target_``, in the same order (so the same seed
+gives the same weights): :class:`~noder_monai.networks.NODER` initialised by :func:`init_network`, Adam,
+:func:`cosine_schedule`, :class:`~noder_monai.losses.NODERLoss`, the coarse-to-fine and template handlers and
+:class:`~noder_monai.engines.NODERTrainer`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import logging
-import math
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any
 
 import torch
-from monai.data import DataLoader, MetaTensor
+from ignite.engine import Events
+from monai.data import DataLoader
 from monai.handlers import LrScheduleHandler
 from monai.utils import CommonKeys as Keys
+from tqdm.auto import tqdm
 
 from noder_monai.data import SubjectSequence
-from noder_monai.model.subject import PREDICT_SOURCES, FittedSubject
-from noder_monai.engines.trainer import (
-    FINEST_TIME_GROUPS,
-    IMAGE_SMOOTHING_SIGMA,
-    MIN_LEVEL_VOXELS,
-    CoarseToFineHandler,
-    TemplateHandler,
-    EpochCallbackHandler,
-    NODERTrainer,
-    cosine_schedule,
-    downsample_image,
-    fitted_subject,
-    init_network,
-    check_finest_time_groups,
-    check_image_smoothing_sigma,
-)
+from noder_monai.engines.config import FitConfig, check_fit_inputs
+from noder_monai.engines.handlers import CoarseToFineHandler, EpochCallbackHandler, TemplateHandler
+from noder_monai.engines.trainer import NODERTrainer, cosine_schedule, fitted_subject, init_network
 from noder_monai.losses import NODERLoss
-from noder_monai.networks import LEVELS, NODER
-from noder_monai.transforms.intensity import IntensityMappingd
+from noder_monai.model import FittedSubject
+from noder_monai.networks import NODER
+from noder_monai.transforms import IntensityMappingd, sequence_item
 
-__all__ = ["PRESETS", "FitConfig", "check_fit_inputs", "fit_sequence", "downsample_image"]
-
-logger = logging.getLogger(__name__)
-
-_LOSS_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(NODERLoss).parameters.items()}
-
-
-@dataclasses.dataclass
-class FitConfig:
-    """Optimisation settings of one subject's fit (plain values, stored in the fitted subject's file).
-
-    Args:
-        epochs: maximum number of epochs over all levels (one epoch = one Adam step on all observed times).
-        learning_rate: initial Adam learning rate; it decays along a cosine to 5% of this value over all epochs
-            (measured more stable across the level changes than a constant rate).
-        ncc_kernel_size: local NCC window in image voxels (odd); scaled with the level. Default: :class:`NODERLoss`'s.
-        smoothness_weight: weight of the gradient smoothness of the field. Default: :class:`NODERLoss`'s.
-        boundary_weight: weight of the L2 norm of the field on the boundary planes. Default: :class:`NODERLoss`'s.
-        levels: coarse-to-fine resolution levels (image voxels per level voxel, each in 1, 2, 4), coarsest first;
-            ``(1,)`` fits at full resolution only.
-        level_fractions: share of ``epochs`` spent at each level (same length as ``levels``, summing to 1).
-        patience: stop the last level after this many epochs without a relative loss improvement of
-            ``min_improvement`` (0 disables early stopping).
-        min_improvement: relative improvement of the best loss that resets the patience counter.
-        finetune_decoder: optimise the decoder together with the dynamics (the encoder stays frozen).
-        source: the appearance of the predictions (one of ``PREDICT_SOURCES``; the default of
-            :meth:`FittedSubject.predict`). ``"template"`` (default): after the fit, every observed scan is pulled
-            back to the first time through the inverse of its fitted map and the per-voxel median of them is the
-            subject template (:func:`~noder_monai.engines.trainer.subject_template`), warped to each query time.
-            ``"baseline"``: the first scan is warped (the paper). ``"nearest"``: fits as ``"baseline"``; predictions
-            carry the observed scans that bracket a time to it (for sequences whose texture changes, e.g.
-            ultrasound speckle).
-        template_rounds: template builds with ``source="template"``: the last one after the fit; each earlier one
-            (as ANTs builds single-subject templates) is followed by epochs that fit the trajectory to warp the
-            template instead of the first scan. Defaults to 1 (the fields are then those of the first-scan fit).
-        template_start: fraction of the epochs after which the first of several builds happens; the others are
-            spread evenly over the remaining epochs.
-        image_smoothing_sigma: Gaussian sigma in image voxels by which the scans the fit compares are smoothed
-            (scaled with the level, like ``antsRegistration --smoothing-sigmas``;
-            :func:`~noder_monai.engines.trainer.level_image`). It removes the spurious sub-voxel motion that
-            linear interpolation of a noisy scan favours. Predictions use the unsmoothed scans. 0 smooths nothing.
-        finest_time_groups: at full resolution (level 1), each epoch fits one of this many interleaved groups of
-            the observed times in turn, so a full-resolution epoch costs about 1 / groups of one over all times
-            (the recorded loss of such an epoch is its group's). 1 fits every time in every epoch.
-    """
-
-    epochs: int = 300
-    learning_rate: float = 5e-3
-    ncc_kernel_size: int = _LOSS_DEFAULTS["ncc_kernel_size"]
-    smoothness_weight: float = _LOSS_DEFAULTS["smoothness_weight"]
-    boundary_weight: float = _LOSS_DEFAULTS["boundary_weight"]
-    levels: Sequence[int] = (4, 2, 1)
-    level_fractions: Sequence[float] = (0.6, 0.2, 0.2)
-    patience: int = 0
-    min_improvement: float = 1e-4
-    finetune_decoder: bool = True
-    source: str = "template"
-    template_rounds: int = 1
-    template_start: float = 0.5
-    image_smoothing_sigma: float = IMAGE_SMOOTHING_SIGMA
-    finest_time_groups: int = FINEST_TIME_GROUPS
-
-    def __post_init__(self) -> None:
-        self.levels = tuple(int(v) for v in self.levels)
-        self.level_fractions = tuple(float(v) for v in self.level_fractions)
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}.")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
-        if not self.levels or any(v not in LEVELS for v in self.levels):
-            raise ValueError(f"levels must be a non-empty sequence of values in {LEVELS}, got {self.levels}.")
-        if len(self.level_fractions) != len(self.levels) or any(f < 0 for f in self.level_fractions):
-            raise ValueError(
-                f"level_fractions must be {len(self.levels)} non-negative numbers (one per level), got {self.level_fractions}."
-            )
-        if not math.isclose(sum(self.level_fractions), 1.0, abs_tol=1e-6):
-            raise ValueError(f"level_fractions must sum to 1, got {self.level_fractions}.")
-        if self.patience < 0:
-            raise ValueError(f"patience must be >= 0, got {self.patience}.")
-        if self.source not in PREDICT_SOURCES:
-            raise ValueError(f"source must be one of {PREDICT_SOURCES}, got {self.source!r}.")
-        if self.template_rounds < 1:
-            raise ValueError(f"template_rounds must be >= 1, got {self.template_rounds}.")
-        if not 0 <= self.template_start < 1:
-            raise ValueError(f"template_start must be in [0, 1), got {self.template_start}.")
-        self.image_smoothing_sigma = check_image_smoothing_sigma(self.image_smoothing_sigma)
-        check_finest_time_groups(self.finest_time_groups)
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "FitConfig":
-        """The settings of a named preset (:data:`PRESETS`), with ``overrides`` on top.
-
-        Raises:
-            ValueError: naming the preset if it is unknown, or an override if it is invalid.
-        """
-        if name not in PRESETS:
-            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {name!r}.")
-        return cls(**{**PRESETS[name], **overrides})
-
-    def template_epochs(self) -> set[int]:
-        """Epochs (0-based, over all levels) at whose start the template is rebuilt during the fit (it is built
-        once more after the last epoch): ``template_rounds - 1`` of them, spread evenly from ``template_start``."""
-        if self.source != "template":
-            return set()
-        total = sum(self.epochs_per_level())
-        first = self.template_start * total
-        rebuilds = self.template_rounds - 1
-        return {int(first + (total - first) * k / rebuilds) for k in range(rebuilds)}
-
-    def epochs_per_level(self) -> list[int]:
-        """Epochs at each level; rounding goes to the finest level, which always gets at least one epoch."""
-        counts = [int(self.epochs * f) for f in self.level_fractions[:-1]]
-        return counts + [max(1, self.epochs - sum(counts))]
-
-
-PRESETS: dict[str, dict] = {
-    "longitudinal-mri": {"source": "template"},
-    "cine": {"source": "nearest"},
-}
-"""Named settings per kind of data (``FitConfig.preset(name)``): ``"longitudinal-mri"`` (scans months or years
-apart whose appearance is stable: warp a denoised subject template) and ``"cine"`` (frames of a cycle whose texture
-changes from frame to frame, e.g. ultrasound speckle: carry the bracketing frames)."""
-
-
-def _progress_bar(progress: bool | str, default: str, total: int):
-    """A tqdm bar over the fit's epochs, or None when ``progress`` is off or stdout/stderr is not a terminal (no
-    bar in log files). A string ``progress`` is the bar's description (e.g. ``"subject 2/5 sub-002"``)."""
-    import sys
-
-    if not progress or not (sys.stdout.isatty() and sys.stderr.isatty()):
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=progress if isinstance(progress, str) else default, unit="epoch", leave=False,
-                dynamic_ncols=True)
-
-
-def _where(sequence: SubjectSequence, index: int = 0) -> str:
-    if sequence.paths:
-        return f"subject '{sequence.subject}': scan '{sequence.paths[index]}'"
-    return f"subject '{sequence.subject}': scan {index}"
-
-
-def check_fit_inputs(sequence: SubjectSequence, config: FitConfig) -> FitConfig:
-    """Refuse what a fit cannot handle before any work, and adapt the levels to the image size.
-
-    Checks: ``ncc_kernel_size`` is an odd integer >= 3; every spatial axis has at least :data:`MIN_LEVEL_VOXELS`
-    voxels (a 2D image must be stored with one singleton axis, which is dropped on reading); the baseline (the only
-    image ever warped) is not constant; every scan is finite. Levels too coarse for some axis (fewer than 3 level
-    voxels along it) are dropped, their epochs given to the next finer level, and this is logged.
-
-    Returns:
-        the configuration actually used (``config`` itself when nothing was dropped).
-
-    Raises:
-        ValueError: naming the subject, the file, the size and the axis or field at fault.
-    """
-    kernel = config.ncc_kernel_size
-    if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < MIN_LEVEL_VOXELS or kernel % 2 == 0:
-        raise ValueError(
-            f"subject '{sequence.subject}': field 'ncc_kernel_size' must be an odd integer >= {MIN_LEVEL_VOXELS}, "
-            f"got {kernel!r}."
-        )
-    size = sequence.spatial_size
-    for axis, length in enumerate(size):
-        if length < MIN_LEVEL_VOXELS:
-            raise ValueError(
-                f"{_where(sequence)} has size {size}: axis {axis} has {length} voxel(s), the fit needs at least "
-                f"{MIN_LEVEL_VOXELS} along every axis (a 2D image must be stored with exactly one axis of length 1)."
-            )
-    baseline = sequence.images[0]
-    low, high = float(baseline.min()), float(baseline.max())
-    if not high > low:
-        raise ValueError(
-            f"{_where(sequence)} (the baseline, the only image warped) is constant (every voxel {low:g}): every "
-            f"prediction would be that constant; check the file or put a scan with content first."
-        )
-    for index in range(1, len(sequence.images)):
-        scan = sequence.images[index]
-        if not float(scan.max()) > float(scan.min()):
-            logger.warning("%s is constant (every voxel %g): it cannot guide the fit.", _where(sequence, index),
-                           float(scan.min()))
-    kept = [level for level in config.levels if all(math.ceil(s / level) >= MIN_LEVEL_VOXELS for s in size)]
-    if not kept:
-        raise ValueError(f"{_where(sequence)} has size {size}: no level of {config.levels} leaves at least "
-                         f"{MIN_LEVEL_VOXELS} voxels along every axis; add level 1.")
-    if len(kept) == len(config.levels):
-        return config
-    fractions, carry = [], 0.0
-    for level, fraction in zip(config.levels, config.level_fractions):
-        if level in kept:
-            fractions.append(fraction + carry)
-            carry = 0.0
-        else:
-            carry += fraction
-    fractions[-1] += carry
-    dropped = [level for level in config.levels if level not in kept]
-    for level in dropped:
-        coarse = tuple(math.ceil(s / level) for s in size)
-        axis = min(range(len(size)), key=lambda a: coarse[a])
-        logger.warning(
-            "%s has size %s: level %d dropped (axis %d would have %d voxel(s), fewer than %d); levels %s, "
-            "fractions %s.", _where(sequence), size, level, axis, coarse[axis], MIN_LEVEL_VOXELS, tuple(kept),
-            tuple(round(f, 6) for f in fractions))
-    total = sum(fractions)
-    return dataclasses.replace(config, levels=tuple(kept), level_fractions=tuple(f / total for f in fractions))
+__all__ = ["fit_sequence"]
 
 
 def fit_sequence(
@@ -282,60 +69,57 @@ def fit_sequence(
             the subject and file.
         FloatingPointError: the loss or the weights became NaN/Inf (the fit diverged); nothing is returned.
     """
-    config = check_fit_inputs(sequence, config or FitConfig())
-    device = torch.device(device)
     torch.manual_seed(seed)
-    images = sequence.images.as_tensor() if isinstance(sequence.images, MetaTensor) else sequence.images
-    item = IntensityMappingd(keys=Keys.IMAGE)(
-        {
-            Keys.IMAGE: MetaTensor(images[:, 0], affine=sequence.affine),
-            "time": sequence.times.to(torch.float64),
-            "subject": sequence.subject,
-        }
-    )
-    dataset = [item]
-    network_def = NODER(sequence.spatial_size, **(network or {}))
+    device = torch.device(device)
+    item = IntensityMappingd(keys=Keys.IMAGE)(sequence_item(sequence))
+    config = check_fit_inputs(item, config or FitConfig())
+    network_def = NODER(tuple(item[Keys.IMAGE].shape[1:]), **(network or {}))
     model = init_network(network_def, pretrained, config.finetune_decoder).to(device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
-    epochs = config.epochs_per_level()
-    scheduler = cosine_schedule(optimizer, sum(epochs))
-    loss = NODERLoss(
-        spatial_dims=sequence.spatial_dims,
-        ncc_kernel_size=config.ncc_kernel_size,
-        smoothness_weight=config.smoothness_weight,
-        boundary_weight=config.boundary_weight,
-    )
-    handlers = [
-        CoarseToFineHandler(config.levels, epochs, config.patience, config.min_improvement),
-        LrScheduleHandler(scheduler, print_lr=False),
-    ]
-    if config.template_epochs():
-        handlers.append(TemplateHandler(config.template_epochs()))
-    if callback is not None:
-        handlers.append(EpochCallbackHandler(callback))
+    handlers = _handlers(config, cosine_schedule(optimizer, config.epochs), callback)
     trainer = NODERTrainer(
         device=device,
-        max_epochs=sum(epochs),
-        train_data_loader=DataLoader(dataset, batch_size=1),
         network=model,
         optimizer=optimizer,
-        loss_function=loss,
+        loss_function=_loss(config, model.spatial_dims),
+        max_epochs=config.epochs,
+        train_data_loader=DataLoader([item], batch_size=1),
         train_handlers=handlers,
         image_smoothing_sigma=config.image_smoothing_sigma,
         finest_time_groups=config.finest_time_groups,
     )
-    bar = _progress_bar(progress, f"fit {sequence.subject}", sum(epochs))
-    if bar is not None:
-        from ignite.engine import Events
-
-        def _advance(engine) -> None:
-            bar.set_postfix(level=getattr(engine.state, "level", "?"), loss=f"{float(engine.state.output[0][Keys.LOSS]):.4f}",
-                            refresh=False)
-            bar.update(1)
-
-        trainer.add_event_handler(Events.EPOCH_COMPLETED, _advance)
-        trainer.add_event_handler(Events.COMPLETED, lambda _: bar.close())
+    _show_progress(trainer, progress, f"fit {sequence.subject}")
     trainer.run()
-    return fitted_subject(
-        trainer, item, dataclasses.asdict(config), geometry=sequence.geometry, fitted_on=sequence.fitted_on()
-    )
+    return fitted_subject(trainer, item, dataclasses.asdict(config))
+
+
+def _loss(config: FitConfig, spatial_dims: int) -> NODERLoss:
+    return NODERLoss(spatial_dims=spatial_dims, ncc_kernel_size=config.ncc_kernel_size,
+                     smoothness_weight=config.smoothness_weight, boundary_weight=config.boundary_weight)
+
+
+def _handlers(config: FitConfig, scheduler: Any, callback: Callable[[dict], None] | None) -> list:
+    """``train.json``'s ``train#handlers`` that change the fit, in its order (logging handlers aside)."""
+    handlers = [
+        CoarseToFineHandler(config.levels, config.epochs_per_level(), config.patience, config.min_improvement),
+        TemplateHandler(config.template_epochs()),
+        LrScheduleHandler(scheduler, print_lr=False),
+    ]
+    return handlers + ([EpochCallbackHandler(callback)] if callback is not None else [])
+
+
+def _show_progress(trainer: NODERTrainer, progress: bool | str, default: str) -> None:
+    """A tqdm bar over the fit's epochs (level and loss), unless ``progress`` is off or stdout/stderr is not a
+    terminal (no bar in log files). A string ``progress`` is the bar's description (e.g. ``"subject sub-002"``)."""
+    if not progress or not (sys.stdout.isatty() and sys.stderr.isatty()):
+        return
+    bar = tqdm(total=trainer.state.max_epochs, desc=progress if isinstance(progress, str) else default, unit="epoch",
+               leave=False, dynamic_ncols=True)
+
+    def advance(engine: NODERTrainer) -> None:
+        loss = float(engine.state.output[0][Keys.LOSS])
+        bar.set_postfix(level=getattr(engine.state, "level", "?"), loss=f"{loss:.4f}", refresh=False)
+        bar.update(1)
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, advance)
+    trainer.add_event_handler(Events.COMPLETED, lambda _: bar.close())

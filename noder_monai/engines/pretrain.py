@@ -15,7 +15,7 @@ Files written to ``output_dir``:
   ``AUTOENCODER_FORMAT`` file); ``resume=True`` continues from it;
 * ``history.json``: one record per epoch; ``tensorboard/``: event files, if TensorBoard is installed.
 
-:func:`default_autoencoder_path` returns the weights shipped inside the package (copies of ``bundle/models/``).
+:func:`~noder_monai.model.default_autoencoder_path` returns the weights shipped with the package (``bundle/models/``).
 """
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ import inspect
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -43,61 +42,24 @@ from noder_monai.data.deformation_fields import (
     list_displacement_fields,
 )
 from noder_monai.functional import check_spatial_dims
-from noder_monai.model.subject import AUTOENCODER_FORMAT, atomic_torch_save, read_checkpoint
+from noder_monai.model.checkpoint import AUTOENCODER_FORMAT, atomic_torch_save, read_checkpoint
+from noder_monai.model.pretrained import ARCHITECTURE_KEYS
 from noder_monai.networks import DeformationAutoencoder
-from noder_monai.utils import cosine_decay, summary_writer, write_json
+from noder_monai.utils import PathLike, cosine_decay, summary_writer, write_json
 
 __all__ = [
     "PretrainConfig",
     "PretrainResult",
-    "WEIGHTS_DIR",
-    "BUNDLE_MODELS_DIR",
-    "WEIGHT_FILES",
-    "default_autoencoder_path",
     "evaluate_autoencoder",
-    "load_autoencoder",
     "mean_endpoint_error",
     "pretrain_autoencoder",
 ]
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, "os.PathLike[str]"]
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-"""Where a wheel holds the pretrained autoencoders (copied there from ``bundle/models/`` at build time, see setup.py)."""
-BUNDLE_MODELS_DIR = Path(__file__).resolve().parents[2] / "bundle" / "models"
-"""The one copy in a checkout (an editable install): the bundle's ``models/`` folder, which the configs load."""
-WEIGHT_FILES = {3: "model.pt", 2: "model_2d.pt"}
-"""File name of the pretrained autoencoder per spatial dims."""
-
-ARCHITECTURE_KEYS = ("spatial_dims", "latent_channels", "encoder_channels", "decoder_channels", "smoothing_kernel")
-"""The ``PretrainConfig`` fields that define the network (the ``config`` of an autoencoder file)."""
 RESUMABLE_CHANGES = ("epochs",)
 """Settings that may differ between a checkpoint and the run that resumes it."""
-
-
-def default_autoencoder_path(spatial_dims: int) -> Path:
-    """The pretrained autoencoder shipped with the package for ``spatial_dims`` (2 or 3).
-
-    The file fits NODER's default network (``latent_channels=4``, ``encoder_channels=(16, 32, 32)``,
-    ``decoder_channels=(32, 16)``, ``smoothing_kernel=15``); how it was trained is in ``bundle/docs/pretraining.md``.
-    It is ``bundle/models/model.pt`` (3D) or ``model_2d.pt`` (2D): from the wheel's package data, else from the
-    checkout this package is imported from.
-
-    Raises:
-        ValueError: if ``spatial_dims`` is not 2 or 3.
-        FileNotFoundError: if the installed package lacks the file (a build without its package data).
-    """
-    check_spatial_dims(spatial_dims, (2, 3))
-    candidates = [folder / WEIGHT_FILES[spatial_dims] for folder in (WEIGHTS_DIR, BUNDLE_MODELS_DIR)]
-    path = next((candidate for candidate in candidates if candidate.is_file()), None)
-    if path is None:
-        raise FileNotFoundError(
-            f"the shipped {spatial_dims}D autoencoder is missing from this installation (looked for "
-            f"{[str(c) for c in candidates]})."
-        )
-    return path
 
 
 _AUTOENCODER_DEFAULTS = {
@@ -219,23 +181,6 @@ def mean_endpoint_error(prediction: torch.Tensor, target: torch.Tensor) -> torch
     return (prediction - target).pow(2).sum(1).sqrt().flatten(1).mean(1)
 
 
-def load_autoencoder(path: PathLike, map_location: str | torch.device = "cpu") -> DeformationAutoencoder:
-    """Build a :class:`DeformationAutoencoder` from an ``AUTOENCODER_FORMAT`` file and load its weights strictly.
-
-    Raises:
-        FileNotFoundError: if ``path`` does not exist.
-        ValueError: naming the file, if it is another kind of file or its weights do not fit its config.
-    """
-    checkpoint = read_checkpoint(path, AUTOENCODER_FORMAT, map_location)
-    config = {key: checkpoint["config"][key] for key in ARCHITECTURE_KEYS}
-    model = DeformationAutoencoder(**config)
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:
-        raise ValueError(f"autoencoder {str(path)!r}: weights do not fit its config {config}: {error}") from error
-    return model.to(map_location).eval()
-
-
 @torch.no_grad()
 def evaluate_autoencoder(model: DeformationAutoencoder, fields: Any, batch_size: int = 8) -> dict[str, float]:
     """Reconstruction error of ``model`` on displacement fields.
@@ -332,6 +277,82 @@ def _resume_state(path: Path, config: PretrainConfig, source: Any, device: torch
     return state
 
 
+def _start(config: PretrainConfig, source: Any, checkpoint_path: Path | None,
+           device: torch.device) -> tuple[DeformationAutoencoder, torch.optim.Optimizer, list[dict], dict]:
+    """The seeded model and optimizer, with the weights, optimizer state, history and best epoch of
+    ``checkpoint_path`` when it exists (a resumed run); None starts again."""
+    torch.manual_seed(config.seed)
+    model = DeformationAutoencoder(**config.architecture()).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    state = _resume_state(checkpoint_path, config, source, device) if checkpoint_path is not None else None
+    if state is None:
+        return model, optimizer, [], {"epoch": -1, "validation_epe": math.inf}
+    model.load_state_dict(state["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    logger.info("resuming %s at epoch %d of %d", checkpoint_path, len(state["history"]), config.epochs)
+    return model, optimizer, state["history"], state["best"]
+
+
+def _train_epoch(model: DeformationAutoencoder, optimizer: torch.optim.Optimizer, train: Any, config: PretrainConfig,
+                 epoch: int, bar: Any) -> tuple[float, float, float]:
+    """One epoch of ``steps_per_epoch`` Adam steps (the rate set per step, :func:`_learning_rate`); returns the mean
+    loss, the mean endpoint error and the last rate."""
+    device = next(model.parameters()).device
+    smoothness = DiffusionLoss()
+    model.train()
+    loss_sum = epe_sum = 0.0
+    steps = config.steps_per_epoch
+    for step in range(steps):
+        global_step = epoch * steps + step
+        learning_rate = _learning_rate(config, global_step)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
+        first = global_step * config.batch_size
+        batch = train.batch(range(first, first + config.batch_size)).to(device)
+        reconstruction = model(batch)
+        loss = F.mse_loss(reconstruction, batch)
+        if config.smoothness_weight:
+            loss = loss + config.smoothness_weight * smoothness(reconstruction)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += float(loss.detach())
+        epe_sum += float(mean_endpoint_error(reconstruction.detach(), batch).mean())
+        bar.update()
+        bar.set_postfix(epoch=epoch, loss=f"{loss_sum / (step + 1):.4f}")
+    return loss_sum / steps, epe_sum / steps, learning_rate
+
+
+def _save_epoch(model: DeformationAutoencoder, optimizer: torch.optim.Optimizer, config: PretrainConfig,
+                training: dict, history: list[dict], best: dict, scores: dict, output_dir: Path) -> dict:
+    """Write ``autoencoder.pt`` (when this epoch is the best so far), ``checkpoint.pt`` and ``history.json``; returns
+    the best epoch's record ``{"epoch", "validation_epe"}``."""
+    record = history[-1]
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    header = {"format": AUTOENCODER_FORMAT, "package_version": __version__, "config": config.architecture()}
+    if record["validation_epe"] < best["validation_epe"]:
+        best = {"epoch": record["epoch"], "validation_epe": record["validation_epe"]}
+        selected = {**training, "epoch": record["epoch"], "validation": scores}
+        atomic_torch_save({**header, "state_dict": weights, "training": selected}, output_dir / "autoencoder.pt")
+    resumable = {"optimizer": optimizer.state_dict(), "history": history, "best": best}
+    atomic_torch_save({**header, "state_dict": weights, "training": training, **resumable},
+                      output_dir / "checkpoint.pt")
+    write_json(history, output_dir / "history.json", indent=1)
+    return best
+
+
+def _log_epoch(writer: Any, record: dict, epochs: int) -> None:
+    if writer is not None:
+        for key in ("train_loss", "train_epe", "validation_mse", "validation_epe", "learning_rate"):
+            writer.add_scalar(f"pretrain/{key}", record[key], record["epoch"])
+        writer.flush()
+    logger.info(
+        "epoch %d/%d: train loss %.5f, train epe %.4f, validation epe %.4f vox (mean |u| %.3f), lr %.2e, %.1f s",
+        record["epoch"] + 1, epochs, record["train_loss"], record["train_epe"], record["validation_epe"],
+        record["validation_magnitude"], record["learning_rate"], record["seconds"],
+    )
+
+
 def pretrain_autoencoder(
     output_dir: PathLike,
     fields: PathLike | Sequence[PathLike] | None = None,
@@ -376,18 +397,7 @@ def pretrain_autoencoder(
     checkpoint_path, best_path = output_dir / "checkpoint.pt", output_dir / "autoencoder.pt"
     train, validation, source = _datasets(config, fields)
 
-    torch.manual_seed(config.seed)
-    model = DeformationAutoencoder(**config.architecture()).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    smoothness = DiffusionLoss()
-    history: list[dict] = []
-    best = {"epoch": -1, "validation_epe": math.inf}
-    state = _resume_state(checkpoint_path, config, source, device) if resume else None
-    if state is not None:
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        history, best = state["history"], state["best"]
-        logger.info("resuming %s at epoch %d of %d", checkpoint_path, len(history), config.epochs)
+    model, optimizer, history, best = _start(config, source, checkpoint_path if resume else None, device)
     streams = {"training": 0, "validation": 1}
     training = {"config": config.to_dict(), "source": source, "generator_seed_streams": streams}
 
@@ -396,56 +406,21 @@ def pretrain_autoencoder(
     bar = tqdm(total=config.epochs * steps, initial=len(history) * steps, desc="pretrain", disable=not progress)
     for epoch in range(len(history), config.epochs):
         started = time.perf_counter()
-        model.train()
-        loss_sum = epe_sum = 0.0
-        for step in range(steps):
-            global_step = epoch * steps + step
-            learning_rate = _learning_rate(config, global_step)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate
-            first = global_step * config.batch_size
-            batch = train.batch(range(first, first + config.batch_size)).to(device)
-            reconstruction = model(batch)
-            loss = F.mse_loss(reconstruction, batch)
-            if config.smoothness_weight:
-                loss = loss + config.smoothness_weight * smoothness(reconstruction)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += float(loss.detach())
-            epe_sum += float(mean_endpoint_error(reconstruction.detach(), batch).mean())
-            bar.update()
-            bar.set_postfix(epoch=epoch, loss=f"{loss_sum / (step + 1):.4f}")
+        train_loss, train_epe, learning_rate = _train_epoch(model, optimizer, train, config, epoch, bar)
         scores = evaluate_autoencoder(model, validation, config.batch_size if fields is None else 1)
         record = {
             "epoch": epoch,
             "learning_rate": learning_rate,
-            "train_loss": loss_sum / steps,
-            "train_epe": epe_sum / steps,
+            "train_loss": train_loss,
+            "train_epe": train_epe,
             "validation_mse": scores["mse"],
             "validation_epe": scores["epe"],
             "validation_magnitude": scores["magnitude"],
             "seconds": time.perf_counter() - started,
         }
         history.append(record)
-        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        header = {"format": AUTOENCODER_FORMAT, "package_version": __version__, "config": config.architecture()}
-        if record["validation_epe"] < best["validation_epe"]:
-            best = {"epoch": epoch, "validation_epe": record["validation_epe"]}
-            selected = {**training, "epoch": epoch, "validation": scores}
-            atomic_torch_save({**header, "state_dict": weights, "training": selected}, best_path)
-        resumable = {"optimizer": optimizer.state_dict(), "history": history, "best": best}
-        atomic_torch_save({**header, "state_dict": weights, "training": training, **resumable}, checkpoint_path)
-        write_json(history, output_dir / "history.json", indent=1)
-        if writer is not None:
-            for key in ("train_loss", "train_epe", "validation_mse", "validation_epe", "learning_rate"):
-                writer.add_scalar(f"pretrain/{key}", record[key], epoch)
-            writer.flush()
-        logger.info(
-            "epoch %d/%d: train loss %.5f, train epe %.4f, validation epe %.4f vox (mean |u| %.3f), lr %.2e, %.1f s",
-            epoch + 1, config.epochs, record["train_loss"], record["train_epe"], record["validation_epe"],
-            record["validation_magnitude"], learning_rate, record["seconds"],
-        )
+        best = _save_epoch(model, optimizer, config, training, history, best, scores, output_dir)
+        _log_epoch(writer, record, config.epochs)
         if callback is not None:
             callback(record)
     bar.close()

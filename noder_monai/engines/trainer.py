@@ -1,139 +1,56 @@
-"""One subject's fit as a MONAI training run: a ``SupervisedTrainer`` whose iteration warps the baseline to every
-observed time, plus the handlers that set the coarse-to-fine level and write the fitted subject.
+"""One subject's fit as a MONAI training run: a ``SupervisedTrainer`` whose iteration warps the baseline (or the
+subject template) to every observed time at the current resolution level.
 
 A subject is one training item ``{"image": (T, *S) scans as channels, "time": (T,) times, "subject": id,
-"intensity": {"lower", "upper"}}`` (what ``LoadImaged`` of the scan list followed by :class:`IntensityMappingd`
-gives); one epoch is one iteration: one optimizer step on all observed times as one batch.
-``bundle/configs/train.json`` builds these pieces by ``_target_``; :func:`~noder_monai.engines.fit_sequence` builds
-the same pieces in Python.
+"intensity": {"lower", "upper"}, "geometry", "fitted_on"}`` (:class:`~noder_monai.transforms.LoadSequenced` then
+:class:`~noder_monai.transforms.IntensityMappingd`); one epoch is one iteration: one optimizer step on all observed
+times as one batch. The handlers that drive it are in :mod:`noder_monai.engines.handlers`.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.engines import IterationEvents, SupervisedTrainer
 from monai.utils import CommonKeys as Keys
 
 from noder_monai.data import IntensityMapping
-from noder_monai.io.image import Geometry, load_scan
-from noder_monai.engines.pretrain import default_autoencoder_path
-from noder_monai.model.subject import FittedSubject, load_autoencoder_weights
+from noder_monai.engines.levels import (
+    FINEST_TIME_GROUPS,
+    IMAGE_SMOOTHING_SIGMA,
+    check_finest_time_groups,
+    check_image_smoothing_sigma,
+    level_image,
+    level_window,
+)
+from noder_monai.io import Geometry
 from noder_monai.losses import NODERLoss
-from noder_monai.networks import LEVELS, NODER, scale_window
-from noder_monai.networks.autoencoder import pad_to_multiple
+from noder_monai.model import FittedSubject, default_autoencoder_path, load_autoencoder_weights
+from noder_monai.networks import LEVELS, NODER
 from noder_monai.utils import cosine_decay
 
 __all__ = [
-    "NODERTrainer",
-    "CoarseToFineHandler",
-    "FittedSubjectSaver",
-    "EpochCallbackHandler",
-    "prepare_sequence_batch",
-    "init_network",
-    "cosine_schedule",
     "FINAL_LR_FRACTION",
+    "HISTORY_TERMS",
+    "NODERTrainer",
+    "cosine_schedule",
     "fitted_subject",
-    "downsample_image",
-    "level_window",
+    "init_network",
+    "prepare_sequence_batch",
     "subject_template",
-    "TemplateHandler",
-    "MIN_LEVEL_VOXELS",
-    "IMAGE_SMOOTHING_SIGMA",
-    "level_image",
-    "check_image_smoothing_sigma",
-    "FINEST_TIME_GROUPS",
-    "check_finest_time_groups",
 ]
 
 logger = logging.getLogger(__name__)
 
 HISTORY_TERMS = ("total", "similarity", "smoothness", "boundary")
 """Loss terms recorded per epoch (``NODERLoss`` output keys)."""
-
-
-def downsample_image(image: torch.Tensor, level: int) -> torch.Tensor:
-    """Average ``level``^d blocks: (N, C, *S) -> (N, C, *ceil(S / level)), edge-replicated at the far border.
-
-    Level voxel ``i`` covers image voxels ``[i * level, (i + 1) * level)``, the grid of ``NODER.displacement``.
-    """
-    if level == 1:
-        return image
-    pool = F.avg_pool3d if image.ndim == 5 else F.avg_pool2d
-    return pool(pad_to_multiple(image, level, mode="replicate"), level)
-
-
-#: Default Gaussian sigma (image voxels) of :func:`level_image`: the fit's images are smoothed this much.
-IMAGE_SMOOTHING_SIGMA = 0.5
-
-
-def check_image_smoothing_sigma(sigma: Any) -> float:
-    """``sigma`` as a float; raises ValueError naming ``image_smoothing_sigma`` unless it is a finite number >= 0."""
-    try:
-        value = float(sigma)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"image_smoothing_sigma must be a finite number >= 0 (image voxels), got {sigma!r}.")
-    return value
-
-
-def check_finest_time_groups(groups: Any) -> int:
-    """``groups`` unchanged; raises ValueError naming ``finest_time_groups`` unless it is an integer >= 1."""
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"finest_time_groups must be an integer >= 1, got {groups!r}.")
-    return groups
-
-
-def level_image(image: torch.Tensor, level: int, sigma: float = IMAGE_SMOOTHING_SIGMA) -> torch.Tensor:
-    """The image the fit uses at ``level``: :func:`downsample_image`, then a Gaussian of ``sigma / level`` level
-    voxels (MONAI's ``gaussian_1d`` and ``separable_filtering``, border replicated; ``sigma`` in image voxels, so
-    the same physical width at every level; 0 smooths nothing), as ``antsRegistration --smoothing-sigmas`` smooths
-    its images per level.
-
-    Why: warping a noisy source with linear interpolation averages its noise by an amount that depends on the
-    sub-voxel shift (most at half a voxel), so the local NCC to a noisy target rises off the true alignment whatever
-    the anatomy does; the fit then carries spurious sub-voxel motion. A source whose noise is already correlated
-    over a voxel (smoothed) loses that bias; the targets are smoothed alike so that both stay equally sharp.
-
-    Shapes: (N, C, *S) -> (N, C, *ceil(S / level)).
-
-    Raises:
-        ValueError: ``sigma`` negative or not finite.
-    """
-    sigma = check_image_smoothing_sigma(sigma)
-    image = downsample_image(image, level)
-    if sigma == 0:
-        return image
-    from monai.networks.layers import separable_filtering
-    from monai.networks.layers.convutils import gaussian_1d
-
-    kernel = gaussian_1d(torch.tensor(sigma / level), truncated=4.0, approx="erf").to(image)
-    return separable_filtering(image, [kernel] * (image.ndim - 2), mode="replicate")
-
-
-#: Default ``finest_time_groups`` of :class:`NODERTrainer`: full-resolution epochs alternate between two halves of
-#: the observed times.
-FINEST_TIME_GROUPS = 2
-
-
-#: The loss (smoothness and boundary terms, NCC windows) needs this many voxels along every axis at every level.
-MIN_LEVEL_VOXELS = 3
-
-
-def level_window(kernel_size: int, level: int) -> int:
-    """The NCC window at ``level``: ``scale_window`` clamped to at least 3 voxels (a 1-voxel window has zero local
-    variance, so its similarity is 0 whatever the alignment and the fit would not move)."""
-    return max(MIN_LEVEL_VOXELS, scale_window(kernel_size, level))
 
 
 @torch.no_grad()
@@ -365,110 +282,6 @@ class NODERTrainer(SupervisedTrainer):
         return engine.state.output
 
 
-class CoarseToFineHandler:
-    """Set ``engine.state.level`` at the start of every epoch: ``epochs_per_level[i]`` epochs at ``levels[i]``.
-
-    Args:
-        levels: resolution levels (image voxels per level voxel, each in ``LEVELS``), coarsest first.
-        epochs_per_level: epochs at each level (e.g. ``FitConfig.epochs_per_level()``); zero skips a level.
-        patience: in the last level, stop after this many epochs without a relative improvement of
-            ``min_improvement`` of the best loss (of the epoch's group of times, ``engine.state.time_group``, when
-            full-resolution epochs alternate between groups; 0 disables early stopping).
-        min_improvement: relative improvement of the best loss that resets the patience counter.
-    """
-
-    def __init__(
-        self,
-        levels: Sequence[int],
-        epochs_per_level: Sequence[int],
-        patience: int = 0,
-        min_improvement: float = 1e-4,
-    ) -> None:
-        self.levels = tuple(int(v) for v in levels)
-        self.epochs_per_level = tuple(int(v) for v in epochs_per_level)
-        if not self.levels or any(v not in LEVELS for v in self.levels):
-            raise ValueError(f"levels must be a non-empty sequence of values in {LEVELS}, got {levels}.")
-        if len(self.epochs_per_level) != len(self.levels) or min(self.epochs_per_level) < 0:
-            raise ValueError(f"epochs_per_level must be {len(self.levels)} non-negative integers, got {epochs_per_level}.")
-        if patience < 0:
-            raise ValueError(f"patience must be >= 0, got {patience}.")
-        self.patience = int(patience)
-        self.min_improvement = float(min_improvement)
-        self._best: dict[int, float] = {}
-        self._stale = 0
-
-    def level_at(self, epoch: int) -> int:
-        """The level of 1-based ``epoch`` (epochs after the schedule stay at the last level)."""
-        end = 0
-        for level, count in zip(self.levels, self.epochs_per_level):
-            end += count
-            if epoch <= end:
-                return level
-        return self.levels[-1]
-
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
-
-    def epoch_started(self, engine: Any) -> None:
-        engine.state.level = self.level_at(engine.state.epoch)
-
-    def iteration_completed(self, engine: Any) -> None:
-        if not self.patience or engine.state.level != self.levels[-1]:
-            return
-        loss = float(engine.state.output[0][Keys.LOSS])
-        group = getattr(engine.state, "time_group", 0)  # each group of times has its own loss scale
-        best = self._best.get(group, math.inf)
-        if best == math.inf or loss < best - abs(best) * self.min_improvement:
-            self._best[group], self._stale = loss, 0
-        else:
-            self._stale += 1
-        if self._stale >= self.patience:
-            engine.terminate()
-
-
-class TemplateHandler:
-    """Rebuild the subject template (:func:`subject_template`) at the start of the given epochs and make the trainer
-    warp it (``FitConfig(source="template")``; the template after the last epoch is built by :func:`fitted_subject`).
-
-    Args:
-        epochs: 0-based epochs at whose start the template is rebuilt (``FitConfig.template_epochs()``).
-    """
-
-    def __init__(self, epochs: Sequence[int]) -> None:
-        self.epochs = {int(e) for e in epochs}
-
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.ITERATION_STARTED, self.iteration_started)
-
-    def iteration_started(self, engine: NODERTrainer) -> None:
-        if len(engine.state.history) in self.epochs:
-            images, scaled = _scans(engine)
-            engine.set_template(subject_template(engine.network, images, scaled))
-
-
-def _scans(engine: NODERTrainer) -> tuple[torch.Tensor, torch.Tensor]:
-    """The subject's normalised scans (T, 1, *S) and scaled times (T,) from the trainer's (one) batch."""
-    baseline, targets, times = engine.prepare_batch(engine.state.batch, engine.state.device, engine.non_blocking)
-    return torch.cat([baseline, targets]), torch.cat([times.new_zeros(1), times])
-
-
-class EpochCallbackHandler:
-    """Call ``callback(record)`` after every epoch with the trainer's newest history record."""
-
-    def __init__(self, callback: Callable[[dict], None]) -> None:
-        self.callback = callback
-
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: self.callback(dict(e.state.history[-1])))
-
-
 def fitted_subject(
     engine: NODERTrainer, item: Mapping[str, Any], fit_config: Mapping[str, Any] | None = None, **extra: Any
 ) -> FittedSubject:
@@ -479,8 +292,9 @@ def fitted_subject(
 
     Args:
         engine: the trainer after ``run()``.
-        item: the dataset item: ``image`` (T, *S) normalised scans (a ``MetaTensor`` whose affine is stored),
-            ``time``, ``subject`` and ``intensity`` (``IntensityMapping.to_dict()``).
+        item: the dataset item (:func:`~noder_monai.transforms.sequence_item` then ``IntensityMappingd``): ``image``
+            (T, *S) normalised scans (a ``MetaTensor`` whose affine is stored), ``time``, ``subject``, ``intensity``
+            (``IntensityMapping.to_dict()``) and, when read from files, ``geometry`` and ``fitted_on`` (JSON text).
         fit_config: the plain optimisation settings to store (``FitConfig`` as a dict).
         extra: other :class:`FittedSubject` arguments (``geometry``, ``fitted_on``).
 
@@ -501,8 +315,8 @@ def fitted_subject(
     config["ncc_kernel_size"] = int(engine.loss_function.ncc_kernel_size)
     config["smoothness_weight"] = float(engine.loss_function.smoothness_weight)
     config["boundary_weight"] = float(engine.loss_function.boundary_weight)
-    if "geometry" not in extra:
-        extra["geometry"] = _first_scan_geometry(image)
+    for key, value in _item_records(item).items():
+        extra.setdefault(key, value)
     values = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
     scans = values.to(device=engine.state.device, dtype=torch.float32)[:, None]
     times = torch.as_tensor(item["time"], dtype=torch.float64).reshape(-1)
@@ -525,46 +339,10 @@ def fitted_subject(
     )
 
 
-def _first_scan_geometry(image: Any) -> Geometry | None:
-    """The input geometry (qform, sform, codes) of the first scan a ``LoadImaged`` item was read from, if any."""
-    source = getattr(image, "meta", {}).get("filename_or_obj") if isinstance(image, MetaTensor) else None
-    if isinstance(source, (list, tuple)):
-        source = source[0] if source else None
-    if not isinstance(source, (str, os.PathLike)) or not os.path.isfile(source):
-        return None
-    return load_scan(source)[1]
-
-
-class FittedSubjectSaver:
-    """``CheckpointSaver`` for a subject fit: at completion, write the fitted subject to ``save_path`` atomically.
-
-    The file is the one :meth:`FittedSubject.save` writes (state_dict plus times, affine, intensity mapping and
-    loss history), loadable with ``torch.load(weights_only=True)``, by :meth:`FittedSubject.load` and by
-    ``CheckpointLoader(load_dict={"state_dict": network})``.
-
-    Args:
-        save_path: the file to write (e.g. ``<output_dir>/<id>/model.pt``).
-        dataset: the training dataset (its one item gives baseline, times, affine and intensity mapping).
-        fit_config: the plain optimisation settings to store (a ``FitConfig`` or a dict).
-    """
-
-    def __init__(self, save_path: str | os.PathLike, dataset: Sequence[Mapping[str, Any]], fit_config: Any = None) -> None:
-        self.save_path = Path(save_path)
-        self.dataset = dataset
-        if dataclasses.is_dataclass(fit_config):
-            fit_config = dataclasses.asdict(fit_config)
-        self.fit_config = dict(fit_config or {})
-        self.subject: FittedSubject | None = None
-
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.COMPLETED, self.completed)
-
-    def completed(self, engine: NODERTrainer) -> None:
-        self.subject = fitted_subject(engine, self.dataset[0], self.fit_config)
-        self.subject.save(self.save_path)
-        self.subject.save_template(self.save_path.parent / "template.nii.gz")
-        history = engine.state.history
-        logger.info("%s: %d epochs, final loss %.5f -> %s", self.subject.subject, len(history),
-                    history[-1]["total"] if history else math.nan, self.save_path)
+def _item_records(item: Mapping[str, Any]) -> dict[str, Any]:
+    """The item's ``geometry`` (a :class:`Geometry`) and ``fitted_on`` (a dict), stored as JSON text so that they
+    survive collation; absent keys are left out."""
+    records = {key: json.loads(item[key]) for key in ("geometry", "fitted_on") if isinstance(item.get(key), str)}
+    if records.get("geometry") is not None:
+        records["geometry"] = Geometry.from_dict(records["geometry"])
+    return records

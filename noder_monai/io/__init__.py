@@ -10,12 +10,14 @@ from noder_monai.io.image import (
     READERS,
     Geometry,
     GeometryNiftiWriter,
+    check_image_file,
     check_output_dir,
     load_image,
     load_label_map,
     load_scan,
     parse_times,
     save_image,
+    scan_shape,
     voxel_volume_mm3,
 )
 from noder_monai.io.itk_field import ddf_to_itk, save_itk_displacement
@@ -25,6 +27,7 @@ __all__ = [
     "READERS",
     "Geometry",
     "GeometryNiftiWriter",
+    "check_image_file",
     "check_output_dir",
     "ddf_to_itk",
     "load_image",
@@ -33,5 +36,6 @@ __all__ = [
     "parse_times",
     "save_image",
     "save_itk_displacement",
+    "scan_shape",
     "voxel_volume_mm3",
 ]

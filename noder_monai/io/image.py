@@ -9,7 +9,7 @@ qform and sform disagree (a warning says so when the input is read).
 
 Writing goes to a temporary name in the destination folder (``.<name>.noder-<host>-<pid>-<random>.tmp``) followed
 by :func:`os.replace`, so a reader never sees a half-written file; every file gets the same mode (``0o666`` less
-the umask). :func:`clean_stale_temporaries` removes the temporaries a killed run of ours left behind.
+the umask). :func:`~noder_monai.utils.clean_stale_temporaries` removes the temporaries a killed run of ours left behind.
 Multi-channel arrays (displacement fields) are stored channels last as ``(*spatial, 1, C)`` with NIfTI intent
 ``vector``: the layout ITK and ANTs use for displacement fields.
 """
@@ -25,8 +25,9 @@ import re
 import warnings
 from collections.abc import Mapping, Sequence
 from numbers import Real
-from typing import Any, Union
+from typing import Any
 
+import itk
 import nibabel as nib
 import numpy as np
 import torch
@@ -34,25 +35,25 @@ from monai.data import NibabelWriter
 from monai.transforms import LoadImage
 from numpy.typing import DTypeLike
 
-from noder_monai.utils import atomic_write, clean_stale_temporaries, temporary_name
+from noder_monai.utils import PathLike, atomic_write, temporary_name
 
 __all__ = [
     "READERS",
     "GEOMETRY_META_KEY",
     "Geometry",
     "GeometryNiftiWriter",
-    "atomic_write",
+    "check_image_file",
     "check_output_dir",
-    "clean_stale_temporaries",
     "load_image",
     "load_label_map",
     "load_scan",
     "parse_times",
     "save_image",
+    "scan_shape",
     "voxel_volume_mm3",
 ]
 
-PathLike = Union[str, "os.PathLike[str]"]
+
 
 #: Accepted values of the ``reader`` argument and the MONAI reader each selects (``None``: MONAI's default choice).
 READERS = {"itk": "ITKReader", "nibabel": "NibabelReader", None: None}
@@ -66,6 +67,7 @@ NIFTI_GEOMETRY_FIELDS = (
     "srow_x", "srow_y", "srow_z", "pixdim", "xyzt_units",
 )
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_HEADER_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh", ".hdr", ".img")
 
 
 def _resolve_reader(reader: str | None) -> str | None:
@@ -192,8 +194,6 @@ def _embed(affine: np.ndarray) -> np.ndarray:
 def _itk_affine(path: str) -> np.ndarray | None:
     """The RAS voxel-to-world matrix of ``path`` as ITK reads its header (no voxel data read), or None."""
     try:
-        import itk
-
         image_io = itk.ImageIOFactory.CreateImageIO(path, itk.CommonEnums.IOFileMode_ReadMode)
         if image_io is None:
             return None
@@ -261,6 +261,24 @@ def _squeeze_singleton(data: torch.Tensor, affine: np.ndarray, path: str) -> tup
     return data.squeeze(axis + 1), affine, axis
 
 
+def check_image_file(path: PathLike, where: str | None = None) -> str:
+    """``path`` as a string, checked to name an existing file, not a folder (a DICOM series is not read).
+
+    Raises:
+        ValueError: ``path`` is a folder; FileNotFoundError: it does not exist. Both name ``where`` (e.g. a datalist
+            field) and the path.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(
+            f"{f'{where}: ' if where else 'image '}'{path}' is a folder, not an image file: folders (e.g. a DICOM "
+            f"series) are not read; convert the series to one NIfTI file (e.g. with dcm2niix) and give that file."
+        )
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{where}: file not found: '{path}'." if where else f"image file not found: '{path}'.")
+    return path
+
+
 def load_scan(path: PathLike, reader: str | None = None) -> tuple[torch.Tensor, Geometry]:
     """Read one image or vector field with MONAI ``LoadImage`` and return it with its :class:`Geometry`.
 
@@ -283,14 +301,7 @@ def load_scan(path: PathLike, reader: str | None = None) -> tuple[torch.Tensor, 
             axis. Every message names the path.
     """
     reader_name = _resolve_reader(reader)
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise ValueError(
-            f"image '{path}' is a folder, not an image file: folders (e.g. a DICOM series) are not read; convert the "
-            f"series to one NIfTI file (e.g. with dcm2niix) and give that file."
-        )
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image file not found: '{path}'.")
+    path = check_image_file(path)
     loader = LoadImage(reader=reader_name, image_only=True, ensure_channel_first=True, dtype=np.float32)
     try:
         image = loader(path)
@@ -322,6 +333,31 @@ def load_scan(path: PathLike, reader: str | None = None) -> tuple[torch.Tensor, 
     geometry = Geometry(affine=affine, file_shape=file_shape, squeezed_axis=squeezed, nifti=nifti,
                         itk_affine=itk_affine, source=path)
     return data.contiguous(), geometry
+
+
+def scan_shape(path: PathLike, read_all: bool = False) -> tuple[int, ...]:
+    """The spatial size :func:`load_scan` gives a file (the singleton axis of a 2D image and trailing singleton axes
+    dropped; a 4D file keeps its 4th axis), from the NIfTI/MGH header without reading the voxels.
+
+    Args:
+        path: the image file.
+        read_all: read every voxel (NIfTI/MGH; other formats are always read through :func:`load_scan`), so a
+            truncated or corrupt file fails here.
+
+    Raises:
+        whatever the reader raises for an unreadable file.
+    """
+    path = os.fspath(path)
+    if not path.endswith(_HEADER_SUFFIXES):
+        data, _ = load_scan(path)
+        return tuple(int(s) for s in data.shape[1:])
+    image = nib.load(path)
+    shape = tuple(int(s) for s in (np.asarray(image.dataobj).shape if read_all else image.shape))
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) == 3 and shape.count(1) == 1:
+        shape = tuple(s for s in shape if s != 1)
+    return shape
 
 
 def load_image(path: PathLike, reader: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -449,7 +485,7 @@ def parse_times(value: Any, name: str = "times") -> list[float]:
     Raises:
         ValueError: naming ``name``, the offending entry and what was expected.
     """
-    expected = f'expected a number or a list of numbers such as "[1.0, 2.5]"'
+    expected = 'expected a number or a list of numbers such as "[1.0, 2.5]"'
     if isinstance(value, torch.Tensor) or isinstance(value, np.ndarray):
         value = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value).reshape(-1).tolist()
     if isinstance(value, str):
@@ -495,7 +531,7 @@ def save_image(
     qform too (both code 1), so nibabel and ITK read the same grid. ``C = 1`` is stored as a plain volume; ``C > 1``
     channels last as ``(*spatial3, 1, C)`` with intent ``vector``. Values are written as given (a ddf in this package
     is in voxel units, MONAI ``Warp`` convention; see :mod:`noder_monai.io.itk_field` for ITK/ANTs fields);
-    integer ``dtype`` rounds to the nearest integer. See :func:`atomic_write` for the temporary name and file mode.
+    integer ``dtype`` rounds to the nearest integer. See :func:`~noder_monai.utils.atomic_write` for the temporary name and file mode.
 
     Args:
         array: ``(C, *spatial)`` with 2 or 3 spatial axes.

@@ -14,10 +14,13 @@ field on the input's grid (header forms copied, as every other output), ready fo
 
 from __future__ import annotations
 
+import gzip
+
 import numpy as np
 import torch
 
-from noder_monai.io.image import Geometry, PathLike, _as_geometry, _nifti_image, atomic_write
+from noder_monai.io.image import Geometry, _as_geometry, _nifti_image
+from noder_monai.utils import PathLike, atomic_write
 
 __all__ = ["ddf_to_itk", "save_itk_displacement"]
 
@@ -71,7 +74,5 @@ def save_itk_displacement(
     image.header.set_intent("vector")
     payload = image.to_bytes()
     if path.endswith(".gz"):
-        import gzip
-
         payload = gzip.compress(payload, compresslevel=1)
     return str(atomic_write(path, payload))

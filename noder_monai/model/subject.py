@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import warnings
 from pathlib import Path
@@ -13,77 +12,19 @@ import torch
 from monai.networks.blocks import Warp
 
 from noder_monai import __version__
-from noder_monai.data import IntensityMapping, compose_displacements
-from noder_monai.io.image import Geometry, parse_times, save_image
-from noder_monai.data.sequence import file_fingerprint
+from noder_monai.data import IntensityMapping
+from noder_monai.data.sequence import AFFINE_ATOL, file_fingerprint
+from noder_monai.functional import compose_displacements
+from noder_monai.io import Geometry, load_label_map, parse_times, save_image
 from noder_monai.metrics import jacobian_determinant
+from noder_monai.model.checkpoint import SUBJECT_FORMAT, atomic_torch_save, read_checkpoint, validate_subject_checkpoint
 from noder_monai.networks import NODER
-from noder_monai.utils import atomic_write
 
-__all__ = [
-    "AUTOENCODER_FORMAT",
-    "PREDICT_SOURCES",
-    "SUBJECT_FORMAT",
-    "FittedSubject",
-    "Prediction",
-    "atomic_torch_save",
-    "load_autoencoder_weights",
-    "read_checkpoint",
-    "validate_subject_checkpoint",
-]
+__all__ = ["PREDICT_SOURCES", "FittedSubject", "Prediction"]
 
-SUBJECT_FORMAT = "noder-monai/fitted-subject"
 PREDICT_SOURCES = ("baseline", "template", "nearest")
 """The appearance of predicted images: see :meth:`FittedSubject.predict`."""
-AUTOENCODER_FORMAT = "noder-monai/deformation-autoencoder"
 
-
-def atomic_torch_save(obj: dict, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file in the target folder, then rename: no half-written file is ever visible."""
-    return Path(atomic_write(path, lambda temporary: torch.save(obj, temporary)))
-
-
-def read_checkpoint(path: str | Path, expected_format: str, map_location: str | torch.device = "cpu") -> dict:
-    """``torch.load(weights_only=True)`` a package file and check its ``format`` entry.
-
-    Raises:
-        FileNotFoundError: if ``path`` does not exist.
-        ValueError: naming the file, if it is not a torch file or not of ``expected_format``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist.")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:
-        raise ValueError(f"checkpoint {str(path)!r} is not a readable torch file: {error}") from error
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != expected_format:
-        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"checkpoint {str(path)!r} is not a {expected_format!r} file (format: {found!r}).")
-    return checkpoint
-
-
-def load_autoencoder_weights(model: NODER, path: str | Path) -> None:
-    """Copy a pretrained deformation autoencoder's encoder and decoder weights into ``model``.
-
-    The file holds ``{"format": AUTOENCODER_FORMAT, "config": {...}, "state_dict": DeformationAutoencoder state}``.
-
-    Raises:
-        ValueError: naming the file, if it is another kind of file or its networks differ from ``model``'s.
-    """
-    checkpoint = read_checkpoint(path, AUTOENCODER_FORMAT, map_location=model.initial_state.device)
-    config = checkpoint.get("config", {})
-    if config.get("spatial_dims") != model.spatial_dims:
-        raise ValueError(
-            f"autoencoder {str(path)!r} is for spatial_dims={config.get('spatial_dims')}, the model has {model.spatial_dims}."
-        )
-    for part in ("encoder", "decoder"):
-        prefix = f"{part}."
-        weights = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-        try:
-            getattr(model, part).load_state_dict(weights)
-        except RuntimeError as error:
-            raise ValueError(f"autoencoder {str(path)!r}: its {part} does not match the model's: {error}") from error
 
 
 @dataclasses.dataclass
@@ -223,6 +164,29 @@ class FittedSubject:
                 f"{name} has spatial size {tuple(int(s) for s in shape)}, but subject {self.subject!r} was fitted to "
                 f"{len(self.spatial_size)}D images of size {tuple(self.spatial_size)}."
             )
+
+    def check_grid(self, shape: Sequence[int], affine: Any, where: str) -> None:
+        """Raise a ValueError naming ``where`` unless an image of spatial ``shape`` and (4, 4) ``affine`` lies on the
+        fitted grid (same size; same affine up to 1e-4 mm)."""
+        self.check_spatial_size(shape, where)
+        matrix = torch.as_tensor(affine, dtype=torch.float64).cpu()
+        if matrix.shape != (4, 4) or not torch.allclose(matrix, self.affine, atol=AFFINE_ATOL, rtol=0.0):
+            raise ValueError(f"{where} has affine {matrix.tolist()}, but subject '{self.subject}' was fitted on affine "
+                             f"{self.affine.tolist()}.")
+
+    def read_labels(self, path: str | os.PathLike, reader: str | None = None) -> tuple[torch.Tensor, Geometry]:
+        """Read a label map for this subject: one volume of integer labels (:func:`~noder_monai.io.load_label_map`)
+        on the fitted grid (:meth:`check_grid`). The one label check of the ``noder`` command and the bundle.
+
+        Returns:
+            ``(labels (1, *S) float32, geometry)``.
+
+        Raises:
+            ValueError: naming the file: several channels, non-integer or non-finite values, another grid.
+        """
+        labels, geometry = load_label_map(path, reader)
+        self.check_grid(labels.shape[1:], geometry.affine, f"subject '{self.subject}': field 'label' ({os.fspath(path)})")
+        return labels, geometry
 
     @property
     def default_source(self) -> str:
@@ -465,104 +429,54 @@ class FittedSubject:
         )
 
     @classmethod
-    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "FittedSubject":
+    def load(
+        cls, path: str | Path, map_location: str | torch.device = "cpu", network: NODER | None = None
+    ) -> "FittedSubject":
         """Load a file written by :meth:`save` with ``torch.load(weights_only=True)``.
+
+        Args:
+            path: the fitted-subject file.
+            map_location: device of the loaded tensors.
+            network: the :class:`NODER` to load the weights into (e.g. the one a bundle config defines); it must have
+                the arguments the file records. None builds it from the file.
 
         Raises:
             FileNotFoundError: if ``path`` does not exist.
-            ValueError: naming the file, if it is not a fitted subject or its weights do not fit its recorded size.
+            ValueError: naming the file, if it is not a fitted subject, ``network`` differs from the recorded one, or
+                the weights do not fit the recorded size.
         """
         checkpoint = read_checkpoint(path, SUBJECT_FORMAT, map_location)
         validate_subject_checkpoint(checkpoint, path)
-        network = dict(checkpoint["network"])
-        model = NODER(**network)
+        recorded = dict(checkpoint["network"])
+        if network is None:
+            network = NODER(**recorded)
+        differences = {key: (value, network.config.get(key)) for key, value in recorded.items()
+                       if _plain(network.config.get(key)) != _plain(value)}
+        if differences:
+            raise ValueError(
+                f"checkpoint {str(path)!r} was fitted with other network arguments than the given network: "
+                + ", ".join(f"{key}: {old!r} in the file, {new!r} given" for key, (old, new) in differences.items())
+                + "; define the network with the file's arguments."
+            )
         try:
-            model.load_state_dict(checkpoint["state_dict"])
+            network.load_state_dict(checkpoint["state_dict"])
         except RuntimeError as error:
             raise ValueError(
-                f"checkpoint {str(path)!r}: weights do not fit a model for images of size {network['spatial_size']}: {error}"
+                f"checkpoint {str(path)!r}: weights do not fit a model for images of size {recorded['spatial_size']}: {error}"
             ) from error
         baseline = checkpoint["baseline"]
-        if list(baseline.shape[2:]) != list(network["spatial_size"]):
+        if list(baseline.shape[2:]) != list(recorded["spatial_size"]):
             raise ValueError(
                 f"checkpoint {str(path)!r}: baseline of size {list(baseline.shape[2:])} does not match the recorded "
-                f"image size {network['spatial_size']}."
+                f"image size {recorded['spatial_size']}."
             )
-        subject = cls.from_checkpoint(checkpoint, model.to(map_location).eval(), path, map_location)
+        subject = cls.from_checkpoint(checkpoint, network.to(map_location).eval(), path, map_location)
         subject.path = str(path)
         return subject
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def validate_subject_checkpoint(checkpoint: dict, path: str | Path) -> None:
-    """Check every field of a fitted-subject file before it is used; a ValueError names the file and the field.
-
-    Required: ``network`` (dict with a 2-3 entry positive ``spatial_size``), ``state_dict`` (dict of tensors),
-    ``baseline`` (finite tensor ``(1, 1, *spatial)``, its size checked against the weights when loading), ``times`` (>= 2 finite, strictly increasing numbers),
-    ``affine`` (finite 4x4), ``intensity`` (finite ``lower`` < ``upper``), ``subject`` (string), ``fit_config``
-    (dict), ``history`` (list). Optional: ``geometry`` and ``fitted_on`` (dicts, or None), ``scans``
-    (``(T, 1, *spatial)``) and ``template`` (``(1, 1, *spatial)``) tensors or None.
-    """
-    where = f"checkpoint {str(path)!r}"
-    required = ("network", "state_dict", "baseline", "times", "affine", "intensity", "subject", "fit_config", "history")
-    missing = [key for key in required if key not in checkpoint]
-    if missing:
-        raise ValueError(f"{where}: field(s) {missing} missing; the file is damaged or not a fitted subject.")
-
-    def bad(field: str, expected: str, value: Any) -> ValueError:
-        shown = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
-        if len(shown) > 120:
-            shown = shown[:117] + "..."
-        return ValueError(f"{where}: field {field!r} must be {expected}, got {shown}.")
-
-    network = checkpoint["network"]
-    if not isinstance(network, dict):
-        raise bad("network", "a dictionary of NODER arguments", network)
-    size = network.get("spatial_size")
-    if not isinstance(size, (list, tuple)) or len(size) not in (2, 3) or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
-        raise bad("network.spatial_size", "2 or 3 positive integers", size)
-    state = checkpoint["state_dict"]
-    if not isinstance(state, dict) or not state or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise bad("state_dict", "a non-empty dictionary of tensors", type(state).__name__)
-    baseline = checkpoint["baseline"]
-    if not isinstance(baseline, torch.Tensor) or baseline.ndim != 2 + len(size) or tuple(baseline.shape[:2]) != (1, 1):
-        raise bad("baseline", f"a tensor of shape (1, 1, {', '.join('S' * len(size))})", baseline)
-    if not bool(torch.isfinite(baseline).all()):
-        raise ValueError(f"{where}: field 'baseline' contains NaN or Inf.")
-    times = checkpoint["times"]
-    if not isinstance(times, (list, tuple)) or len(times) < 2 or not all(_is_number(t) for t in times):
-        raise bad("times", "a list of at least 2 finite numbers", times)
-    if any(b <= a for a, b in zip(times, times[1:])):
-        raise bad("times", "strictly increasing", times)
-    affine = checkpoint["affine"]
-    try:
-        matrix = torch.as_tensor(affine, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError):
-        raise bad("affine", "a finite 4x4 matrix", affine) from None
-    if matrix.shape != (4, 4) or not bool(torch.isfinite(matrix).all()):
-        raise bad("affine", "a finite 4x4 matrix", affine)
-    intensity = checkpoint["intensity"]
-    if not isinstance(intensity, dict) or not all(_is_number(intensity.get(k)) for k in ("lower", "upper")) \
-            or not intensity["upper"] > intensity["lower"]:
-        raise bad("intensity", "{'lower': finite, 'upper': finite > lower}", intensity)
-    if not isinstance(checkpoint["subject"], str):
-        raise bad("subject", "a string", checkpoint["subject"])
-    if not isinstance(checkpoint["fit_config"], dict):
-        raise bad("fit_config", "a dictionary", checkpoint["fit_config"])
-    if not isinstance(checkpoint["history"], list):
-        raise bad("history", "a list", type(checkpoint["history"]).__name__)
-    for key in ("geometry", "fitted_on"):
-        if checkpoint.get(key) is not None and not isinstance(checkpoint[key], dict):
-            raise bad(key, "a dictionary or None", checkpoint[key])
-    for key, count in (("scans", len(times)), ("template", 1)):
-        image = checkpoint.get(key)
-        expected = (count, 1, *size)
-        if image is not None and (not isinstance(image, torch.Tensor) or tuple(image.shape) != expected):
-            raise bad(key, f"None or a tensor of shape {expected}", image)
-        if image is not None and not bool(torch.isfinite(image).all()):
-            raise ValueError(f"{where}: field {key!r} contains NaN or Inf.")
+def _plain(value: Any) -> Any:
+    """Tuples as lists, so a network argument compares equal to its JSON/``torch.save`` round trip."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

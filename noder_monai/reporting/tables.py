@@ -1,78 +1,27 @@
-"""The evaluation report: the metrics table in markdown and a montage per subject (observed, predicted, difference)."""
+"""The evaluation's tables: held-out metrics per scan, split and cohort (JSON and markdown), NODER beside the two
+baselines that move no anatomy, and structure volumes over time."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from noder_monai.utils import PathLike, atomic_write
+from noder_monai.data import SPLITS, SubjectEntry
+from noder_monai.io import voxel_volume_mm3
 
-__all__ = ["METRICS", "markdown_table", "save_montage", "mean_metrics"]
+__all__ = ["METRICS", "comparison_table", "heldout_rows", "label_volumes", "markdown_table", "mean_metrics",
+           "metrics_report", "split_means"]
 
 METRICS = ("nrmse", "ssim", "psnr", "percent_folded")
 """Held-out metrics of the evaluation report, in table order."""
 
 
-def _middle_slice(volume: torch.Tensor) -> np.ndarray:
-    """``(1, *S)`` -> 2D array for display: the middle slice of the last axis (3D), first axis horizontal, second up."""
-    array = volume[0].detach().cpu().to(torch.float64).numpy()
-    if array.ndim == 3:
-        array = array[:, :, array.shape[2] // 2]
-    return np.flipud(array.T)
-
-
-def save_montage(observed: torch.Tensor, predicted: torch.Tensor, path: PathLike, times: Sequence[float] | None = None) -> PathLike:
-    """Write a PNG montage with matplotlib: rows = time points; columns observed, predicted (same grey window) and
-    predicted - observed (blue negative, red positive, symmetric window); the middle slice of the last axis.
-
-    Args:
-        observed: ``(T, 1, *S)`` held-out scans.
-        predicted: ``(T, 1, *S)`` predictions at the same times.
-        path: the PNG file (written atomically).
-        times: row titles.
-
-    Raises:
-        ImportError: naming the package, if matplotlib is not installed.
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
-    except ImportError as error:
-        raise ImportError("the montage needs matplotlib: pip install matplotlib (or montage=False)") from error
-    if observed.shape != predicted.shape or observed.shape[0] < 1:
-        raise ValueError(f"observed and predicted must have one equal (T, 1, *S) shape, got {tuple(observed.shape)} "
-                         f"and {tuple(predicted.shape)}.")
-    shown_obs = [_middle_slice(v) for v in observed]
-    shown_pred = [_middle_slice(v) for v in predicted]
-    low, high = np.percentile(np.concatenate([s.ravel() for s in shown_obs]), [1, 99])
-    differences = [p - o for p, o in zip(shown_pred, shown_obs)]
-    limit = float(np.percentile(np.abs(np.concatenate([d.ravel() for d in differences])), 99)) or 1.0
-    rows = len(shown_obs)
-    figure, axes = plt.subplots(rows, 3, figsize=(6, 2 * rows), squeeze=False)
-    for row, (obs, pred, diff) in enumerate(zip(shown_obs, shown_pred, differences)):
-        for column, (image, options) in enumerate(
-            [(obs, {"cmap": "gray", "vmin": low, "vmax": high}), (pred, {"cmap": "gray", "vmin": low, "vmax": high}),
-             (diff, {"cmap": "bwr", "vmin": -limit, "vmax": limit})]
-        ):
-            axes[row, column].imshow(image, interpolation="nearest", **options)
-            axes[row, column].set_axis_off()
-        if times is not None:
-            axes[row, 0].text(-0.04, 0.5, f"t = {times[row]:g}", transform=axes[row, 0].transAxes, fontsize=8,
-                              rotation=90, ha="right", va="center")
-    for column, title in enumerate(("observed", "predicted", "predicted - observed")):
-        axes[0, column].set_title(title, fontsize=8)
-    figure.tight_layout()
-    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=100))
-    plt.close(figure)
-    return path
-
-
 def mean_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """The mean of each metric over ``rows`` (None where no row has a value)."""
     means: dict[str, float | None] = {}
     for name in METRICS:
         values = [row[name] for row in rows if row[name] is not None]
@@ -81,7 +30,7 @@ def mean_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
 
 
 def markdown_table(report: Mapping[str, Any]) -> str:
-    """The metrics of :func:`evaluate`'s report as a markdown table: one row per scan, per split and overall."""
+    """The metrics of ``metrics.json`` (:func:`metrics_report`) as a markdown table: one row per scan, per split and overall."""
     def fmt(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.4g}"
 
@@ -98,4 +47,68 @@ def markdown_table(report: Mapping[str, Any]) -> str:
                  + " |")
     return "\n".join(lines) + "\n"
 
+
+def heldout_rows(entry: SubjectEntry, values: Mapping[str, Sequence[float]]) -> list[dict]:
+    """One row per held-out scan of ``entry`` (sorted by time): ``{"time", "split", "image", <metric>...}``, the
+    metric values given per scan in that order (NaN/Inf or absent: None)."""
+    scans = sorted(entry.heldout, key=lambda scan: scan[1])
+    rows = []
+    for index, (path, time) in enumerate(scans):
+        row = {"time": time, "split": entry.split(time), "image": path}
+        for name in METRICS:
+            value = float(values[name][index]) if name in values else math.nan
+            row[name] = value if math.isfinite(value) else None
+        rows.append(row)
+    return rows
+
+
+def metrics_report(results: Mapping[str, Mapping[str, Any]], failed: Sequence[str] = ()) -> dict[str, Any]:
+    """The cohort's ``metrics.json``: every subject's rows (``results``: id -> ``subject_metrics.json``), the means
+    per split and overall, and the ids that failed."""
+    all_rows = [row for result in results.values() for row in result["scans"]]
+    report: dict[str, Any] = {"metrics": list(METRICS), "subjects": dict(results)}
+    report["splits"] = {
+        split: {"count": len(rows), **mean_metrics(rows)}
+        for split in SPLITS
+        if (rows := [row for row in all_rows if row["split"] == split])
+    }
+    report["overall"] = {"count": len(all_rows), **mean_metrics(all_rows)}
+    report["failed"] = sorted(failed)
+    return report
+
+
+def split_means(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, int, float, float]]:
+    """``(split, method, count, mean NRMSE, mean SSIM)`` per split and method of comparison rows (``{"split",
+    "method", "nrmse", "ssim"}``), methods in their first order."""
+    out = []
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    for split in SPLITS:
+        for method in methods:
+            chosen = [row for row in rows if row["split"] == split and row["method"] == method]
+            if chosen:
+                out.append((split, method, len(chosen), float(np.mean([r["nrmse"] for r in chosen])),
+                            float(np.mean([r["ssim"] for r in chosen]))))
+    return out
+
+
+def comparison_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Mean held-out NRMSE / SSIM per split and method (comparison rows of any subjects) as markdown."""
+    lines = ["| split | method | n | NRMSE (lower is better) | SSIM (higher is better) |", "|---|---|---|---|---|"]
+    for split, method, count, n, s in split_means(rows):
+        lines.append(f"| {split} | {method} | {count} | {n:.4f} | {s:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def label_volumes(labels: torch.Tensor, times: Sequence[float], affine: Any) -> list[dict]:
+    """Structure volumes over time: one row ``{"time", "label", "voxels", "volume_mm3"}`` per time and non-zero
+    label of ``labels`` (Q, 1, *S), the voxel volume from ``affine`` (:func:`~noder_monai.io.voxel_volume_mm3`: a 2D
+    image stored with a singleton axis counts its slice thickness)."""
+    voxel_mm3 = voxel_volume_mm3(affine)
+    rows = []
+    for t, label_map in zip(times, labels):
+        values, counts = torch.unique(label_map.to(torch.int64), return_counts=True)
+        for value, count in zip(values.tolist(), counts.tolist()):
+            if value != 0:
+                rows.append({"time": t, "label": value, "voxels": count, "volume_mm3": round(count * voxel_mm3, 6)})
+    return rows
 

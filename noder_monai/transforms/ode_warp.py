@@ -21,7 +21,7 @@ import json
 import math
 import os
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from monai.config import KeysCollection, NdarrayOrTensor
@@ -30,45 +30,17 @@ from monai.networks.blocks import Warp
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, ensure_tuple_rep
 
-from noder_monai.io.image import GEOMETRY_META_KEY
-from noder_monai.model.subject import PREDICT_SOURCES, FittedSubject
+from noder_monai.io import GEOMETRY_META_KEY
 from noder_monai.metrics import jacobian_determinant
+from noder_monai.model import PREDICT_SOURCES, FittedSubject, FittedSubjectLoader, load_fitted_subject
+from noder_monai.model.loader import SubjectLike
 
-__all__ = ["ODEWarp", "ODEWarpd", "ODEWarpD", "ODEWarpDict", "load_fitted_subject", "WARP_MODES", "PADDING_MODES"]
-
-SubjectLike = Union[str, "os.PathLike[str]", FittedSubject]
+__all__ = ["ODEWarp", "ODEWarpd", "ODEWarpD", "ODEWarpDict", "WARP_MODES", "PADDING_MODES"]
 
 WARP_MODES = ("bilinear", "nearest", "bicubic")
 """Interpolation modes (``torch.nn.functional.grid_sample``); ``bicubic`` is 2D only."""
 PADDING_MODES = ("border", "zeros", "reflection")
 """Values used for sampling positions outside the image."""
-
-
-@functools.lru_cache(maxsize=8)
-def _load_cached(path: str, mtime_ns: int, size: int, device: str) -> FittedSubject:
-    return FittedSubject.load(path, map_location=device)
-
-
-def load_fitted_subject(subject: SubjectLike, device: str | torch.device = "cpu") -> FittedSubject:
-    """Return ``subject`` itself, or the fitted subject stored at that path (cached per process).
-
-    Args:
-        subject: a :class:`FittedSubject` or the path of a file written by :meth:`FittedSubject.save`.
-        device: where a subject loaded from a path is placed; ignored for a :class:`FittedSubject`.
-
-    Raises:
-        FileNotFoundError: naming the path, if it does not exist.
-        ValueError: naming the path, if it is not a fitted-subject file.
-    """
-    if isinstance(subject, FittedSubject):
-        return subject
-    if not isinstance(subject, (str, os.PathLike)):
-        raise ValueError(f"subject must be a FittedSubject or the path of its file, got {type(subject).__name__}.")
-    path = os.path.abspath(os.fspath(subject))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"fitted subject file {path!r} does not exist.")
-    stat = os.stat(path)
-    return _load_cached(path, stat.st_mtime_ns, stat.st_size, str(torch.device(device)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,7 +70,8 @@ class ODEWarp(Transform):
     """Warp a channel-first image ``(C, *spatial)`` with a fitted subject's displacement at a time.
 
     Args:
-        subject: a :class:`FittedSubject` or the path of its file (loaded lazily, cached per process).
+        subject: a :class:`FittedSubject`, the path of its file (loaded lazily, cached per process) or a
+            :class:`~noder_monai.model.FittedSubjectLoader` (the bundle's inference: weights loaded when the run starts).
         mode: interpolation, one of :data:`WARP_MODES`: ``"bilinear"`` for images, ``"nearest"`` for label maps.
             Defaults to ``"bilinear"``.
         padding_mode: one of :data:`PADDING_MODES`. Defaults to ``"border"`` (as :meth:`FittedSubject.predict`).
@@ -126,9 +99,9 @@ class ODEWarp(Transform):
         if source is not None:
             _check_option(source, ("default", *PREDICT_SOURCES), "source")
         self.source = source
-        if not isinstance(subject, (str, os.PathLike, FittedSubject)):
+        if not isinstance(subject, (str, os.PathLike, FittedSubject, FittedSubjectLoader)):
             raise ValueError(f"subject must be a FittedSubject or the path of its file, got {type(subject).__name__}.")
-        self.subject_source = subject if isinstance(subject, FittedSubject) else os.fspath(subject)
+        self.subject_source = subject if isinstance(subject, (FittedSubject, FittedSubjectLoader)) else os.fspath(subject)
         self.mode = _check_option(mode, WARP_MODES, "mode")
         self.padding_mode = _check_option(padding_mode, PADDING_MODES, "padding_mode")
         self.device = torch.device(device)
@@ -201,7 +174,8 @@ class ODEWarpd(MapTransform):
 
     Args:
         keys: keys of the items to warp, each ``(C, *spatial)``.
-        subject: a :class:`FittedSubject` or the path of its file, used for every item; or None with ``subject_key``.
+        subject: a :class:`FittedSubject`, the path of its file or a :class:`~noder_monai.model.FittedSubjectLoader`,
+            used for every item; or None with ``subject_key``.
         time: the query time (a number), or the key of the item holding it (e.g. ``"time"``). Defaults to ``"time"``.
         mode: interpolation per key (a sequence) or for all keys: ``"bilinear"`` for images, ``"nearest"`` for
             label maps. Defaults to ``"bilinear"``.

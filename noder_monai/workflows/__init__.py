@@ -1,34 +1,39 @@
-"""Stages over a cohort: training, inference and evaluation of every subject of a datalist, across processes, from
-Python, the ``noder`` command and the bundle's ``CohortWorkflow``."""
+"""The stages over a cohort: training, inference and evaluation of every subject of a datalist
+(:mod:`~noder_monai.workflows.stages` names them), one function per stage and subject, across processes, from
+Python, the ``noder`` command and the bundle's :class:`CohortWorkflow`; the HTML report of a run."""
 
 from noder_monai.workflows.bundle import (
     CohortWorkflow,
     bundle_root,
-    datalist_subjects,
     install_error_hook,
     package_error,
     query_items,
-    select_subject,
     subject_item,
 )
-from noder_monai.workflows.cohort import partition_subjects, rank_device, rank_threads, run_cohort
-from noder_monai.workflows.jobs import evaluate, infer, run_demo, split_settings, train
+from noder_monai.workflows.cohort import exit_status, run_cohort
+from noder_monai.workflows.jobs import evaluate, infer, prepare_output_dir, run_demo, split_settings, train
+from noder_monai.workflows.paths import SubjectPaths
+from noder_monai.workflows.report import cohort_report
+from noder_monai.workflows.shares import rank_device, rank_threads
+from noder_monai.workflows.stages import STAGES
 
 __all__ = [
+    "STAGES",
     "CohortWorkflow",
+    "SubjectPaths",
     "bundle_root",
-    "datalist_subjects",
+    "cohort_report",
     "evaluate",
+    "exit_status",
     "infer",
     "install_error_hook",
     "package_error",
-    "partition_subjects",
+    "prepare_output_dir",
     "query_items",
     "rank_device",
     "rank_threads",
     "run_cohort",
     "run_demo",
-    "select_subject",
     "split_settings",
     "subject_item",
     "train",

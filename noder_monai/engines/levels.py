@@ -1,0 +1,101 @@
+"""The resolution pyramid of a fit: images block-averaged and smoothed per level, and the NCC window per level.
+
+A level ``L`` is ``L``^d image voxels per level voxel (``NODER.displacement``'s grid at that level); the fit runs
+coarse to fine over ``FitConfig.levels``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers import separable_filtering
+from monai.networks.layers.convutils import gaussian_1d
+
+from noder_monai.networks import scale_window
+from noder_monai.networks.autoencoder import pad_to_multiple
+
+__all__ = [
+    "FINEST_TIME_GROUPS",
+    "IMAGE_SMOOTHING_SIGMA",
+    "MIN_LEVEL_VOXELS",
+    "check_finest_time_groups",
+    "check_image_smoothing_sigma",
+    "downsample_image",
+    "level_image",
+    "level_window",
+]
+
+
+def downsample_image(image: torch.Tensor, level: int) -> torch.Tensor:
+    """Average ``level``^d blocks: (N, C, *S) -> (N, C, *ceil(S / level)), edge-replicated at the far border.
+
+    Level voxel ``i`` covers image voxels ``[i * level, (i + 1) * level)``, the grid of ``NODER.displacement``.
+    """
+    if level == 1:
+        return image
+    pool = F.avg_pool3d if image.ndim == 5 else F.avg_pool2d
+    return pool(pad_to_multiple(image, level, mode="replicate"), level)
+
+
+#: Default Gaussian sigma (image voxels) of :func:`level_image`: the fit's images are smoothed this much.
+IMAGE_SMOOTHING_SIGMA = 0.5
+
+
+def check_image_smoothing_sigma(sigma: Any) -> float:
+    """``sigma`` as a float; raises ValueError naming ``image_smoothing_sigma`` unless it is a finite number >= 0."""
+    try:
+        value = float(sigma)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"image_smoothing_sigma must be a finite number >= 0 (image voxels), got {sigma!r}.")
+    return value
+
+
+def check_finest_time_groups(groups: Any) -> int:
+    """``groups`` unchanged; raises ValueError naming ``finest_time_groups`` unless it is an integer >= 1."""
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"finest_time_groups must be an integer >= 1, got {groups!r}.")
+    return groups
+
+
+def level_image(image: torch.Tensor, level: int, sigma: float = IMAGE_SMOOTHING_SIGMA) -> torch.Tensor:
+    """The image the fit uses at ``level``: :func:`downsample_image`, then a Gaussian of ``sigma / level`` level
+    voxels (MONAI's ``gaussian_1d`` and ``separable_filtering``, border replicated; ``sigma`` in image voxels, so
+    the same physical width at every level; 0 smooths nothing), as ``antsRegistration --smoothing-sigmas`` smooths
+    its images per level.
+
+    Why: warping a noisy source with linear interpolation averages its noise by an amount that depends on the
+    sub-voxel shift (most at half a voxel), so the local NCC to a noisy target rises off the true alignment whatever
+    the anatomy does; the fit then carries spurious sub-voxel motion. A source whose noise is already correlated
+    over a voxel (smoothed) loses that bias; the targets are smoothed alike so that both stay equally sharp.
+
+    Shapes: (N, C, *S) -> (N, C, *ceil(S / level)).
+
+    Raises:
+        ValueError: ``sigma`` negative or not finite.
+    """
+    sigma = check_image_smoothing_sigma(sigma)
+    image = downsample_image(image, level)
+    if sigma == 0:
+        return image
+    kernel = gaussian_1d(torch.tensor(sigma / level), truncated=4.0, approx="erf").to(image)
+    return separable_filtering(image, [kernel] * (image.ndim - 2), mode="replicate")
+
+
+#: Default ``finest_time_groups`` of :class:`NODERTrainer`: full-resolution epochs alternate between two halves of
+#: the observed times.
+FINEST_TIME_GROUPS = 2
+
+
+#: The loss (smoothness and boundary terms, NCC windows) needs this many voxels along every axis at every level.
+MIN_LEVEL_VOXELS = 3
+
+
+def level_window(kernel_size: int, level: int) -> int:
+    """The NCC window at ``level``: ``scale_window`` clamped to at least 3 voxels (a 1-voxel window has zero local
+    variance, so its similarity is 0 whatever the alignment and the fit would not move)."""
+    return max(MIN_LEVEL_VOXELS, scale_window(kernel_size, level))
