@@ -20,7 +20,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from noder_monai.io.image import PathLike
+from noder_monai.utils import PathLike
 
 __all__ = ["bids_datalist"]
 
@@ -45,6 +45,50 @@ def _labels(value: str | Sequence[str] | None) -> list[str] | None:
         return None
     values = [value] if isinstance(value, (str, int)) else list(value)
     return [str(v) if str(v).startswith("sub-") else f"sub-{v}" for v in values]
+
+
+def _session_images(folder: str, subject: str, suffix: str, match: str | None) -> dict[str, str]:
+    """``{session: image}`` of one subject: its ``ses-*/anat/<subject>_<session>*_<suffix>.nii[.gz]`` files."""
+    images: dict[str, str] = {}
+    for session_dir in sorted(glob.glob(os.path.join(folder, "ses-*"))):
+        session = os.path.basename(session_dir)
+        files = sorted(glob.glob(os.path.join(session_dir, "anat", f"{subject}_{session}*_{suffix}.nii*")))
+        files = [f for f in files if f.endswith((".nii", ".nii.gz")) and (match is None or match in os.path.basename(f))]
+        if len(files) > 1:
+            raise ValueError(f"{subject} {session}: {len(files)} '{suffix}' images {[os.path.basename(f) for f in files]}; "
+                             f"keep one or choose with --match (e.g. --match run-1).")
+        if files:
+            images[session] = files[0]
+    return images
+
+
+def _timed_scans(folder: str, subject: str, images: dict[str, str], time_column: str) -> list[tuple[float, str, str]]:
+    """``(time, session, image)`` of one subject's sessions, sorted by time, the times read from its sessions file."""
+    table_path = os.path.join(folder, f"{subject}_sessions.tsv")
+    if not os.path.isfile(table_path):
+        raise ValueError(f"{subject}: sessions file '{table_path}' not found; it gives each session's "
+                         f"'{time_column}'.")
+    table = _sessions_table(table_path, time_column)
+    scans = []
+    for session, image in images.items():
+        if session not in table:
+            raise ValueError(f"{subject} {session}: no row in '{table_path}' (it lists {sorted(table)}).")
+        raw = table[session]
+        if raw.lower() in _MISSING:
+            raise ValueError(f"{subject} {session}: missing '{time_column}' in '{table_path}'; every session "
+                             f"with an image needs its time.")
+        try:
+            time = float(raw)
+        except ValueError:
+            raise ValueError(f"{subject} {session}: '{time_column}' is {raw!r} in '{table_path}', not a number.") from None
+        if not math.isfinite(time):
+            raise ValueError(f"{subject} {session}: '{time_column}' is {raw!r} in '{table_path}', not finite.")
+        scans.append((time, session, image))
+    scans.sort()
+    for (t0, s0, _), (t1, s1, _) in zip(scans, scans[1:]):
+        if t0 == t1:
+            raise ValueError(f"{subject}: sessions {s0} and {s1} have the same '{time_column}' {t0:g}.")
+    return scans
 
 
 def bids_datalist(
@@ -85,44 +129,11 @@ def bids_datalist(
         found = wanted
     subjects = []
     for subject in found:
-        folder = os.path.join(root, subject)
-        images: dict[str, str] = {}
-        for session_dir in sorted(glob.glob(os.path.join(folder, "ses-*"))):
-            session = os.path.basename(session_dir)
-            files = sorted(glob.glob(os.path.join(session_dir, "anat", f"{subject}_{session}*_{suffix}.nii*")))
-            files = [f for f in files if f.endswith((".nii", ".nii.gz")) and (match is None or match in os.path.basename(f))]
-            if len(files) > 1:
-                raise ValueError(f"{subject} {session}: {len(files)} '{suffix}' images {[os.path.basename(f) for f in files]}; "
-                                 f"keep one or choose with --match (e.g. --match run-1).")
-            if files:
-                images[session] = files[0]
+        images = _session_images(os.path.join(root, subject), subject, suffix, match)
         if not images:
             logger.warning("%s: no ses-*/anat/*_%s.nii[.gz] image; left out", subject, suffix)
             continue
-        table_path = os.path.join(folder, f"{subject}_sessions.tsv")
-        if not os.path.isfile(table_path):
-            raise ValueError(f"{subject}: sessions file '{table_path}' not found; it gives each session's "
-                             f"'{time_column}'.")
-        table = _sessions_table(table_path, time_column)
-        scans = []
-        for session, image in images.items():
-            if session not in table:
-                raise ValueError(f"{subject} {session}: no row in '{table_path}' (it lists {sorted(table)}).")
-            raw = table[session]
-            if raw.lower() in _MISSING:
-                raise ValueError(f"{subject} {session}: missing '{time_column}' in '{table_path}'; every session "
-                                 f"with an image needs its time.")
-            try:
-                time = float(raw)
-            except ValueError:
-                raise ValueError(f"{subject} {session}: '{time_column}' is {raw!r} in '{table_path}', not a number.") from None
-            if not math.isfinite(time):
-                raise ValueError(f"{subject} {session}: '{time_column}' is {raw!r} in '{table_path}', not finite.")
-            scans.append((time, session, image))
-        scans.sort()
-        for (t0, s0, _), (t1, s1, _) in zip(scans, scans[1:]):
-            if t0 == t1:
-                raise ValueError(f"{subject}: sessions {s0} and {s1} have the same '{time_column}' {t0:g}.")
+        scans = _timed_scans(os.path.join(root, subject), subject, images, time_column)
         if len(scans) < 2:
             logger.warning("%s: %d timed session(s), a fit needs 2; left out", subject, len(scans))
             continue

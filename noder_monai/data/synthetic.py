@@ -299,60 +299,11 @@ def synthetic_sequence(
     Raises:
         ValueError: an argument is out of range (the message names it and the value received).
     """
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
-    if not noise >= 0.0:
-        raise ValueError(f"noise must be >= 0, got {noise!r}.")
-    if not (math.isfinite(amplitude) and amplitude >= 0.0):
-        raise ValueError(f"amplitude must be a finite number >= 0, got {amplitude!r}.")
-    if not (math.isfinite(local) and local >= 0.0):
-        raise ValueError(f"local must be a finite number >= 0, got {local!r}.")
-    if noise_model not in NOISE_MODELS:
-        raise ValueError(f"noise_model must be one of {NOISE_MODELS}, got {noise_model!r}.")
-    time_values = torch.as_tensor(DEFAULT_TIMES[kind] if times is None else times, dtype=torch.float64).reshape(-1)
-    if time_values.numel() == 0 or not bool(torch.isfinite(time_values).all()):
-        raise ValueError(f"times must be a non-empty sequence of finite numbers, got {time_values.tolist()}.")
+    time_values = _check_arguments(spatial_dims, kind, noise, amplitude, local, noise_model, times)
     field_rng, texture_rng, noise_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
-    if base_image is None:
-        if not isinstance(size, int) or size < 8:
-            raise ValueError(f"size must be an integer >= 8, got {size!r}.")
-        shape = (size,) * spatial_dims
-        base, label = _phantom(kind, shape, texture_rng)
-    else:
-        base = torch.as_tensor(base_image, dtype=torch.float32)
-        if base.ndim != spatial_dims + 1 or base.shape[0] != 1:
-            raise ValueError(
-                f"base_image must be (1, *spatial) with {spatial_dims} spatial axes, got shape {tuple(base.shape)}."
-            )
-        shape = tuple(base.shape[1:])
-        if base_label is None:
-            low, high = float(base.min()), float(base.max())
-            label = (base > low + 0.1 * (high - low)).long()
-        else:
-            label = torch.as_tensor(base_label).long()
-            if label.shape != base.shape:
-                raise ValueError(
-                    f"base_label must have base_image's shape {tuple(base.shape)}, got {tuple(label.shape)}."
-                )
-    # normalised units -> voxels along each axis, and the target largest displacement in voxels
-    to_voxels = torch.tensor([n / 2 for n in shape], dtype=torch.float32).view((-1,) + (1,) * len(shape))
-    largest = amplitude * min(shape) / 16
-    if kind == "brain":
-        sigmoid_part, linear_part = _brain_velocities(shape, field_rng)
-        components = torch.stack([0.75 * sigmoid_part, 0.5 * linear_part])
-        amplitudes = _brain_amplitudes(time_values)
-    else:
-        components = _cardiac_velocity(shape)[None]
-        amplitudes = _cardiac_amplitudes(time_values)
-    components = components * to_voxels
-    components = components / _norm(components.sum(0)).max().clamp_min(1e-12) * largest
-    velocities = torch.einsum("tk,kd...->td...", amplitudes.float(), components)
-    if local > 0:
-        local_field = _local_velocity(kind, shape, field_rng) * to_voxels
-        local_field = local_field / _norm(local_field).max().clamp_min(1e-12) * local
-        velocities = velocities + _local_amplitudes(kind, time_values).float().view(-1, *(1,) * (len(shape) + 1)) * local_field
+    base, label = _base(spatial_dims, size, kind, base_image, base_label, texture_rng)
+    shape = tuple(base.shape[1:])
+    velocities = _velocities(kind, shape, time_values, amplitude, local, field_rng)
     ddfs = DVF2DDF(num_steps=7, mode="bilinear", padding_mode="border")(velocities)
     count = time_values.numel()
     clean = Warp(mode="bilinear", padding_mode="border")(base[None].expand(count, *base.shape), ddfs)
@@ -375,3 +326,68 @@ def synthetic_sequence(
         label_sequence=warped_labels.round().long(),
         times=time_values,
     )
+
+
+def _check_arguments(spatial_dims: int, kind: str, noise: float, amplitude: float, local: float, noise_model: str,
+                     times: Sequence[float] | None) -> torch.Tensor:
+    """The times as (T,) float64 after checking every argument of :func:`synthetic_sequence`."""
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
+    if not noise >= 0.0:
+        raise ValueError(f"noise must be >= 0, got {noise!r}.")
+    if not (math.isfinite(amplitude) and amplitude >= 0.0):
+        raise ValueError(f"amplitude must be a finite number >= 0, got {amplitude!r}.")
+    if not (math.isfinite(local) and local >= 0.0):
+        raise ValueError(f"local must be a finite number >= 0, got {local!r}.")
+    if noise_model not in NOISE_MODELS:
+        raise ValueError(f"noise_model must be one of {NOISE_MODELS}, got {noise_model!r}.")
+    time_values = torch.as_tensor(DEFAULT_TIMES[kind] if times is None else times, dtype=torch.float64).reshape(-1)
+    if time_values.numel() == 0 or not bool(torch.isfinite(time_values).all()):
+        raise ValueError(f"times must be a non-empty sequence of finite numbers, got {time_values.tolist()}.")
+    return time_values
+
+
+def _base(spatial_dims: int, size: int, kind: str, base_image: torch.Tensor | None, base_label: torch.Tensor | None,
+          rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image to deform (1, *S) and its labels: the procedural phantom, or ``base_image`` checked."""
+    if base_image is None:
+        if not isinstance(size, int) or size < 8:
+            raise ValueError(f"size must be an integer >= 8, got {size!r}.")
+        return _phantom(kind, (size,) * spatial_dims, rng)
+    base = torch.as_tensor(base_image, dtype=torch.float32)
+    if base.ndim != spatial_dims + 1 or base.shape[0] != 1:
+        raise ValueError(
+            f"base_image must be (1, *spatial) with {spatial_dims} spatial axes, got shape {tuple(base.shape)}."
+        )
+    if base_label is None:
+        low, high = float(base.min()), float(base.max())
+        return base, (base > low + 0.1 * (high - low)).long()
+    label = torch.as_tensor(base_label).long()
+    if label.shape != base.shape:
+        raise ValueError(f"base_label must have base_image's shape {tuple(base.shape)}, got {tuple(label.shape)}.")
+    return base, label
+
+
+def _velocities(kind: str, shape: tuple[int, ...], times: torch.Tensor, amplitude: float, local: float,
+                rng: np.random.Generator) -> torch.Tensor:
+    """The true stationary velocity of every time (T, D, *S), in voxels (scaled so the largest displacement over the
+    default times is about ``amplitude * min(shape) / 16``), plus the local deformations."""
+    to_voxels = torch.tensor([n / 2 for n in shape], dtype=torch.float32).view((-1,) + (1,) * len(shape))
+    largest = amplitude * min(shape) / 16
+    if kind == "brain":
+        sigmoid_part, linear_part = _brain_velocities(shape, rng)
+        components = torch.stack([0.75 * sigmoid_part, 0.5 * linear_part])
+        amplitudes = _brain_amplitudes(times)
+    else:
+        components = _cardiac_velocity(shape)[None]
+        amplitudes = _cardiac_amplitudes(times)
+    components = components * to_voxels
+    components = components / _norm(components.sum(0)).max().clamp_min(1e-12) * largest
+    velocities = torch.einsum("tk,kd...->td...", amplitudes.float(), components)
+    if local > 0:
+        local_field = _local_velocity(kind, shape, rng) * to_voxels
+        local_field = local_field / _norm(local_field).max().clamp_min(1e-12) * local
+        velocities = velocities + _local_amplitudes(kind, times).float().view(-1, *(1,) * (len(shape) + 1)) * local_field
+    return velocities
