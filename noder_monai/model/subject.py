@@ -401,7 +401,7 @@ class FittedSubject:
         cls, checkpoint: dict, model: NODER, path: str | Path = "<memory>", map_location: str | torch.device = "cpu"
     ) -> "FittedSubject":
         """The subject of a read and validated fitted-subject ``checkpoint`` around ``model`` (whose weights the
-        caller loads: :meth:`load`, or MONAI's ``CheckpointLoader`` in the bundle's inference).
+        caller loads: :meth:`load`, which the bundle's inference calls through ``FittedSubjectLoader``).
 
         Raises:
             ValueError: naming ``path``, if the stored geometry is malformed.
