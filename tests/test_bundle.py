@@ -548,6 +548,29 @@ def test_bundle_outputs_keep_disagreeing_qform_sform(tmp_path):
     assert FittedSubject.load(tmp_path / "out" / "qs" / "model.pt").geometry.nifti["qform_code"] == 1
 
 
+def test_a_2d_image_stored_with_a_singleton_axis_goes_through_training_and_inference(tmp_path):
+    """The bundle reads every scan with the package's loader: a (20, 1, 18) file is a 2D subject in training and in
+    inference, and the predictions keep the file's layout."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_inputs import _blob_scans
+
+    paths = []
+    for index, scan in enumerate(_blob_scans((20, 18))):
+        paths.append(str(tmp_path / f"t{index}.nii.gz"))
+        nib.save(nib.Nifti1Image(scan.reshape(20, 1, 18), np.diag([1.0, 3.0, 1.2, 1.0])), paths[-1])
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"subjects": [{"id": "flat", "scans": [{"image": p, "time": float(t)}
+                                                                         for t, p in enumerate(paths)],
+                                                  "predict_times": [1.5]}]}))
+    overrides = {"datalist": str(datalist), "output_dir": str(tmp_path / "out"), "num_threads": 1}
+    run_workflow(config("train.json"), "train", **{**overrides, **TINY, "ncc_kernel_size": 5})
+    assert FittedSubject.load(tmp_path / "out" / "flat" / "model.pt").spatial_size == (20, 18)
+    run_workflow(config("inference.json"), "infer", **overrides)
+    written = nib.load(str(tmp_path / "out" / "flat" / "predictions" / f"image_{time_tag(1.5)}.nii.gz"))
+    assert written.shape == (20, 1, 18)
+    np.testing.assert_allclose(written.affine, nib.load(paths[0]).affine, atol=1e-6)
+
+
 def test_multi_gpu_configs_shard_the_cohort_over_two_ranks(tmp_path):
     """`torchrun --nproc_per_node=2 -m monai.bundle run_workflow CohortWorkflow` with multi_gpu_*.json on CPU: each
     subject fitted by one rank; the evaluation's cohort_metrics.csv has one row per subject and held-out time."""

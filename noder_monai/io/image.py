@@ -580,7 +580,8 @@ class GeometryNiftiWriter(NibabelWriter):
 
     When the item's metadata holds :data:`GEOMETRY_META_KEY` (set by ``ODEWarpd`` from the fitted subject), the
     file gets the input header's qform, sform, codes, pixdim and singleton axis verbatim, so nibabel and ITK read
-    the output's grid exactly as they read the input's; otherwise it writes as MONAI's ``NibabelWriter``.
+    the output's grid exactly as they read the input's (a 2D image gets its singleton axis back, with no resampling);
+    otherwise it writes as MONAI's ``NibabelWriter``.
     """
 
     def set_data_array(self, data_array: Any, channel_dim: int | None = 0, squeeze_end_dims: bool = True, **kwargs: Any):
@@ -590,7 +591,8 @@ class GeometryNiftiWriter(NibabelWriter):
     def set_metadata(self, meta_dict: Mapping | None, resample: bool = True, **options: Any):
         text = (meta_dict or {}).get(GEOMETRY_META_KEY)
         self.geometry = Geometry.from_dict(json.loads(text)) if isinstance(text, str) else None
-        super().set_metadata(meta_dict, resample=resample, **options)
+        if self.geometry is None or self.channel_first is None:  # written by NibabelWriter: it needs the metadata
+            super().set_metadata(meta_dict, resample=resample, **options)
 
     def write(self, filename: PathLike, verbose: bool = False, **obj_kwargs: Any):
         if self.geometry is None or self.channel_first is None:

@@ -3,13 +3,14 @@ trajectory for any image or label map."""
 
 from noder_monai._deprecated import deprecated_getattr
 from noder_monai.transforms.intensity import IntensityMappingd
-from noder_monai.transforms.labels import LoadLabelMapd
+from noder_monai.transforms.loading import LoadLabelMapd, LoadScand
 from noder_monai.transforms.ode_warp import PADDING_MODES, WARP_MODES, ODEWarp, ODEWarpd, ODEWarpD, ODEWarpDict
 from noder_monai.transforms.sequence import LoadSequenced, sequence_item
 
 __all__ = [
     "IntensityMappingd",
     "LoadLabelMapd",
+    "LoadScand",
     "LoadSequenced",
     "ODEWarp",
     "ODEWarpD",
