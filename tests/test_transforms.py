@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from monai.data import DataLoader, Dataset, MetaTensor
-from monai.transforms import Compose, SaveImaged
+from monai.transforms import Compose, InvertibleTransform, SaveImaged
 
 from noder_monai.data import SubjectSequence, synthetic_sequence
 from noder_monai.engines import FitConfig, fit_sequence
@@ -106,23 +106,52 @@ def test_jacobian_key_stores_the_determinant_map_with_the_affine(fitted):
     assert not torch.allclose(out["jacobian"].as_tensor(), torch.ones(1))  # the fit moved something
 
 
-def test_intensity_mapping_equals_monai_percentile_scaling_and_inverts():
-    from monai.transforms import ScaleIntensityRangePercentilesd
+def test_intensity_mapping_is_monais_percentile_scaling_bit_for_bit_and_inverts():
+    """IntensityMappingd is ScaleIntensityRangePercentilesd (a subclass, the same values exactly) plus an inverse:
+    Invertd maps a prediction made on the scaled scans back to the input's units, which MONAI's own transform cannot
+    (Invertd skips it: it is not invertible)."""
+    from monai.transforms import Invertd, ScaleIntensityRangePercentilesd
 
     from noder_monai.data import IntensityMapping
     from noder_monai.transforms import IntensityMappingd
 
     scans = torch.rand(4, 9, 8, 7, generator=torch.Generator().manual_seed(0)) * 300 + 20
     item = {"image": MetaTensor(scans.clone(), affine=torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])))}
-    ours = IntensityMappingd("image")(item)
+    mapping = IntensityMappingd("image")
+    ours = mapping(item)
     monai = ScaleIntensityRangePercentilesd("image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=False)(item)
-    torch.testing.assert_close(ours["image"].as_tensor(), monai["image"].as_tensor(), rtol=1e-5, atol=1e-6)
+    assert isinstance(IntensityMappingd("image"), ScaleIntensityRangePercentilesd)
+    assert torch.equal(ours["image"].as_tensor(), monai["image"].as_tensor())
     assert ours["intensity"] == IntensityMapping.fit(scans).to_dict()
     assert torch.equal(ours["image"].affine, item["image"].affine)
-    restored = IntensityMappingd("image").inverse(ours)
+    restored = mapping.inverse(dict(ours))
     torch.testing.assert_close(restored["image"].as_tensor(), scans, rtol=1e-5, atol=1e-4)
+    pipeline = Compose([IntensityMappingd("image")])
+    out = pipeline({"image": MetaTensor(scans.clone())})
+    out["pred"] = out["image"] * 0.5  # a prediction in the scaled units
+    back = Invertd("pred", transform=pipeline, orig_keys="image")(out)["pred"]
+    torch.testing.assert_close(back.as_tensor(), IntensityMapping.from_dict(out["intensity"]).inverse(out["image"] * 0.5)
+                               .as_tensor(), rtol=1e-6, atol=1e-4)
+    assert not isinstance(ScaleIntensityRangePercentilesd("image", 0.5, 99.5, 0.0, 1.0), InvertibleTransform)
     with pytest.raises(ValueError, match="0 <= lower < upper <= 100"):
         IntensityMappingd("image", lower=50, upper=10)
+
+
+def test_intensity_mapping_scales_sparse_scans_where_monais_transform_divides_by_zero():
+    """12 bright voxels of 2x4096: the 0.5/99.5 percentiles coincide; MONAI returns the input shifted, unscaled,
+    with a warning; IntensityMappingd falls back to the minimum and maximum."""
+    from monai.transforms import ScaleIntensityRangePercentilesd
+
+    from noder_monai.transforms import IntensityMappingd
+
+    scans = torch.zeros(2, 16, 16, 16)
+    scans.view(2, -1)[:, :12] = 100.0
+    with pytest.warns(Warning, match="Divide by zero"):
+        monai = ScaleIntensityRangePercentilesd("image", 0.5, 99.5, 0.0, 1.0)({"image": scans.clone()})["image"]
+    assert float(monai.max()) == 100.0  # not scaled to [0, 1]
+    ours = IntensityMappingd("image")({"image": scans.clone()})
+    assert (float(ours["image"].min()), float(ours["image"].max())) == (0.0, 1.0)
+    assert ours["intensity"] == {"lower": 0.0, "upper": 100.0}
 
 
 def test_size_mismatch_names_key_and_sizes(fitted):

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+from monai.transforms.utils_pytorch_numpy_unification import percentile
 
 __all__ = ["IntensityMapping"]
 
@@ -39,12 +40,16 @@ class IntensityMapping:
     ) -> IntensityMapping:
         """Fit ``lower`` and ``upper`` as percentiles of all voxels of all scans together.
 
+        The percentiles are MONAI's (``monai.transforms.utils_pytorch_numpy_unification.percentile``, the function
+        ``ScaleIntensityRangePercentiles`` calls), computed on the values in their own dtype, so a mapping fitted on
+        one tensor is the range MONAI's ``ScaleIntensityRangePercentiles(lower, upper, 0, 1)`` scales that tensor by.
+
         Args:
             images: ``(T, 1, *spatial)`` scans, or a sequence of arrays of any shape, pooled jointly.
             lower_percentile: percentile in ``[0, 100)`` giving ``lower``.
             upper_percentile: percentile in ``(lower_percentile, 100]`` giving ``upper``. When the two percentiles
-                coincide (sparse content: a few bright voxels on a constant background) the minimum and maximum are
-                used instead.
+                coincide (sparse content: a few bright voxels on a constant background, where MONAI's transform
+                would divide by zero) the minimum and maximum are used instead.
             name: what the images are, for messages (e.g. "subject 'sub-01' scans 'a.nii.gz', 'b.nii.gz'").
 
         Returns:
@@ -60,19 +65,15 @@ class IntensityMapping:
                 f"lower_percentile={lower_percentile!r}, upper_percentile={upper_percentile!r}."
             )
         arrays = [images] if isinstance(images, (torch.Tensor, np.ndarray)) else list(images)
-        values = np.concatenate(
-            [
-                (array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)).ravel()
-                for array in arrays
-            ]
-            or [np.empty(0)]
-        )
-        if values.size == 0:
+        if not arrays or sum(int(np.prod(array.shape)) for array in arrays) == 0:
             raise ValueError("images must contain at least one voxel, got none.")
-        values = values.astype(np.float64)
-        if not np.isfinite(values).all():
+        values = torch.cat([torch.as_tensor(np.asarray(a) if isinstance(a, np.ndarray) else a).detach().cpu().reshape(-1)
+                            for a in arrays])
+        if not values.is_floating_point():
+            values = values.to(torch.float64)
+        if not bool(torch.isfinite(values).all()):
             raise ValueError(f"{name} contain NaN or Inf voxels; cannot fit an intensity mapping.")
-        lower, upper = np.percentile(values, [lower_percentile, upper_percentile])
+        lower, upper = (float(percentile(values, q)) for q in (lower_percentile, upper_percentile))
         if upper <= lower:
             # sparse content (a few bright voxels on a constant background): the percentiles coincide, the extremes
             # do not; fall back to the minimum and maximum
