@@ -1,5 +1,6 @@
 """ODEWarp / ODEWarpd: same result as FittedSubject.predict, inside Compose and DataLoader workers, metadata kept."""
 
+import json
 import os
 import pickle
 
@@ -135,6 +136,23 @@ def test_intensity_mapping_is_monais_percentile_scaling_bit_for_bit_and_inverts(
     assert not isinstance(ScaleIntensityRangePercentilesd("image", 0.5, 99.5, 0.0, 1.0), InvertibleTransform)
     with pytest.raises(ValueError, match="0 <= lower < upper <= 100"):
         IntensityMappingd("image", lower=50, upper=10)
+
+
+def test_predictions_stay_in_the_input_units_with_monais_percentiles():
+    """CT-like units (-1024..3000 HU): the range MONAI's percentile gives equals the float64 numpy percentile used
+    before to float32 rounding, and the mapping stored in the fitted file (IntensityMapping.to_dict) maps the scaled
+    scans, and so every prediction, back to the input's units."""
+    from noder_monai.data import IntensityMapping
+    from noder_monai.transforms import IntensityMappingd
+
+    scans = torch.rand(3, 12, 10, 8, generator=torch.Generator().manual_seed(1)) * 4024.0 - 1024.0
+    item = IntensityMappingd("image")({"image": MetaTensor(scans.clone())})
+    stored = IntensityMapping.from_dict(json.loads(json.dumps(item["intensity"])))  # as the fitted file keeps it
+    reference = np.percentile(scans.numpy().astype(np.float64), [0.5, 99.5])
+    np.testing.assert_allclose([stored.lower, stored.upper], reference, rtol=1e-6)
+    assert -0.01 < float(item["image"].min()) < 0.0 and 1.0 < float(item["image"].max()) < 1.01  # not clipped
+    back = stored.inverse(item["image"].as_tensor())
+    torch.testing.assert_close(back, scans, rtol=0, atol=4024.0 * 1e-6)
 
 
 def test_intensity_mapping_scales_sparse_scans_where_monais_transform_divides_by_zero():
