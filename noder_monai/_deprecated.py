@@ -36,6 +36,7 @@ MOVED: dict[str, dict[str, str]] = {
         **_names("noder_monai.engines.trainer", "fitted_subject", "prepare_sequence_batch", "subject_template"),
         **_names("noder_monai.engines.pretrain", "evaluate_autoencoder", "mean_endpoint_error"),
         **_names("noder_monai.utils", "time_tag"),
+        **_names("noder_monai.transforms", "TimeNameFormatter"),
         **_names("noder_monai.workflows", "CohortWorkflow", "bundle_root", "install_error_hook", "package_error",
                  "query_items", "rank_device", "rank_threads", "run_cohort", "subject_item"),
         **_names("noder_monai.data", "datalist_subjects", "select_subject"),

@@ -216,3 +216,135 @@ def test_source_option_returns_the_subjects_own_prediction(fitted):
         assert torch.allclose(torch.as_tensor(item["image"]), expected, atol=1e-5)
     with pytest.raises(ValueError, match="source"):
         ODEWarpd(keys="image", subject=subject, source="average")
+
+
+# --- frames, inverse and file names (issue 17) ---------------------------------------------------------------------
+
+
+def _smooth_image(sigma=8.0, size=16):
+    """A broad Gaussian blob (1, size, size, size) on 20..120: interpolation errors stay small on it."""
+    grid = torch.stack(torch.meshgrid(*[torch.arange(float(size))] * 3, indexing="ij"))
+    return (torch.exp(-((grid - (size - 1) / 2) ** 2).sum(0) / (2 * sigma**2)) * 100.0 + 20.0)[None]
+
+
+def _world_field(subject, ddf, affine):
+    """A field (3, *S) in voxels of a frame with ``affine`` as world displacements (mm), a MetaTensor on that frame."""
+    return MetaTensor(torch.einsum("ij,j...->i...", affine[:3, :3].float(), ddf.float()), affine=affine)
+
+
+@pytest.mark.parametrize("frame", ["orientation PSL", "orientation LPI", "spacing"])
+def test_odewarpd_after_orientation_or_spacing_is_the_same_warp_in_world_space(fitted, frame):
+    """Orientationd/Spacingd then ODEWarpd equals ODEWarpd then the same Orientationd/Spacingd: the field is resampled
+    into the image's voxel frame (same world displacement); the image agrees up to interpolation on a smooth image."""
+    from monai.transforms import Orientationd, Spacingd
+
+    subject = fitted["subject"]
+    regrid = (Orientationd(["image", "ddf"], axcodes=frame.split()[1]) if frame.startswith("orientation")
+              else Spacingd(["image", "ddf"], pixdim=(4.0, 3.0, 6.0)))  # every second voxel: grids coincide
+    warp = ODEWarpd("image", subject=fitted["path"], time=1.6, ddf_key="ddf")
+    image = MetaTensor(_smooth_image(), affine=AFFINE)
+    warped_then_regridded = regrid(warp({"image": image.clone()}))
+    regridded = regrid({"image": image.clone(), "ddf": MetaTensor(torch.zeros(3, 16, 16, 16), affine=AFFINE)})
+    regridded_then_warped = warp({"image": regridded["image"]})
+    out, reference = regridded_then_warped["image"], warped_then_regridded["image"]
+    assert out.shape == reference.shape and torch.allclose(out.affine, reference.affine)
+    # the field: the same world displacement at every voxel of the new frame
+    world = regrid({"image": image.clone(), "ddf": _world_field(subject, subject.displacement([1.6])[0], AFFINE)})
+    ddf = regridded_then_warped["ddf"]
+    assert torch.allclose(ddf.affine, out.affine)  # the field carries the frame it is in
+    torch.testing.assert_close(_world_field(subject, ddf.as_tensor(), out.affine).as_tensor(),
+                               world["ddf"].as_tensor(), atol=1e-4, rtol=0)
+    change = float((reference - regridded["image"]).abs().max())
+    error = float((out - reference).abs().max())
+    if frame.startswith("orientation"):  # same voxel centres: only float rounding
+        assert error < 1e-3 * change
+        ignored = ODEWarpd("image", subject=subject, time=1.6)({"image": regridded["image"].as_tensor()})["image"]
+        assert float((ignored - reference).abs().max()) > 0.5 * change  # warping in the fitted frame is wrong
+    else:  # a 2x coarser image: bilinear interpolation of the smooth image, largest at the border voxels
+        interior = (slice(None), *[slice(1, -1)] * 3)
+        error = float((out - reference)[interior].abs().max())
+        assert error < 0.2 * change, (error, change)
+
+
+def test_odewarp_refuses_another_2d_grid_and_a_3d_image_outside_the_fitted_grid(fitted):
+    from noder_monai.data import IntensityMapping
+    from noder_monai.model import FittedSubject
+    from noder_monai.networks import NODER
+
+    affine_2d = torch.tensor([[1.0, 0, 0, 3], [0, 2.0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.float64)
+    flat = FittedSubject(NODER((12, 10)), torch.zeros(1, 1, 12, 10), torch.tensor([0.0, 1.0]), affine_2d,
+                         IntensityMapping(0.0, 1.0), subject="flat")
+    moved = affine_2d.clone()
+    moved[0, 3] += 5.0
+    with pytest.raises(ValueError, match=r"data\['image'\] \(affine \[\[1.0, 0.0, 0.0, 8.0\].*is not on the grid "
+                                         r"subject 'flat' was fitted on \(affine \[\[1.0, 0.0, 0.0, 3.0\]"):
+        ODEWarpd("image", subject=flat, time=0.5)({"image": MetaTensor(torch.zeros(1, 12, 10), affine=moved)})
+    same = ODEWarpd("image", subject=flat, time=0.5)({"image": MetaTensor(torch.ones(1, 12, 10), affine=affine_2d[[0, 1, 3]][:, [0, 1, 3]])})
+    assert same["image"].shape == (1, 12, 10)  # a (3, 3) affine of the fitted plane is the fitted grid
+    far = AFFINE.clone()
+    far[:3, 3] += 1000.0
+    with pytest.raises(ValueError, match=r"does not overlap the grid subject 's1' was fitted on \(affine \[\[2.0"):
+        ODEWarp(fitted["path"])(MetaTensor(torch.zeros(1, 16, 16, 16), affine=far), 0.5)
+    flipped = AFFINE.clone()
+    flipped[0] *= -1.0  # another orientation: warped in its frame, but a source prediction exists on the fitted grid only
+    with pytest.raises(ValueError, match=r"data\['image'\] \(affine \[\[-2.0.*source 'baseline' predicts on the fitted grid"):
+        ODEWarpd("image", subject=fitted["path"], time=0.5, source="baseline")(
+            {"image": MetaTensor(torch.zeros(1, 16, 16, 16), affine=flipped)})
+
+
+def test_invertd_undoes_odewarpd_with_the_inverse_field(fitted):
+    """Invertd warps back with the inverse map's field at the time recorded in the trace (not the item's 'time' key,
+    which Invertd does not pass on): back to the input up to interpolation error, away from the border."""
+    from monai.transforms import Invertd, Orientationd
+
+    subject = fitted["subject"]
+    image = MetaTensor(_smooth_image(), affine=AFFINE)
+    pipeline = Compose([ODEWarpd("image", subject=fitted["path"], time="time")])
+    out = pipeline({"image": image.clone(), "time": 1.6})
+    assert out["image"].applied_operations[-1]["extra_info"]["time"] == 1.6
+    restored = Invertd("image", transform=pipeline, orig_keys="image", nearest_interp=False)(out)["image"]
+    assert not restored.applied_operations
+    interior = (slice(None), *[slice(3, -3)] * 3)
+    change = float((out["image"] - image)[interior].abs().max())
+    error = float((restored - image)[interior].abs().max())
+    assert change > 10.0 and error < 0.15 * change, (error, change)
+    # exactly the two warps: forward field, then the inverse map's field
+    with torch.inference_mode():
+        forward = subject.displacement([1.6])
+        backward = subject.model.displacement(subject.scaled_time([1.6]), inverse=True)
+    from monai.networks.blocks import Warp
+
+    expected = Warp("bilinear", "border")(Warp("bilinear", "border")(image.as_tensor()[None], forward), backward)[0]
+    torch.testing.assert_close(restored.as_tensor(), expected, atol=1e-4, rtol=0)
+    # in a pipeline after Orientationd both are undone, and the array transform inverts too
+    oriented = Compose([Orientationd("image", axcodes="PSL"), ODEWarpd("image", subject=fitted["path"], time=1.6)])
+    back = Invertd("image", transform=oriented, orig_keys="image", nearest_interp=False)(
+        oriented({"image": image.clone()}))["image"]
+    assert back.shape == image.shape and torch.allclose(back.affine, image.affine)
+    assert float((back - image)[interior].abs().max()) < 0.15 * change
+    warp = ODEWarp(fitted["path"])
+    torch.testing.assert_close(warp.inverse(warp(image.clone(), 1.6)).as_tensor(), expected, atol=1e-4, rtol=0)
+    # Invertd's default (nearest_interp=True) maps a segmentation made in the warped frame back with nearest
+    # sampling, although the image was warped bilinearly: it stays a label map
+    out = pipeline({"image": image.clone(), "time": 1.6})
+    out["pred"] = (out["image"] > 60).to(torch.int16)
+    assert out["image"].applied_operations[-1]["extra_info"]["mode"] == "bilinear"
+    inverted = Invertd("pred", transform=pipeline, orig_keys="image")(out)["pred"]
+    assert set(torch.unique(inverted).tolist()) == {0, 1} and inverted.shape == image.shape
+
+
+def test_savimaged_with_time_names_writes_one_file_per_query_time(fitted, tmp_path):
+    """Two query times, one SaveImaged: two files (the time in the name), not one overwritten."""
+    from noder_monai.transforms import TimeNameFormatter
+
+    pipeline = Compose([
+        ODEWarpd("image", subject=fitted["path"], time="time"),
+        SaveImaged("image", output_dir=str(tmp_path), output_postfix="warped", resample=False, separate_folder=False,
+                   output_name_formatter=TimeNameFormatter(), print_log=False),
+    ])
+    for time in (0.25, 1.6):
+        image = MetaTensor(fitted["sequence"].images[0].clone(), affine=AFFINE, meta={"filename_or_obj": "flair.nii.gz"})
+        pipeline({"image": image, "time": time})
+    assert sorted(os.listdir(tmp_path)) == ["flair_warped_t0.25.nii.gz", "flair_warped_t1.6.nii.gz"]
+    with pytest.raises(KeyError, match="TimeNameFormatter: the item's metadata has no 'time'"):
+        TimeNameFormatter()({"filename_or_obj": "flair.nii.gz"})

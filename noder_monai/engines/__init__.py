@@ -4,7 +4,7 @@ autoencoder."""
 
 from noder_monai._deprecated import deprecated_getattr
 from noder_monai.engines.config import PRESETS, FitConfig, check_fit_inputs
-from noder_monai.engines.evaluator import PredictionEvaluator, TimeNameFormatter
+from noder_monai.engines.evaluator import PredictionEvaluator
 from noder_monai.engines.fit import fit_sequence
 from noder_monai.engines.handlers import CoarseToFineHandler, EpochCallbackHandler, FittedSubjectSaver, TemplateHandler
 from noder_monai.engines.pretrain import PretrainConfig, PretrainResult, pretrain_autoencoder
@@ -21,7 +21,6 @@ __all__ = [
     "PretrainConfig",
     "PretrainResult",
     "TemplateHandler",
-    "TimeNameFormatter",
     "check_fit_inputs",
     "cosine_schedule",
     "fit_sequence",

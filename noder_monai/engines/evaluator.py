@@ -2,30 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from monai.engines import IterationEvents, SupervisedEvaluator
 from monai.utils import CommonKeys as Keys
 
-from noder_monai.utils import time_tag
-
-__all__ = ["PredictionEvaluator", "TimeNameFormatter"]
-
-
-class TimeNameFormatter:
-    """``SaveImaged(output_name_formatter=...)``: file names ``<name>_<time_tag(time)>`` from the item's ``time``
-    metadata (``image_t2.1.nii.gz``, ``ddf_t-0.5.nii.gz``).
-
-    Args:
-        name: the file name's stem, e.g. the key (``"image"``, ``"ddf"``, ``"jacobian"``, ``"label"``).
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = str(name)
-
-    def __call__(self, metadict: Mapping[str, Any], saver: Any = None) -> dict[str, Any]:
-        return {"subject": self.name, "idx": time_tag(metadict["time"])}
+__all__ = ["PredictionEvaluator"]
 
 
 class PredictionEvaluator(SupervisedEvaluator):

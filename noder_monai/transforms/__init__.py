@@ -4,6 +4,7 @@ trajectory for any image or label map."""
 from noder_monai._deprecated import deprecated_getattr
 from noder_monai.transforms.intensity import IntensityMappingd
 from noder_monai.transforms.loading import LoadLabelMapd, LoadScand
+from noder_monai.transforms.naming import TimeNameFormatter
 from noder_monai.transforms.ode_warp import PADDING_MODES, WARP_MODES, ODEWarp, ODEWarpd, ODEWarpD, ODEWarpDict
 from noder_monai.transforms.sequence import LoadSequenced, sequence_item
 
@@ -17,6 +18,7 @@ __all__ = [
     "ODEWarpDict",
     "ODEWarpd",
     "PADDING_MODES",
+    "TimeNameFormatter",
     "WARP_MODES",
     "sequence_item",
 ]
