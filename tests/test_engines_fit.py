@@ -241,3 +241,41 @@ def test_full_resolution_epochs_alternate_between_interleaved_groups_of_times():
     assert trainer._at_level(2, item)[3].numel() == 5  # coarser levels fit every time in every epoch
     with pytest.raises(ValueError, match="finest_time_groups must be an integer >= 1, got 0"):
         FitConfig(finest_time_groups=0)
+
+
+def test_an_interrupted_fit_writes_no_model_file_where_monais_checkpoint_saver_writes_one(tmp_path):
+    """Why FittedSubjectSaver is not MONAI's CheckpointSaver: with save_final, CheckpointSaver also writes its final
+    file when the run raises (a fit stopped at epoch 2 of 3 would leave a model.pt like a finished one, which
+    --skip_existing then keeps); FittedSubjectSaver writes only at completion. (CheckpointSaver also writes in place,
+    DiskSaver(atomic=False), and saves state_dicts, not the subject's scans, times, mapping and template.)"""
+    from ignite.engine import Events
+    from monai.data import DataLoader
+    from monai.handlers import CheckpointSaver
+
+    from noder_monai.engines import FittedSubjectSaver, NODERTrainer, init_network
+    from noder_monai.losses import NODERLoss
+    from noder_monai.networks import NODER
+    from noder_monai.transforms import IntensityMappingd, sequence_item
+
+    synthetic = synthetic_sequence(spatial_dims=2, size=16, times=(0.0, 0.5, 1.0), seed=0)
+    item = IntensityMappingd(keys="image")(sequence_item(SubjectSequence.from_tensors(synthetic.images, synthetic.times)))
+
+    def interrupted_fit(make_saver):
+        network = init_network(NODER((16, 16), **SMALL_NETWORK), pretrained=None)
+        trainer = NODERTrainer(device="cpu", max_epochs=3, train_data_loader=DataLoader([item], batch_size=1),
+                               network=network, optimizer=torch.optim.Adam(network.parameters(), 1e-3),
+                               loss_function=NODERLoss(spatial_dims=2, ncc_kernel_size=5),
+                               train_handlers=[make_saver(network)])
+
+        @trainer.on(Events.EPOCH_COMPLETED(once=2))
+        def stop(engine):
+            raise RuntimeError("stopped at epoch 2")
+
+        with pytest.raises(RuntimeError, match="stopped at epoch 2"):
+            trainer.run()
+
+    interrupted_fit(lambda network: CheckpointSaver(str(tmp_path / "monai"), {"network": network}, save_final=True,
+                                                    final_filename="model.pt"))
+    assert (tmp_path / "monai" / "model.pt").is_file()
+    interrupted_fit(lambda network: FittedSubjectSaver(tmp_path / "ours" / "model.pt", [item]))
+    assert not (tmp_path / "ours").exists()

@@ -129,6 +129,12 @@ class FittedSubjectSaver:
     loss history), loadable with ``torch.load(weights_only=True)``, by :meth:`FittedSubject.load` and by
     ``CheckpointLoader(load_dict={"state_dict": network})``.
 
+    Why not MONAI's ``CheckpointSaver(save_final=True)``: it also writes its final file when the run raises (a fit
+    stopped part-way would leave a ``model.pt`` like a finished one), it writes in place (its ``DiskSaver`` has
+    ``atomic=False``: a killed process leaves a truncated file), and it saves ``state_dict`` objects, while the
+    fitted subject (scans, times, intensity mapping, the template built from the final maps) exists only after the
+    last epoch. Tested in ``tests/test_engines_fit.py``.
+
     Args:
         save_path: the file to write (e.g. ``<output_dir>/<id>/model.pt``).
         dataset: the training dataset (its one item gives baseline, times, affine and intensity mapping).
