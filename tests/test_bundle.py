@@ -241,28 +241,49 @@ def _chain(error):
 
 @pytest.fixture(scope="module")
 def cohort(data):
-    """``run_workflow`` of the cohort from bundle/ with MLflow tracking: every subject fitted, one run each."""
+    """``run_workflow`` of the cohort from bundle/ with the bundle's MLflow tracking settings (a local SQLite store,
+    offline): every subject fitted, one run each."""
     output_dir = str(data["root"] / "cohort")
     overrides = {"datalist": data["datalist"], "output_dir": output_dir, **TINY}
     result = runner("run_workflow", "noder_monai.workflows.CohortWorkflow", "--config_file", "configs/train.json",
-                    "--tracking", "mlflow", *cli_overrides(overrides), cwd=BUNDLE)
+                    "--tracking", "configs/mlflow.json", *cli_overrides(overrides), cwd=BUNDLE)
     assert result.returncode == 0, result.stderr[-4000:]
     return {"output_dir": output_dir, **data}
 
 
-def test_cohort_fits_every_subject_with_one_mlflow_run_each(cohort):
+def _mlflow_runs(output_dir):
     import mlflow
 
+    client = mlflow.MlflowClient(tracking_uri="sqlite:///" + os.path.join(output_dir, "mlruns.db"))
+    runs = [run for experiment in client.search_experiments() for run in client.search_runs([experiment.experiment_id])]
+    return client, runs
+
+
+def test_cohort_tracks_every_fit_setting_loss_term_and_file_in_one_mlflow_run_per_subject(cohort):
+    """configs/mlflow.json: MONAI's MLFlowHandler records per subject every FitConfig field and the network's
+    arguments as params, each loss term per epoch as metrics, and the fitted file and the template as artifacts."""
     for subject_id in ("sub-001", "sub-002"):
         subject = FittedSubject.load(os.path.join(cohort["output_dir"], subject_id, "model.pt"))
         assert subject.subject == subject_id and len(subject.history) == 2
-    client = mlflow.MlflowClient(tracking_uri="sqlite:///" + os.path.join(cohort["output_dir"], "mlruns.db"))
-    runs = [run for experiment in client.search_experiments() for run in client.search_runs([experiment.experiment_id])]
+    client, runs = _mlflow_runs(cohort["output_dir"])
     assert sorted(run.info.run_name for run in runs) == ["sub-001", "sub-002"]
     for run in runs:
-        losses = [metric.value for metric in client.get_metric_history(run.info.run_id, "train_loss")]
         subject = FittedSubject.load(os.path.join(cohort["output_dir"], run.info.run_name, "model.pt"))
+        losses = [metric.value for metric in client.get_metric_history(run.info.run_id, "train_loss")]
         np.testing.assert_allclose(losses, [record["total"] for record in subject.history], rtol=1e-6)
+        for term in ("total", "similarity", "smoothness", "boundary"):
+            history = sorted(client.get_metric_history(run.info.run_id, f"loss_{term}"), key=lambda m: m.step)
+            np.testing.assert_allclose([m.value for m in history], [r[term] for r in subject.history], rtol=1e-6)
+        assert [m.value for m in client.get_metric_history(run.info.run_id, "level")] == [2.0, 1.0]
+        params = run.data.params
+        for key, value in subject.fit_config.items():
+            assert params[key] == str(value), key  # every fit setting, with the value the fit used
+        assert set(FitConfig().__dict__) <= set(params)
+        assert params["network.spatial_size"] == "[16, 16, 16]" and params["subject"] == run.info.run_name
+        # MONAI's CLI drops `--pretrained None` (update_kwargs ignores None): the shipped autoencoder initialised it
+        assert params["pretrained"] == os.path.join(BUNDLE, "models", "model.pt") and params["seed"] == "0"
+        artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
+        assert "model.pt" in artifacts and "template.nii.gz" in artifacts
 
 
 def test_cohort_skip_existing_keeps_fitted_subjects(cohort):
@@ -415,23 +436,23 @@ def test_model_zoo_min_checks_offline():
     assert "'models'" in train["pretrained"] and "'model.pt'" in train["pretrained"]
 
 
-def test_evaluation_logs_the_heldout_metrics_to_mlflow(cohort, tmp_path):
-    import mlflow
-
+def test_evaluation_logs_the_heldout_metrics_and_the_report_to_mlflow(cohort, tmp_path):
     output_dir = str(tmp_path / "tracked")
     shutil.copytree(cohort["output_dir"], output_dir, ignore=shutil.ignore_patterns("mlruns*", "config_*"))
     overrides = {"datalist": cohort["datalist"], "output_dir": output_dir, "eval_dir": str(tmp_path / "eval"),
                  "num_threads": 1}
     result = runner("run_workflow", "noder_monai.workflows.CohortWorkflow", "--config_file",
                     json.dumps(config("inference.json", "evaluate.json", folder="bundle/configs")),
-                    "--tracking", "mlflow", *cli_overrides(overrides))
+                    "--tracking", "bundle/configs/mlflow.json", *cli_overrides(overrides))
     assert result.returncode == 0, result.stderr[-4000:]
-    client = mlflow.MlflowClient(tracking_uri="sqlite:///" + os.path.join(output_dir, "mlruns.db"))
-    runs = [run for experiment in client.search_experiments() for run in client.search_runs([experiment.experiment_id])]
+    client, runs = _mlflow_runs(output_dir)
     assert sorted(run.info.run_name for run in runs) == ["sub-001", "sub-002"]
     for run in runs:
         assert set(run.data.metrics) == {"nrmse", "ssim", "psnr", "percent_folded"}
         assert 0.0 < run.data.metrics["nrmse"] < 1.0 and run.data.metrics["percent_folded"] == 0.0
+        artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
+        assert {"report.html", "metrics.csv", "nrmse_raw.csv"} <= artifacts, artifacts
+        assert run.data.params["model"] == os.path.join(output_dir, run.info.run_name, "model.pt")
     with open(tmp_path / "eval" / "cohort_metrics.csv") as handle:
         assert len(handle.read().splitlines()) == 1 + 2 * 3  # the same cohort table as `noder evaluate`
 

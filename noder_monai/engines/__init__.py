@@ -3,7 +3,7 @@
 autoencoder."""
 
 from noder_monai._deprecated import deprecated_getattr
-from noder_monai.engines.config import PRESETS, FitConfig, check_fit_inputs
+from noder_monai.engines.config import PRESETS, FitConfig, check_fit_inputs, tracking_params
 from noder_monai.engines.evaluator import PredictionEvaluator
 from noder_monai.engines.fit import fit_sequence
 from noder_monai.engines.handlers import CoarseToFineHandler, EpochCallbackHandler, FittedSubjectSaver, TemplateHandler
@@ -26,6 +26,7 @@ __all__ = [
     "fit_sequence",
     "init_network",
     "pretrain_autoencoder",
+    "tracking_params",
 ]
 
 __getattr__ = deprecated_getattr(__name__)

@@ -26,7 +26,7 @@ from noder_monai.losses import NODERLoss
 from noder_monai.model import PREDICT_SOURCES
 from noder_monai.networks import LEVELS
 
-__all__ = ["PRESETS", "FitConfig", "check_fit_inputs"]
+__all__ = ["PRESETS", "FitConfig", "check_fit_inputs", "tracking_params"]
 
 logger = logging.getLogger(__name__)
 
@@ -255,3 +255,26 @@ def _drop_coarse_levels(item: Mapping[str, Any], config: FitConfig, size: tuple[
             tuple(round(f, 6) for f in fractions))
     total = sum(fractions)
     return dataclasses.replace(config, levels=tuple(kept), level_fractions=tuple(f / total for f in fractions))
+
+
+def tracking_params(fit: FitConfig, network: Any = None, **extra: Any) -> dict[str, str]:
+    """A fit's settings as flat experiment-tracking parameters (``MLFlowHandler(experiment_param=...)``).
+
+    Args:
+        fit: the fit's settings; every field becomes a parameter of its name.
+        network: the :class:`~noder_monai.networks.NODER` (its ``config``: each argument as ``network.<name>``), or
+            None.
+        extra: other settings to record (``seed``, ``pretrained``, ``subject``), by name; None values are written
+            as ``"None"``.
+
+    Returns:
+        ``{name: str(value)}``, sequences written as lists (``"[4, 2, 1]"``).
+    """
+    def text(value: Any) -> str:
+        return str(list(value)) if isinstance(value, tuple) else str(value)
+
+    params = {name: text(value) for name, value in dataclasses.asdict(fit).items()}
+    for name, value in (getattr(network, "config", None) or {}).items():
+        params[f"network.{name}"] = text(value)
+    params.update({name: text(value) for name, value in extra.items()})
+    return params

@@ -152,7 +152,9 @@ class NODERTrainer(SupervisedTrainer):
     ``engine.state.output`` is a list of one dict (one subject is one sample, as after decollation, so
     ``from_engine(["loss"], first=True)`` works): ``image`` (baseline), ``label`` (targets), ``pred`` (warped),
     ``loss`` and ``terms`` (the loss terms as floats); ``engine.state.history`` the per-epoch records ``{"epoch",
-    "level", "total", "similarity", "smoothness", "boundary"}`` stored in the fitted subject.
+    "level", "total", "similarity", "smoothness", "boundary"}`` stored in the fitted subject; ``engine.state.metrics``
+    the epoch's ``loss_total``, ``loss_similarity``, ``loss_smoothness``, ``loss_boundary`` and ``level``, which
+    MONAI's ``MLFlowHandler`` and ``TensorBoardStatsHandler`` log every epoch.
 
     Args:
         device: torch device of the fit.
@@ -277,6 +279,7 @@ class NODERTrainer(SupervisedTrainer):
         engine.optimizer.step()
         values = {k: float(v.detach()) for k, v in terms.items()}
         engine.state.history.append({"epoch": len(engine.state.history), "level": level, **values})
+        engine.state.metrics.update({f"loss_{name}": value for name, value in values.items()}, level=level)
         output.update({Keys.PRED: warped.detach(), Keys.LOSS: terms["total"].detach(), "terms": values})
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
