@@ -406,7 +406,13 @@ def test_verify_net_in_out_before_any_fit_and_metadata_offline(data, tmp_path, c
                              "output_dir": str(tmp_path)})
     verify_metadata(meta_file=os.path.join(CONFIGS, "metadata.json"), filepath=SCHEMA)
     meta = json.load(open(os.path.join(CONFIGS, "metadata.json")))
-    assert meta["version"] in meta["changelog"] and "noder-monai" not in meta["required_packages_version"]
+    assert meta["version"] in meta["changelog"]
+    assert {"noder-monai", "torchdiffeq", "tensorboard", "pytorch-ignite"} <= set(meta["required_packages_version"])
+    inputs, outputs = meta["network_data_format"]["inputs"], meta["network_data_format"]["outputs"]
+    assert outputs["label"]["format"] == "segmentation" and outputs["label"]["num_channels"] == 1
+    spec_types = {"image", "series", "tuples", "probabilities"}  # the bundle specification's types
+    assert {entry["type"] for entry in [*inputs.values(), *outputs.values()]} <= spec_types
+    assert meta["eval_metrics"] and all(isinstance(value, float) for value in meta["eval_metrics"].values())
     assert "pip install -e ." in meta["description"] and "not TorchScript-exportable" in meta["description"]
     assert not os.listdir(tmp_path)  # nothing fitted, nothing written
 
@@ -426,12 +432,38 @@ def test_each_config_is_self_contained_and_overlays_layer_on_top():
         assert "common.json" not in open(os.path.join(CONFIGS, name)).read(), name
 
 
-def test_model_zoo_min_checks_offline():
-    """What model-zoo's ci/verify_bundle.py checks in min mode, offline: LICENSE, metadata, inference config, weights
-    that the configs load (one copy in the repository)."""
-    for name in ("LICENSE", "configs/metadata.json", "configs/inference.json", "models/model.pt"):
-        assert os.path.isfile(os.path.join(BUNDLE, name)), name
-    assert "Apache License" in open(os.path.join(BUNDLE, "LICENSE")).read()
+VERIFY_BUNDLE = """
+import sys
+sys.path.insert(0, {folder!r})
+import verify_bundle
+verify_bundle.exclude_verify_torchscript_list.append({name!r})
+verify_bundle.exclude_verify_shape_list.append({name!r})
+verify_bundle.verify({name!r}, {models!r}, "full")
+"""
+
+
+def test_model_zoo_verify_bundle_passes_in_full_mode_offline(tmp_path):
+    """model-zoo's ci/verify_bundle.py (kept verbatim in tests/model_zoo/), full mode, on a copy of bundle/ as the
+    model zoo lays it out, offline: files, version and changelog, metadata against the schema, properties; TorchScript
+    and the image-only shape check excluded as bundle_custom_data.py does for such bundles (the shape check with the
+    times: test_verify_net_in_out_before_any_fit_and_metadata_offline)."""
+    models = tmp_path / "models"
+    name = "noder_image_sequence_regression"
+    shutil.copytree(BUNDLE, models / name, ignore=shutil.ignore_patterns("outputs", "eval", "demo_data", "__pycache__"))
+    (models / name / "eval").mkdir()
+    shutil.copy(SCHEMA, models / name / "eval" / "schema.json")
+    (models / "model_info.json").write_text("{}")
+    script = VERIFY_BUNDLE.format(folder=os.path.join(REPO, "tests", "model_zoo"), name=name, models=str(models))
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for line in ("directory is verified correctly.", "version and changelog are verified correctly.",
+                 "metadata format is verified correctly.", "properties are verified correctly.",
+                 f"bundle: {name} does not support torchscript, skip verifying."):
+        assert line in result.stdout, result.stdout
+    version = json.load(open(os.path.join(CONFIGS, "metadata.json")))["version"]
+    (models / "model_info.json").write_text(json.dumps({f"{name}_v{version}": {}}))  # a released version
+    again = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and "is already used of bundle" in again.stderr  # the check can fail
     train = json.load(open(os.path.join(CONFIGS, "train.json")))
     assert "'models'" in train["pretrained"] and "'model.pt'" in train["pretrained"]
 
