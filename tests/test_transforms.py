@@ -333,7 +333,7 @@ def test_invertd_undoes_odewarpd_with_the_inverse_field(fitted):
     assert set(torch.unique(inverted).tolist()) == {0, 1} and inverted.shape == image.shape
 
 
-def test_savimaged_with_time_names_writes_one_file_per_query_time(fitted, tmp_path):
+def test_saveimaged_with_time_names_writes_one_file_per_query_time(fitted, tmp_path):
     """Two query times, one SaveImaged: two files (the time in the name), not one overwritten."""
     from noder_monai.transforms import TimeNameFormatter
 
