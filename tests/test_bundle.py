@@ -653,3 +653,16 @@ def test_multi_gpu_configs_shard_the_cohort_over_two_ranks(tmp_path):
     with open(os.path.join(eval_dir, "cohort_metrics.csv")) as handle:
         rows = [line.split(",")[:2] for line in handle.read().splitlines()[1:]]
     assert sorted((s, float(t)) for s, t in rows) == [(s, t) for s in ("sub-001", "sub-002", "sub-003") for t in (1.5, 3.0)]
+
+
+def test_monai_bundle_load_with_key_in_ckpt_gives_the_pretrained_encoder_and_decoder(tmp_path, monkeypatch):
+    """The docs' monai.bundle.load call: encoder and decoder from models/model.pt, nothing left at random there."""
+    import monai
+
+    monkeypatch.chdir(tmp_path)
+    network = monai.bundle.load(name=os.path.basename(BUNDLE), bundle_dir=REPO, device="cpu",
+                                net_override={"spatial_size": [16, 16, 16]}, key_in_ckpt="state_dict")
+    stored = torch.load(os.path.join(BUNDLE, "models", "model.pt"), weights_only=True)["state_dict"]
+    state = network.state_dict()
+    assert len(stored) == 14 and len(state) == 33
+    assert all(torch.equal(state[key], value) for key, value in stored.items())
