@@ -5,14 +5,6 @@ from monai.networks.blocks import Warp
 from noder_monai.data.synthetic import DEFAULT_TIMES, synthetic_sequence
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One torch thread: on a shared, busy CPU more threads run these small warps many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _jacobian_determinant(ddf):
     """det(I + grad ddf) per voxel, central differences (one-sided at the borders): (T, D, *S) -> (T, *S)."""
