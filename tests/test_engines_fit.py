@@ -241,3 +241,4 @@ def test_full_resolution_epochs_alternate_between_interleaved_groups_of_times():
     assert trainer._at_level(2, item)[3].numel() == 5  # coarser levels fit every time in every epoch
     with pytest.raises(ValueError, match="finest_time_groups must be an integer >= 1, got 0"):
         FitConfig(finest_time_groups=0)
+

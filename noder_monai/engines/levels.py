@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.networks.layers import separable_filtering
 from monai.networks.layers.convutils import gaussian_1d
 
+from noder_monai.functional import separable_filter
 from noder_monai.networks import scale_window
 from noder_monai.networks.autoencoder import pad_to_multiple
 
@@ -64,9 +64,9 @@ def check_finest_time_groups(groups: Any) -> int:
 
 def level_image(image: torch.Tensor, level: int, sigma: float = IMAGE_SMOOTHING_SIGMA) -> torch.Tensor:
     """The image the fit uses at ``level``: :func:`downsample_image`, then a Gaussian of ``sigma / level`` level
-    voxels (MONAI's ``gaussian_1d`` and ``separable_filtering``, border replicated; ``sigma`` in image voxels, so
-    the same physical width at every level; 0 smooths nothing), as ``antsRegistration --smoothing-sigmas`` smooths
-    its images per level.
+    voxels (MONAI's ``gaussian_1d`` kernel, :func:`~noder_monai.functional.separable_filter`, border replicated;
+    ``sigma`` in image voxels, so the same physical width at every level; 0 smooths nothing), as
+    ``antsRegistration --smoothing-sigmas`` smooths its images per level.
 
     Why: warping a noisy source with linear interpolation averages its noise by an amount that depends on the
     sub-voxel shift (most at half a voxel), so the local NCC to a noisy target rises off the true alignment whatever
@@ -82,8 +82,8 @@ def level_image(image: torch.Tensor, level: int, sigma: float = IMAGE_SMOOTHING_
     image = downsample_image(image, level)
     if sigma == 0:
         return image
-    kernel = gaussian_1d(torch.tensor(sigma / level), truncated=4.0, approx="erf").to(image)
-    return separable_filtering(image, [kernel] * (image.ndim - 2), mode="replicate")
+    kernel = gaussian_1d(torch.tensor(sigma / level), truncated=4.0, approx="erf")
+    return separable_filter(image, kernel, padding_mode="replicate")
 
 
 #: Default ``finest_time_groups`` of :class:`NODERTrainer`: full-resolution epochs alternate between two halves of

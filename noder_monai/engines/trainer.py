@@ -70,8 +70,8 @@ def subject_template(model: NODER, images: torch.Tensor, scaled_times: torch.Ten
         (1, 1, *S) the template, in the first scan's space and the scans' (normalised) intensities.
     """
     inverse = model.displacement(scaled_times[1:], inverse=True)
-    pulled = model.warp(images[1:], inverse)
-    return torch.cat([images[:1], pulled]).median(dim=0).values[None]
+    pulled = [model.warp(images[index:index + 1], inverse[index - 1:index]) for index in range(1, len(images))]
+    return torch.cat([images[:1], *pulled]).median(dim=0).values[None]
 
 
 FINAL_LR_FRACTION = 0.05
@@ -258,12 +258,13 @@ class NODERTrainer(SupervisedTrainer):
             baseline = engine._template_at(level)
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        warped, ddf = engine.network(baseline, times, level)
+        field = engine.network.displacement_field(times, level)
+        warped = engine.network.warp(baseline.expand(len(times), *baseline.shape[1:]), field.dense())
         # one subject is one sample: the output is the decollated form, a list of one dict
         output = {Keys.IMAGE: baseline, Keys.LABEL: targets, Keys.PRED: warped}
         engine.state.output = [output]
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        terms = loss_function(warped, targets, ddf)
+        terms = loss_function(warped, targets, field)
         if not bool(torch.isfinite(terms["total"])):
             raise FloatingPointError(
                 f"subject '{batchdata.get('subject', ['subject'])[0]}': the fit diverged: loss is "
