@@ -16,15 +16,17 @@ the last. The table ends with the fitted exponent ``a`` of ``cost ~ voxels^a`` o
 
 ``--compare-tree DIR`` also fits with the package of another source tree (``git archive <commit> | tar -x -C DIR``)
 at its own defaults, alternating the two in fresh processes, and prints the ratios of fit time and peak memory: the
-way to compare versions on a shared machine.
+way to compare versions on a shared machine. ``--variants`` adds fits of this tree with other ``FitConfig`` settings
+(JSON objects, e.g. ``'{"similarity_voxels": null}'``), in the same alternation.
 
     python benchmarks/scale.py [--sizes 64 96 128 144x176x144 182x218x182] [--epochs 30] [--threads 2]
-        [--device cpu] [--repeats 1] [--compare-tree DIR] [--cache DIR]
+        [--device cpu] [--repeats 1] [--compare-tree DIR] [--variants JSON ...] [--cache DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import multiprocessing
 import os
@@ -133,7 +135,8 @@ def _reset_peak_rss() -> None:
 
 
 def fit_once(job: dict) -> dict:
-    """One fit and prediction of a cached subject (``job``: path, tree, epochs, threads, device); a result record.
+    """One fit and prediction of a cached subject (``job``: path, tree, epochs, threads, device, settings: other
+    ``FitConfig`` fields); a result record.
 
     With ``job["tree"]`` the package is imported from that source tree (run it in a fresh process)."""
     if job.get("tree"):
@@ -161,11 +164,12 @@ def fit_once(job: dict) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     start = now()
-    fitted = fit_sequence(sequence, FitConfig(epochs=job["epochs"]), device=device, seed=0, progress=False,
+    config = FitConfig(epochs=job["epochs"], **job.get("settings", {}))
+    fitted = fit_sequence(sequence, config, device=device, seed=0, progress=False,
                           callback=lambda record: stamps.append((int(record["level"]), now())))
     fit_s = now() - start
     record: dict[str, Any] = {
-        "size": "x".join(map(str, shape)), "voxels": math.prod(shape), "tree": job.get("tree") or "this tree",
+        "size": "x".join(map(str, shape)), "voxels": math.prod(shape), "tree": _label(job),
         "epochs": len(stamps), "fit_s": fit_s, "peak_rss_gb": _peak_rss_gb(),
         "cuda_peak_gb": torch.cuda.max_memory_allocated(device) / 1024**3 if cuda else math.nan,
     }
@@ -193,6 +197,12 @@ def fit_once(job: dict) -> dict:
     return record
 
 
+def _label(job: dict) -> str:
+    """The table's name of a job: its tree (or "this tree") and its settings, if any."""
+    label = job.get("tree") or "this tree"
+    return label + (f" {json.dumps(job['settings'])}" if job.get("settings") else "")
+
+
 def _in_fresh_process(function: Callable, argument: Any) -> Any:
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(function, (argument,))
@@ -203,14 +213,15 @@ def run(
     epochs: int = 30,
     threads: int = 2,
     device: str = "cpu",
-    trees: Sequence[str | None] = (None,),
+    trees: Sequence[str | None | dict] = (None,),
     repeats: int = 1,
     cache: str | None = None,
     fresh_processes: bool = True,
     source: str | None = COLIN27,
     log: Callable[[str], None] | None = None,
 ) -> tuple[list[dict], dict[str, str]]:
-    """Fit every size with every tree (None: this one), alternating trees within each repeat.
+    """Fit every size with every tree (None: this one; a dict: this one with those ``FitConfig`` settings),
+    alternating trees within each repeat.
 
     Returns:
         (records, anatomy per size): one record per fit with the keys :data:`COLUMNS`.
@@ -228,7 +239,8 @@ def run(
         anatomies["x".join(map(str, shape))] = _anatomy_of(path)
         for _ in range(repeats):
             for tree in trees:
-                job = {"path": path, "tree": tree, "epochs": epochs, "threads": threads, "device": device}
+                job = {"path": path, "epochs": epochs, "threads": threads, "device": device}
+                job.update({"settings": tree} if isinstance(tree, dict) else {"tree": tree})
                 record = call(fit_once, job)
                 records.append(record)
                 if log is not None:
@@ -295,16 +307,15 @@ def markdown(rows: Sequence[dict], header: str) -> str:
         )
     trees = list(dict.fromkeys(row["tree"] for row in rows))
     if len(trees) > 1:
-        lines += ["", f"Ratios {trees[0]} / {trees[1]} (same run):", "", "| size | fit time | peak RSS | NRMSE interp "
-                  "| NRMSE extrap |", "|---|---|---|---|---|"]
+        reference = trees[-1]
+        lines += ["", f"Ratios to {reference} (same run):", "", "| size | tree | fit time | peak RSS | NRMSE interp "
+                  "| NRMSE extrap |", "|---|---|---|---|---|---|"]
         for size in dict.fromkeys(row["size"] for row in rows):
-            pair = [next((r for r in rows if r["size"] == size and r["tree"] == tree), None) for tree in trees[:2]]
-            if None in pair:
-                continue
-            ours, theirs = pair
-            lines.append(f"| {size} | " + " | ".join(
-                cell(ours[key] / theirs[key], 2)
-                for key in ("fit_s", "peak_rss_gb", "nrmse_interpolation", "nrmse_extrapolation")) + " |")
+            theirs = next((r for r in rows if r["size"] == size and r["tree"] == reference), None)
+            for ours in (r for r in rows if r["size"] == size and r["tree"] != reference and theirs is not None):
+                lines.append(f"| {size} | {ours['tree']} | " + " | ".join(
+                    cell(ours[key] / theirs[key], 2)
+                    for key in ("fit_s", "peak_rss_gb", "nrmse_interpolation", "nrmse_extrapolation")) + " |")
     lines += ["", "Fitted exponent a of cost ~ voxels^a over the sizes:", "",
               "| tree | fit time | s/epoch at full resolution | peak RSS | predict s |", "|---|---|---|---|---|"]
     for tree in trees:
@@ -325,12 +336,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="torch device of the fits (e.g. cuda)")
     parser.add_argument("--repeats", type=int, default=1, help="fits per size and tree; medians are reported")
     parser.add_argument("--compare-tree", default=None, help="also fit with the package of this source tree")
+    parser.add_argument("--variants", nargs="*", default=[], type=json.loads,
+                        help="more fits of this tree with these FitConfig settings (JSON objects)")
     parser.add_argument("--cache", default=None, help="folder of the generated subjects (default: a temp folder)")
     parser.add_argument("--output", type=Path, default=None, help="also write the markdown here")
     args = parser.parse_args(argv)
     for size in args.sizes:
         parse_size(size)
-    trees = [None] + ([os.path.abspath(args.compare_tree)] if args.compare_tree else [])
+    trees = [None] + list(args.variants) + ([os.path.abspath(args.compare_tree)] if args.compare_tree else [])
     load_before, started = os.getloadavg(), time.perf_counter()
     records, anatomies = run(args.sizes, args.epochs, args.threads, args.device, trees, args.repeats, args.cache,
                              log=lambda line: print(line, file=sys.stderr, flush=True))

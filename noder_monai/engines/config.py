@@ -19,8 +19,10 @@ from noder_monai.engines.levels import (
     FINEST_TIME_GROUPS,
     IMAGE_SMOOTHING_SIGMA,
     MIN_LEVEL_VOXELS,
+    SIMILARITY_VOXELS,
     check_finest_time_groups,
     check_image_smoothing_sigma,
+    check_similarity_voxels,
 )
 from noder_monai.losses import NODERLoss
 from noder_monai.model import PREDICT_SOURCES
@@ -70,6 +72,11 @@ class FitConfig:
         finest_time_groups: at full resolution (level 1), each epoch fits one of this many interleaved groups of
             the observed times in turn, so a full-resolution epoch costs about 1 / groups of one over all times
             (the recorded loss of such an epoch is its group's). 1 fits every time in every epoch.
+        similarity_voxels: the similarity of an epoch scores at most about this many voxels, in a random box of the
+            level's grid (as ANTs and elastix sample their metric; :func:`~noder_monai.engines.levels.similarity_box`),
+            so a full-resolution epoch of a large image costs about what one of a 64^3 image does. The smoothness and
+            boundary terms always cover the whole field. Grids up to about twice this size are scored whole (the
+            default scores every voxel of a 64^3 fit at every level). None scores every voxel of every grid.
     """
 
     epochs: int = 300
@@ -87,6 +94,7 @@ class FitConfig:
     template_start: float = 0.5
     image_smoothing_sigma: float = IMAGE_SMOOTHING_SIGMA
     finest_time_groups: int = FINEST_TIME_GROUPS
+    similarity_voxels: int | None = SIMILARITY_VOXELS
 
     def __post_init__(self) -> None:
         self.levels = tuple(int(v) for v in self.levels)
@@ -113,6 +121,7 @@ class FitConfig:
             raise ValueError(f"template_start must be in [0, 1), got {self.template_start}.")
         self.image_smoothing_sigma = check_image_smoothing_sigma(self.image_smoothing_sigma)
         check_finest_time_groups(self.finest_time_groups)
+        check_similarity_voxels(self.similarity_voxels)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "FitConfig":

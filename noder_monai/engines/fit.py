@@ -87,6 +87,7 @@ def fit_sequence(
         train_handlers=handlers,
         image_smoothing_sigma=config.image_smoothing_sigma,
         finest_time_groups=config.finest_time_groups,
+        similarity_voxels=config.similarity_voxels,
     )
     _show_progress(trainer, progress, f"fit {sequence.subject}")
     trainer.run()

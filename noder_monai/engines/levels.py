@@ -7,7 +7,7 @@ coarse to fine over ``FitConfig.levels``.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +21,14 @@ __all__ = [
     "FINEST_TIME_GROUPS",
     "IMAGE_SMOOTHING_SIGMA",
     "MIN_LEVEL_VOXELS",
+    "SIMILARITY_VOXELS",
     "check_finest_time_groups",
     "check_image_smoothing_sigma",
+    "check_similarity_voxels",
     "downsample_image",
     "level_image",
     "level_window",
+    "similarity_box",
 ]
 
 
@@ -93,6 +96,57 @@ FINEST_TIME_GROUPS = 2
 
 #: The loss (smoothness and boundary terms, NCC windows) needs this many voxels along every axis at every level.
 MIN_LEVEL_VOXELS = 3
+
+#: Default ``similarity_voxels`` of :class:`NODERTrainer`: at most about 64^3 voxels scored by the similarity per
+#: epoch (a fit at 64^3 or smaller scores every voxel).
+SIMILARITY_VOXELS = 64**3
+
+
+def check_similarity_voxels(voxels: Any) -> int | None:
+    """``voxels`` unchanged; raises ValueError naming ``similarity_voxels`` unless it is None or an integer >= 1."""
+    if voxels is not None and (isinstance(voxels, bool) or not isinstance(voxels, int) or voxels < 1):
+        raise ValueError(f"similarity_voxels must be None or an integer >= 1, got {voxels!r}.")
+    return voxels
+
+
+def similarity_box(
+    size: Sequence[int], voxels: int | None, radius: int
+) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+    """A random box of a level grid on which one epoch's similarity is computed, or None for the whole grid.
+
+    As ANTs and elastix sample their metric, an epoch need not score every voxel of a large image: the box holds
+    about ``voxels`` scored voxels (the same fraction of every axis), centred on a voxel drawn uniformly from torch's
+    global generator (so a seeded fit draws the same boxes) and clipped to the grid, so that every voxel is scored
+    about equally often (voxels at the grid's edge half as often as the others). The field, the warp and the NCC
+    windows are computed on the box widened by the window ``radius`` on every side that is not the grid's edge; the
+    widening is not scored, so every scored voxel's window is the one it has in the whole grid (or reaches the
+    grid's edge, where both are padded alike). None (score every voxel) when ``voxels`` is None or the widened box
+    would hold more than half of the grid.
+
+    Args:
+        size: the level grid's size.
+        voxels: about how many voxels to score, >= 1; None: all.
+        radius: the NCC window's radius (``window // 2``).
+
+    Returns:
+        ``(region, scored)``: the computed box as one slice per axis of the grid, and the scored part as slices of
+        the box; or None.
+    """
+    total = math.prod(size)
+    if voxels is None or voxels >= total:
+        return None
+    fraction = (voxels / total) ** (1 / len(size))
+    inner = [min(n, max(1, round(n * fraction))) for n in size]
+    if math.prod(min(n, c + 2 * radius) for n, c in zip(size, inner)) > total / 2:
+        return None
+    region, scored = [], []
+    for n, c in zip(size, inner):
+        start = int(torch.randint(n, ())) - c // 2
+        first, stop = max(0, start), min(n, start + c)
+        low, high = max(0, first - radius), min(n, stop + radius)
+        region.append(slice(low, high))
+        scored.append(slice(first - low, stop - low))
+    return tuple(region), tuple(scored)
 
 
 def level_window(kernel_size: int, level: int) -> int:

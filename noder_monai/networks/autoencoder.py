@@ -62,12 +62,13 @@ def _smooth_upsample_matrix(
 ) -> torch.Tensor:
     """(out_size, in_size) matrix of 1D linear upsampling by ``factor`` then a zero-padded box mean, computed in
     float64 on the CPU and kept per ``device`` and ``dtype`` (no copy to the device per call)."""
-    if device is not None or dtype != torch.float64:
-        return _smooth_upsample_matrix(in_size, factor, out_size, kernel_size).to(device=device, dtype=dtype)
-    basis = torch.eye(in_size, dtype=torch.float64)[None]
-    if factor > 1:
-        basis = F.interpolate(basis, scale_factor=factor, mode="linear", align_corners=False)
-    return box_filter(basis[:, :, :out_size], kernel_size)[0].T.contiguous()
+    with torch.inference_mode(False), torch.no_grad():  # cached: an ordinary tensor even if first made for a prediction
+        if device is not None or dtype != torch.float64:
+            return _smooth_upsample_matrix(in_size, factor, out_size, kernel_size).to(device=device, dtype=dtype)
+        basis = torch.eye(in_size, dtype=torch.float64)[None]
+        if factor > 1:
+            basis = F.interpolate(basis, scale_factor=factor, mode="linear", align_corners=False)
+        return box_filter(basis[:, :, :out_size], kernel_size)[0].T.contiguous()
 
 
 def smooth_upsample_field(

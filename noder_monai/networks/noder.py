@@ -10,7 +10,7 @@ All query times go through the decoder, the filter and the warp as one batch.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -167,17 +167,21 @@ class NODER(nn.Module):
         """
         if not inverse:
             return self.displacement_field(times, level).dense()
+        return torch.cat(list(self.inverse_displacements(times, level)))
+
+    def inverse_displacements(self, times: torch.Tensor, level: int = 1) -> Iterator[torch.Tensor]:
+        """``displacement(times, level, inverse=True)`` one time after another: yields (1, D, *ceil(S / level)) per
+        time of ``times`` (T,), in order, so that only one full-size inverse map is held at a time (the latent
+        trajectory is integrated once for all times)."""
         coarse = self._decoded(times, level)
         size = self._level_size(level)
-        inverses = []
-        for one in coarse.split(1):  # one map at a time: the inversion's working memory is that of one field
+        for one in coarse.split(1):
             if self.field == "displacement":
-                inverses.append(invert_displacement(self._displacement_field(one, level, size).dense()))
+                yield invert_displacement(self._displacement_field(one, level, size).dense())
                 continue
             velocity = self._velocity(one)
             ddf = self._exponential_field(velocity, level, size).dense()
-            inverses.append(invert_displacement(ddf, 10, initial=self._exponential_field(-velocity, level, size).dense()))
-        return torch.cat(inverses)
+            yield invert_displacement(ddf, 10, initial=self._exponential_field(-velocity, level, size).dense())
 
     def displacement_field(self, times: torch.Tensor, level: int = 1) -> SeparableField:
         """:meth:`displacement` at ``times`` (T,) as a :class:`~noder_monai.functional.SeparableField` on the grid of
