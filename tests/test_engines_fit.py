@@ -281,3 +281,14 @@ def test_a_fit_that_scores_random_boxes_runs_and_scores_whole_small_grids_as_bef
     assert boxed.history[3]["similarity"] != default.history[3]["similarity"]
     with pytest.raises(ValueError, match="similarity_voxels must be None or an integer >= 1, got 0"):
         FitConfig(similarity_voxels=0)
+
+
+def test_subject_collate_adds_the_batch_axis_as_a_view_and_takes_one_subject():
+    from noder_monai.engines import subject_collate
+
+    item = {"image": torch.rand(3, 4, 4, 4), "time": torch.tensor([0.0, 1.0, 2.0]), "subject": "s"}
+    batch = subject_collate([item])
+    assert batch["image"].shape == (1, 3, 4, 4, 4) and batch["subject"] == ["s"]
+    assert batch["image"].data_ptr() == item["image"].data_ptr()  # no copy of the scans
+    with pytest.raises(ValueError, match="subject_collate collates one subject item, got 2"):
+        subject_collate([item, item])

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from noder_monai.data import SubjectSequence
 from noder_monai.engines.config import FitConfig, check_fit_inputs
 from noder_monai.engines.handlers import CoarseToFineHandler, EpochCallbackHandler, TemplateHandler
-from noder_monai.engines.trainer import NODERTrainer, cosine_schedule, fitted_subject, init_network
+from noder_monai.engines.trainer import NODERTrainer, cosine_schedule, fitted_subject, init_network, subject_collate
 from noder_monai.losses import NODERLoss
 from noder_monai.model import FittedSubject
 from noder_monai.networks import NODER
@@ -83,7 +83,7 @@ def fit_sequence(
         optimizer=optimizer,
         loss_function=_loss(config, model.spatial_dims),
         max_epochs=config.epochs,
-        train_data_loader=DataLoader([item], batch_size=1),
+        train_data_loader=DataLoader([item], batch_size=1, collate_fn=subject_collate),
         train_handlers=handlers,
         image_smoothing_sigma=config.image_smoothing_sigma,
         finest_time_groups=config.finest_time_groups,

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -47,6 +47,7 @@ __all__ = [
     "fitted_subject",
     "init_network",
     "prepare_sequence_batch",
+    "subject_collate",
     "subject_template",
 ]
 
@@ -144,6 +145,18 @@ def prepare_sequence_batch(
         raise ValueError(f"batch 'time' must hold one time per scan ({image.shape[1]}), got {times.tolist()}.")
     scaled = ((times - times[0]) / (times[-1] - times[0])).to(device=device, dtype=torch.float32)
     return image[:, :1], image[0, 1:, None], scaled[1:]
+
+
+def subject_collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``collate_fn`` of a subject's ``DataLoader`` (batch size 1): the batch's tensors are the item's with a batch
+    axis added as a view, without the copy of every scan that stacking makes each epoch; other values in a list.
+
+    Raises:
+        ValueError: for a batch of more than one item.
+    """
+    if len(items) != 1:
+        raise ValueError(f"subject_collate collates one subject item, got {len(items)}.")
+    return {key: value.unsqueeze(0) if isinstance(value, torch.Tensor) else [value] for key, value in items[0].items()}
 
 
 class NODERTrainer(SupervisedTrainer):

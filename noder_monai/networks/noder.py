@@ -173,9 +173,8 @@ class NODER(nn.Module):
         """``displacement(times, level, inverse=True)`` one time after another: yields (1, D, *ceil(S / level)) per
         time of ``times`` (T,), in order, so that only one full-size inverse map is held at a time (the latent
         trajectory is integrated once for all times)."""
-        coarse = self._decoded(times, level)
         size = self._level_size(level)
-        for one in coarse.split(1):
+        for one in self._decoded(times).split(1):
             if self.field == "displacement":
                 yield invert_displacement(self._displacement_field(one, level, size).dense())
                 continue
@@ -187,30 +186,33 @@ class NODER(nn.Module):
         """:meth:`displacement` at ``times`` (T,) as a :class:`~noder_monai.functional.SeparableField` on the grid of
         ``level``: its ``dense()`` is the field, ``dense(region)`` the field on a box only, and its ``smoothness()``
         and ``boundary()`` the loss terms of the dense field, computed on the decoder grid."""
-        coarse = self._decoded(times, level)
         size = self._level_size(level)
+        coarse = self._decoded(times)
         if self.field == "displacement":
             return self._displacement_field(coarse, level, size)
         return self._exponential_field(self._velocity(coarse), level, size)
 
     def _level_size(self, level: int) -> list[int]:
+        """The grid of ``level``; raises ValueError naming ``level`` unless it is one of :data:`LEVELS`."""
         if level not in LEVELS:
             raise ValueError(f"level must be one of {LEVELS}, got {level!r}.")
         return [math.ceil(s / level) for s in self.spatial_size]
 
-    def _decoded(self, times: torch.Tensor, level: int) -> torch.Tensor:
+    def _decoded(self, times: torch.Tensor) -> torch.Tensor:
         """The decoded fields at ``times`` minus the decoded initial state (T, D, *decoder grid), image voxels."""
-        self._level_size(level)
         decoded = self.decoder(torch.cat([self.initial_state, self.latent_trajectory(times)]))
         return decoded[1:] - decoded[:1]
 
     def _displacement_field(self, coarse: torch.Tensor, level: int, size: list[int]) -> SeparableField:
-        field = smooth_upsample_field(coarse, DECODER_STRIDE // level, size, scale_window(self.smoothing_kernel, level))
+        """The decoded displacement (``field="displacement"``) upsampled and box-filtered to ``level`` (level voxels)."""
+        window = scale_window(self.smoothing_kernel, level)
+        field = smooth_upsample_field(coarse, DECODER_STRIDE // level, size, window)
         return SeparableField(field.coarse / level, field.matrices)
 
     def _velocity(self, coarse: torch.Tensor) -> torch.Tensor:
         """The smoothed stationary velocity on the decoder grid, in decoder voxels."""
-        return smooth_upsample(coarse, 1, coarse.shape[2:], scale_window(self.smoothing_kernel, DECODER_STRIDE)) / DECODER_STRIDE
+        window = scale_window(self.smoothing_kernel, DECODER_STRIDE)
+        return smooth_upsample(coarse, 1, coarse.shape[2:], window) / DECODER_STRIDE
 
     def _exponential_field(self, velocity: torch.Tensor, level: int, size: list[int]) -> SeparableField:
         """Scaling and squaring of a decoder-grid velocity (decoder voxels), upsampled to ``level`` (level voxels)."""
