@@ -24,6 +24,7 @@ from noder_monai.engines.levels import (
     check_image_smoothing_sigma,
     check_similarity_voxels,
 )
+from noder_monai.engines.memory import check_fit_memory
 from noder_monai.losses import NODERLoss
 from noder_monai.model import PREDICT_SOURCES
 from noder_monai.networks import LEVELS
@@ -182,7 +183,9 @@ def _raw(item: Mapping[str, Any], value: float) -> float:
     return float(IntensityMapping.from_dict(item["intensity"]).inverse(torch.tensor(value, dtype=torch.float64)))
 
 
-def check_fit_inputs(item: Mapping[str, Any], config: FitConfig) -> FitConfig:
+def check_fit_inputs(
+    item: Mapping[str, Any], config: FitConfig, device: str | torch.device = "cpu"
+) -> FitConfig:
     """Refuse what a fit cannot handle before any work, and adapt the levels to the image size.
 
     Every fit passes here: :func:`~noder_monai.engines.fit_sequence` (Python and the ``noder`` command) and the
@@ -190,13 +193,16 @@ def check_fit_inputs(item: Mapping[str, Any], config: FitConfig) -> FitConfig:
 
     Checks: ``ncc_kernel_size`` is an odd integer >= 3; every spatial axis has at least :data:`MIN_LEVEL_VOXELS`
     voxels (a 2D image must be stored with one singleton axis, which is dropped on reading); the baseline (the only
-    image ever warped) is not constant. Levels too coarse for some axis (fewer than 3 level voxels along it) are
-    dropped, their epochs given to the next finer level, and this is logged.
+    image ever warped) is not constant; the fit's estimated peak memory fits in what is free on ``device``
+    (:func:`~noder_monai.engines.memory.check_fit_memory`, before anything of the fit is allocated). Levels too
+    coarse for some axis (fewer than 3 level voxels along it) are dropped, their epochs given to the next finer
+    level, and this is logged.
 
     Args:
         item: the training item: ``image`` (T, *S) scans as channels (a ``MetaTensor`` whose ``filename_or_obj``
             lists the files, for messages), ``subject``, and ``intensity`` when the scans are normalised.
         config: the settings asked for.
+        device: the device the fit will run on (its free memory is compared with the estimate).
 
     Returns:
         the configuration actually used (``config`` itself when nothing was dropped).
@@ -214,6 +220,7 @@ def check_fit_inputs(item: Mapping[str, Any], config: FitConfig) -> FitConfig:
                 f"{MIN_LEVEL_VOXELS} along every axis (a 2D image must be stored with exactly one axis of length 1)."
             )
     _check_content(item, images)
+    check_fit_memory(size, images.shape[0], device, str(item.get("subject", "subject")))
     return _drop_coarse_levels(item, config, size)
 
 

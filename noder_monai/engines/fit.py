@@ -65,14 +65,15 @@ def fit_sequence(
         was fitted on (``fitted_on``).
 
     Raises:
-        ValueError: before any work, from :func:`check_fit_inputs` (sizes, NCC window, constant baseline), naming
-            the subject and file.
+        ValueError: before any work, from :func:`check_fit_inputs` (sizes, NCC window, constant baseline, memory),
+            naming the subject and file.
         FloatingPointError: the loss or the weights became NaN/Inf (the fit diverged); nothing is returned.
     """
     torch.manual_seed(seed)
     device = torch.device(device)
-    item = IntensityMappingd(keys=Keys.IMAGE)(sequence_item(sequence))
-    config = check_fit_inputs(item, config or FitConfig())
+    item = sequence_item(sequence)
+    config = check_fit_inputs(item, config or FitConfig(), device)  # before the normalised copy of the scans
+    item = IntensityMappingd(keys=Keys.IMAGE)(item)
     network_def = NODER(tuple(item[Keys.IMAGE].shape[1:]), **(network or {}))
     model = init_network(network_def, pretrained, config.finetune_decoder).to(device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
