@@ -8,9 +8,12 @@ six visits observed over 6.5 years (0, 1, 2.2, 3.5, 5, 6.5), held out 1.6 and 4.
 Accuracy is NRMSE against the noise-free truth, next to linear intensity interpolation of the noisy scans.
 
 Every fit runs in a fresh process (its peak memory is its own; the data it fits are loaded first and counted), the
-subjects are made once per size in another process and cached under ``--cache``. Per run: fit seconds, seconds per
-epoch at each level (1/4, 1/2, full resolution), peak resident memory of the fit (``VmHWM``, reset before the fit
-through ``/proc/self/clear_refs``; with ``--device cuda`` also ``torch.cuda.max_memory_allocated``), prediction
+subjects are made once per size in another process and cached under ``--cache``. Per run: fit seconds (wall clock
+and CPU time of the process, all threads; on a machine shared with other jobs CPU time is the steadier measure), CPU
+seconds of the first epoch (set-up included) and per later epoch at each level (1/4, 1/2, full resolution), peak
+resident memory of the process during the fit (``VmHWM``, reset before the fit through ``/proc/self/clear_refs``) and
+the fit's own part of it (the peak minus the memory in use when the fit starts, next to the package's estimate,
+``noder_monai.engines.memory``; with ``--device cuda`` also ``torch.cuda.max_memory_allocated``), prediction
 seconds per time point (image, field and Jacobian map) and the prediction's own peak, NRMSE between visits and after
 the last. The table ends with the fitted exponent ``a`` of ``cost ~ voxels^a`` over the sizes.
 
@@ -44,8 +47,8 @@ HELDOUT_TIMES = {"interpolation": (1.6, 4.2), "extrapolation": (7.5,)}
 NOISE, LOCAL = 0.03, 2.0
 LEVEL_COLUMNS = (4, 2, 1)
 COLUMNS = (
-    "size", "voxels", "tree", "epochs", "fit_s", "first_epoch_s", "s_per_epoch_level_4", "s_per_epoch_level_2", "s_per_epoch_level_1",
-    "peak_rss_gb", "cuda_peak_gb", "predict_s", "predict_peak_gb", "nrmse_interpolation", "nrmse_extrapolation",
+    "size", "voxels", "tree", "epochs", "fit_s", "fit_cpu_s", "first_epoch_s", "s_per_epoch_level_4", "s_per_epoch_level_2", "s_per_epoch_level_1",
+    "peak_rss_gb", "fit_peak_gb", "estimate_gb", "cuda_peak_gb", "predict_s", "predict_peak_gb", "nrmse_interpolation", "nrmse_extrapolation",
     "linear_nrmse_interpolation", "linear_nrmse_extrapolation",
 )
 """Keys of every result record (``cuda_peak_gb`` is NaN on the CPU)."""
@@ -73,7 +76,7 @@ def anatomy(shape: Sequence[int], source: str | None = COLIN27) -> tuple[Any, st
     from monai.transforms import Resize, SpatialPad
 
     if source is not None and os.path.isfile(source):
-        from noder_monai.data.io import load_image
+        from noder_monai.io import load_image
 
         volume, _ = load_image(source, reader="nibabel")
         described = f"Colin27 at full resolution ({source})"
@@ -159,24 +162,26 @@ def fit_once(job: dict) -> dict:
     subject = torch.load(job["path"], weights_only=True)
     sequence = SubjectSequence.from_tensors(subject["images"], subject["times"], subject="scale")
     shape = tuple(sequence.spatial_size)
-    stamps: list[tuple[int, float]] = []
+    stamps: list[tuple[int, float, float]] = []
     _reset_peak_rss()
+    start_rss = _peak_rss_gb()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    start = now()
+    start, cpu_start = now(), time.process_time()
     config = FitConfig(epochs=job["epochs"], **job.get("settings", {}))
     fitted = fit_sequence(sequence, config, device=device, seed=0, progress=False,
-                          callback=lambda record: stamps.append((int(record["level"]), now())))
-    fit_s = now() - start
+                          callback=lambda record: stamps.append((int(record["level"]), now(), time.process_time())))
+    fit_s, fit_cpu_s = now() - start, time.process_time() - cpu_start
     record: dict[str, Any] = {
         "size": "x".join(map(str, shape)), "voxels": math.prod(shape), "tree": _label(job),
-        "epochs": len(stamps), "fit_s": fit_s, "peak_rss_gb": _peak_rss_gb(),
+        "epochs": len(stamps), "fit_s": fit_s, "fit_cpu_s": fit_cpu_s, "peak_rss_gb": _peak_rss_gb(),
+        "fit_peak_gb": _peak_rss_gb() - start_rss, "estimate_gb": _estimate_gb(shape, len(sequence.images)),
         "cuda_peak_gb": torch.cuda.max_memory_allocated(device) / 1024**3 if cuda else math.nan,
     }
-    record["first_epoch_s"] = stamps[0][1] - start if stamps else math.nan
-    previous = stamps[0][1] if stamps else start
+    record["first_epoch_s"] = stamps[0][2] - cpu_start if stamps else math.nan
+    previous = stamps[0][2] if stamps else cpu_start
     durations: dict[int, list[float]] = {}
-    for level, stamp in stamps[1:]:
+    for level, _, stamp in stamps[1:]:
         durations.setdefault(level, []).append(stamp - previous)
         previous = stamp
     for level in LEVEL_COLUMNS:
@@ -195,6 +200,15 @@ def fit_once(job: dict) -> dict:
         record[f"nrmse_{split}"] = float(nrmse(images, subject[f"truth_{split}"]).mean())
         record[f"linear_nrmse_{split}"] = subject[f"linear_nrmse_{split}"]
     return record
+
+
+def _estimate_gb(shape: Sequence[int], scans: int) -> float:
+    """The package's estimate of the fit's own peak (``noder_monai.engines.memory``), NaN for a tree without one."""
+    try:
+        from noder_monai.engines.memory import fit_memory_estimate
+    except ImportError:
+        return math.nan
+    return fit_memory_estimate(shape, scans) / 2**30
 
 
 def _label(job: dict) -> str:
@@ -292,15 +306,17 @@ def markdown(rows: Sequence[dict], header: str) -> str:
     def cell(value: Any, digits: int) -> str:
         return "-" if isinstance(value, float) and not math.isfinite(value) else f"{value:.{digits}f}"
 
-    lines = [header, "", "| size | voxels | tree | epochs | fit s | first epoch s | s/epoch at 1/4 | at 1/2 | at full | peak RSS GB | "
+    lines = [header, "", "| size | voxels | tree | epochs | fit s | fit CPU s | first epoch CPU s | CPU s/epoch at 1/4 | at 1/2 | at full | "
+             "peak RSS GB | fit's own peak GB | its estimate GB | "
              "CUDA peak GB | predict s per time | predict peak GB | NRMSE interp | NRMSE extrap | linear interp. "
-             "NRMSE interp | extrap |", "|" + "---|" * 17]
+             "NRMSE interp | extrap |", "|" + "---|" * 20]
     for row in rows:
         lines.append(
             f"| {row['size']} | {row['voxels']} | {row['tree']} | {row['epochs']} | {cell(row['fit_s'], 1)} | "
-            f"{cell(row['first_epoch_s'], 1)} | "
+            f"{cell(row['fit_cpu_s'], 1)} | {cell(row['first_epoch_s'], 1)} | "
             + " | ".join(cell(row[f"s_per_epoch_level_{level}"], 3) for level in LEVEL_COLUMNS)
-            + f" | {cell(row['peak_rss_gb'], 2)} | {cell(row['cuda_peak_gb'], 2)} | {cell(row['predict_s'], 2)} | "
+            + f" | {cell(row['peak_rss_gb'], 2)} | {cell(row['fit_peak_gb'], 2)} | {cell(row['estimate_gb'], 2)} | "
+            f"{cell(row['cuda_peak_gb'], 2)} | {cell(row['predict_s'], 2)} | "
             f"{cell(row['predict_peak_gb'], 2)} | {cell(row['nrmse_interpolation'], 4)} | "
             f"{cell(row['nrmse_extrapolation'], 4)} | {cell(row['linear_nrmse_interpolation'], 4)} | "
             f"{cell(row['linear_nrmse_extrapolation'], 4)} |"
@@ -308,22 +324,24 @@ def markdown(rows: Sequence[dict], header: str) -> str:
     trees = list(dict.fromkeys(row["tree"] for row in rows))
     if len(trees) > 1:
         reference = trees[-1]
-        lines += ["", f"Ratios to {reference} (same run):", "", "| size | tree | fit time | peak RSS | NRMSE interp "
-                  "| NRMSE extrap |", "|---|---|---|---|---|---|"]
+        lines += ["", f"Ratios to {reference} (same run):", "", "| size | tree | fit time | fit CPU time | peak RSS "
+                  "| NRMSE interp | NRMSE extrap |", "|---|---|---|---|---|---|---|"]
         for size in dict.fromkeys(row["size"] for row in rows):
             theirs = next((r for r in rows if r["size"] == size and r["tree"] == reference), None)
             for ours in (r for r in rows if r["size"] == size and r["tree"] != reference and theirs is not None):
                 lines.append(f"| {size} | {ours['tree']} | " + " | ".join(
                     cell(ours[key] / theirs[key], 2)
-                    for key in ("fit_s", "peak_rss_gb", "nrmse_interpolation", "nrmse_extrapolation")) + " |")
+                    for key in ("fit_s", "fit_cpu_s", "peak_rss_gb", "nrmse_interpolation", "nrmse_extrapolation"))
+                    + " |")
     lines += ["", "Fitted exponent a of cost ~ voxels^a over the sizes:", "",
-              "| tree | fit time | s/epoch at full resolution | peak RSS | predict s |", "|---|---|---|---|---|"]
+              "| tree | fit time | fit CPU time | CPU s/epoch at full resolution | peak RSS | predict s |",
+              "|---|---|---|---|---|---|"]
     for tree in trees:
         mine = [row for row in rows if row["tree"] == tree]
         voxels = [row["voxels"] for row in mine]
         lines.append(f"| {tree} | " + " | ".join(
             cell(exponent(voxels, [row[key] for row in mine]), 2)
-            for key in ("fit_s", "s_per_epoch_level_1", "peak_rss_gb", "predict_s")) + " |")
+            for key in ("fit_s", "fit_cpu_s", "s_per_epoch_level_1", "peak_rss_gb", "predict_s")) + " |")
     return "\n".join(lines)
 
 
@@ -340,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="more fits of this tree with these FitConfig settings (JSON objects)")
     parser.add_argument("--cache", default=None, help="folder of the generated subjects (default: a temp folder)")
     parser.add_argument("--output", type=Path, default=None, help="also write the markdown here")
+    parser.add_argument("--json", type=Path, default=None, help="also write every record here")
     args = parser.parse_args(argv)
     for size in args.sizes:
         parse_size(size)
@@ -358,6 +377,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(text)
     if args.output is not None:
         args.output.write_text(text + "\n", encoding="utf-8")
+    if args.json is not None:
+        args.json.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

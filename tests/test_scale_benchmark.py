@@ -28,7 +28,7 @@ def test_scale_table_at_16_has_every_column_finite(tmp_path):
     assert 0 < record["nrmse_interpolation"] < 1 and 0 < record["linear_nrmse_extrapolation"] < 1
     text = scale.markdown(scale.summarise(records + [dict(records[0], tree="other")]), "## header")
     assert "| 16x16x16 | 4096 | this tree | 5 |" in text
-    assert "Ratios to other" in text and "| 16x16x16 | this tree | 1.00 | 1.00 | 1.00 | 1.00 |" in text
+    assert "Ratios to other" in text and "| 16x16x16 | this tree | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 |" in text
 
 
 def test_exponent_and_sizes():
