@@ -292,3 +292,16 @@ def test_subject_collate_adds_the_batch_axis_as_a_view_and_takes_one_subject():
     assert batch["image"].data_ptr() == item["image"].data_ptr()  # no copy of the scans
     with pytest.raises(ValueError, match="subject_collate collates one subject item, got 2"):
         subject_collate([item, item])
+
+
+def test_fit_and_prediction_run_on_the_device_and_return_cpu_tensors(device):
+    synthetic = synthetic_sequence(spatial_dims=3, size=16, kind="cardiac", seed=0, times=[0, 1, 2, 3])
+    sequence = SubjectSequence.from_tensors(synthetic.images, synthetic.times, subject="device")
+    config = FitConfig(epochs=4, levels=(2, 1), level_fractions=(0.5, 0.5), ncc_kernel_size=5)
+    fitted = fit_sequence(sequence, config, network=SMALL_NETWORK, device=device, progress=False)
+    assert all(p.device.type == device.type for p in fitted.model.parameters())
+    assert fitted.template.device.type == device.type and len(fitted.history) == 4
+    assert all(math.isfinite(r["total"]) for r in fitted.history)
+    prediction = fitted.predict([0.5, 3.5], labels=synthetic.label)
+    assert prediction.images.device.type == "cpu" and prediction.labels.shape == (2, 1, 16, 16, 16)
+    assert torch.isfinite(prediction.jacobians).all()

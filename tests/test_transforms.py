@@ -169,3 +169,11 @@ def test_source_option_returns_the_subjects_own_prediction(fitted):
         assert torch.allclose(torch.as_tensor(item["image"]), expected, atol=1e-5)
     with pytest.raises(ValueError, match="source"):
         ODEWarpd(keys="image", subject=subject, source="average")
+
+
+def test_transform_on_the_device_equals_the_cpu_result(fitted, device):
+    baseline = fitted["sequence"].images[0]
+    expected = ODEWarp(fitted["path"])(baseline, 0.75)
+    out = ODEWarp(fitted["path"], device=device)(baseline.to(device), 0.75)
+    assert out.device == baseline.to(device).device
+    torch.testing.assert_close(out.cpu(), expected, atol=1e-4, rtol=0)
