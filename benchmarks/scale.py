@@ -175,7 +175,7 @@ def fit_once(job: dict) -> dict:
     record: dict[str, Any] = {
         "size": "x".join(map(str, shape)), "voxels": math.prod(shape), "tree": _label(job),
         "epochs": len(stamps), "fit_s": fit_s, "fit_cpu_s": fit_cpu_s, "peak_rss_gb": _peak_rss_gb(),
-        "fit_peak_gb": _peak_rss_gb() - start_rss, "estimate_gb": _estimate_gb(shape, len(sequence.images)),
+        "fit_peak_gb": _peak_rss_gb() - start_rss, "estimate_gb": _estimate_gb(shape, len(sequence.images), config),
         "cuda_peak_gb": torch.cuda.max_memory_allocated(device) / 1024**3 if cuda else math.nan,
     }
     record["first_epoch_s"] = stamps[0][2] - cpu_start if stamps else math.nan
@@ -202,13 +202,15 @@ def fit_once(job: dict) -> dict:
     return record
 
 
-def _estimate_gb(shape: Sequence[int], scans: int) -> float:
+def _estimate_gb(shape: Sequence[int], scans: int, config: Any) -> float:
     """The package's estimate of the fit's own peak (``noder_monai.engines.memory``), NaN for a tree without one."""
     try:
+        from noder_monai.engines.levels import similarity_region_voxels
         from noder_monai.engines.memory import fit_memory_estimate
     except ImportError:
         return math.nan
-    return fit_memory_estimate(shape, scans) / 2**30
+    region = similarity_region_voxels(shape, config.similarity_voxels, config.ncc_kernel_size // 2)
+    return fit_memory_estimate(shape, scans, region) / 2**30
 
 
 def _label(job: dict) -> str:

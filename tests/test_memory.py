@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from noder_monai.engines import memory
+from noder_monai.engines.levels import SIMILARITY_VOXELS, similarity_region_voxels
 from noder_monai.data import IntensityMapping, SubjectSequence
 from noder_monai.engines import fit_sequence
 from noder_monai.model import FittedSubject
@@ -83,7 +84,7 @@ def test_predict_of_50_times_at_64_cubed_holds_one_chunk_of_working_memory():
 
 def test_the_guard_refuses_an_oversize_fit_before_allocating(monkeypatch):
     size = (182, 218, 182)
-    estimate = memory.fit_memory_estimate(size, 6)
+    estimate = memory.fit_memory_estimate(size, 6, similarity_region_voxels(size, SIMILARITY_VOXELS, 10))
     monkeypatch.setattr(memory, "free_memory", lambda device="cpu": estimate // 2)
     ramp = torch.arange(182.0).view(1, 1, 182, 1, 1).expand(6, 1, 182, 1, 1).clone()
     images = ramp.expand(6, 1, *size)  # 6 x 182 floats behind a view of the full size: no image-sized allocation
@@ -101,6 +102,13 @@ def test_estimate_grows_with_voxels_and_scans_and_free_memory_reads_meminfo(tmp_
     small, big = memory.fit_memory_estimate((64, 64, 64), 6), memory.fit_memory_estimate((128, 128, 128), 6)
     assert small < big < 8 * small + memory.FIT_BYTES_FIXED
     assert memory.fit_memory_estimate((64, 64, 64), 9) > small
+    # the similarity's region: the whole grid up to about twice the budget, then the box widened by the NCC radius
+    assert similarity_region_voxels((64, 64, 64), SIMILARITY_VOXELS, 10) == 64**3
+    assert similarity_region_voxels((80, 80, 80), SIMILARITY_VOXELS, 10) == 80**3
+    assert similarity_region_voxels((128, 128, 128), SIMILARITY_VOXELS, 10) == 84**3
+    assert similarity_region_voxels((128, 128, 128), None, 10) == 128**3
+    boxed = memory.fit_memory_estimate((128, 128, 128), 6, 84**3)
+    assert big - boxed == (128**3 - 84**3) * memory.FIT_BYTES_PER_SIMILARITY_VOXEL
     with pytest.raises(ValueError, match="scans must be >= 2"):
         memory.fit_memory_estimate((64, 64, 64), 1)
     meminfo = tmp_path / "meminfo"

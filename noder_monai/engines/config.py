@@ -23,6 +23,7 @@ from noder_monai.engines.levels import (
     check_finest_time_groups,
     check_image_smoothing_sigma,
     check_similarity_voxels,
+    similarity_region_voxels,
 )
 from noder_monai.engines.memory import check_fit_memory
 from noder_monai.losses import NODERLoss
@@ -220,7 +221,8 @@ def check_fit_inputs(
                 f"{MIN_LEVEL_VOXELS} along every axis (a 2D image must be stored with exactly one axis of length 1)."
             )
     _check_content(item, images)
-    check_fit_memory(size, images.shape[0], device, str(item.get("subject", "subject")))
+    region = similarity_region_voxels(size, config.similarity_voxels, config.ncc_kernel_size // 2)
+    check_fit_memory(size, images.shape[0], device, str(item.get("subject", "subject")), region)
     return _drop_coarse_levels(item, config, size)
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "level_image",
     "level_window",
     "similarity_box",
+    "similarity_region_voxels",
 ]
 
 
@@ -109,6 +110,28 @@ def check_similarity_voxels(voxels: Any) -> int | None:
     return voxels
 
 
+def _scored_box_size(size: Sequence[int], voxels: int | None, radius: int) -> list[int] | None:
+    """The size of :func:`similarity_box`'s scored box on a grid of ``size``, or None where it scores the whole
+    grid (no random draw: the same for every epoch)."""
+    total = math.prod(size)
+    if voxels is None or voxels >= total:
+        return None
+    fraction = (voxels / total) ** (1 / len(size))
+    inner = [min(n, max(1, round(n * fraction))) for n in size]
+    if math.prod(min(n, c + 2 * radius) for n, c in zip(size, inner)) > total / 2:
+        return None
+    return inner
+
+
+def similarity_region_voxels(size: Sequence[int], voxels: int | None, radius: int) -> int:
+    """The most voxels on which one epoch computes the dense field, the warp and the similarity on a grid of
+    ``size`` (arguments as :func:`similarity_box`): the whole grid, or the scored box widened by ``radius``."""
+    inner = _scored_box_size(size, voxels, radius)
+    if inner is None:
+        return math.prod(size)
+    return math.prod(min(n, c + 2 * radius) for n, c in zip(size, inner))
+
+
 def similarity_box(
     size: Sequence[int], voxels: int | None, radius: int
 ) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
@@ -132,12 +155,8 @@ def similarity_box(
         ``(region, scored)``: the computed box as one slice per axis of the grid, and the scored part as slices of
         the box; or None.
     """
-    total = math.prod(size)
-    if voxels is None or voxels >= total:
-        return None
-    fraction = (voxels / total) ** (1 / len(size))
-    inner = [min(n, max(1, round(n * fraction))) for n in size]
-    if math.prod(min(n, c + 2 * radius) for n, c in zip(size, inner)) > total / 2:
+    inner = _scored_box_size(size, voxels, radius)
+    if inner is None:
         return None
     region, scored = [], []
     for n, c in zip(size, inner):

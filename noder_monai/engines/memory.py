@@ -2,9 +2,10 @@
 
 :func:`check_fit_memory` refuses a fit whose estimate exceeds the free memory before anything is allocated, with a
 message that names the size, the estimate, the free memory and what to change; a fit that would not fit is then
-stopped with a clear error instead of being killed by the operating system. The estimate is a linear model in
-voxels x scans fitted to the peaks of CPU fits from 64^3 to 182x218x182 with 3 and 6 scans, rounded up
-(``benchmarks/README.md``, "Memory guard"); on CUDA the same model is used for the device's memory.
+stopped with a clear error instead of being killed by the operating system. The estimate is linear in voxels x
+scans, voxels, and the voxels on which an epoch computes the dense field and the similarity (the whole grid, or the
+similarity's box on a large one), fitted to the peaks of CPU fits from 64^3 to 182x218x182 with 3 and 6 scans and
+rounded up (``benchmarks/README.md``, "Memory guard"); on CUDA the same model is used for the device's memory.
 """
 
 from __future__ import annotations
@@ -15,27 +16,33 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["FIT_BYTES_PER_VOXEL_SCAN", "FIT_BYTES_PER_VOXEL", "FIT_BYTES_FIXED", "fit_memory_estimate", "free_memory",
-           "check_fit_memory"]
+__all__ = ["FIT_BYTES_PER_VOXEL_SCAN", "FIT_BYTES_PER_VOXEL", "FIT_BYTES_PER_SIMILARITY_VOXEL", "FIT_BYTES_FIXED",
+           "fit_memory_estimate", "free_memory", "check_fit_memory"]
 
 #: Bytes per voxel and scan of a fit's peak above the memory in use when it starts (the scans' working copies, the
 #: level images, the decoder's activations and the template's inverse maps; measured, ``benchmarks/README.md``).
 FIT_BYTES_PER_VOXEL_SCAN = 24.0
 #: Bytes per voxel of the peak that do not grow with the number of scans (one inverse map's working memory).
 FIT_BYTES_PER_VOXEL = 72.0
-#: Bytes of the peak that grow with neither (the network, the solver, the similarity's box).
-FIT_BYTES_FIXED = 320 * 2**20
+#: Bytes per voxel on which an epoch computes the dense field, the warp and the similarity, forward and backward
+#: (:func:`~noder_monai.engines.levels.similarity_region_voxels`).
+FIT_BYTES_PER_SIMILARITY_VOXEL = 740.0
+#: Bytes of the peak that grow with none of these (the network, the solver).
+FIT_BYTES_FIXED = 64 * 2**20
 #: The estimate is multiplied by this before it is compared with the free memory.
 SAFETY_FACTOR = 1.2
 
 
-def fit_memory_estimate(spatial_size: Sequence[int], scans: int) -> int:
+def fit_memory_estimate(spatial_size: Sequence[int], scans: int, similarity_voxels: int | None = None) -> int:
     """The peak memory, in bytes, that a default fit of ``scans`` scans of ``spatial_size`` adds to what is in use
-    when it starts: ``voxels * (FIT_BYTES_PER_VOXEL_SCAN * scans + FIT_BYTES_PER_VOXEL) + FIT_BYTES_FIXED``.
+    when it starts: ``voxels * (FIT_BYTES_PER_VOXEL_SCAN * scans + FIT_BYTES_PER_VOXEL) + similarity_voxels *
+    FIT_BYTES_PER_SIMILARITY_VOXEL + FIT_BYTES_FIXED``.
 
     Args:
         spatial_size: the scans' grid (2 or 3 sizes; a 2D image counts as one slice).
         scans: the number of observed scans (>= 2).
+        similarity_voxels: the voxels on which an epoch computes the dense field and the similarity
+            (:func:`~noder_monai.engines.levels.similarity_region_voxels`); None: the whole grid.
 
     Raises:
         ValueError: for a size that is not 2 or 3 positive integers or fewer than 2 scans.
@@ -46,7 +53,9 @@ def fit_memory_estimate(spatial_size: Sequence[int], scans: int) -> int:
     if int(scans) < 2:
         raise ValueError(f"scans must be >= 2, got {scans!r}.")
     voxels = math.prod(size)
-    return int(voxels * (FIT_BYTES_PER_VOXEL_SCAN * int(scans) + FIT_BYTES_PER_VOXEL) + FIT_BYTES_FIXED)
+    region = voxels if similarity_voxels is None else min(voxels, int(similarity_voxels))
+    return int(voxels * (FIT_BYTES_PER_VOXEL_SCAN * int(scans) + FIT_BYTES_PER_VOXEL)
+               + region * FIT_BYTES_PER_SIMILARITY_VOXEL + FIT_BYTES_FIXED)
 
 
 def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
@@ -89,7 +98,7 @@ def free_memory(device: str | torch.device = "cpu") -> int | None:
 
 
 def check_fit_memory(spatial_size: Sequence[int], scans: int, device: str | torch.device = "cpu",
-                     subject: str = "subject") -> None:
+                     subject: str = "subject", similarity_voxels: int | None = None) -> None:
     """Refuse a fit whose estimated peak (:func:`fit_memory_estimate`, times a safety factor of 1.2) exceeds the
     memory free on ``device`` (:func:`free_memory`), before anything is allocated.
 
@@ -99,7 +108,7 @@ def check_fit_memory(spatial_size: Sequence[int], scans: int, device: str | torc
     free = free_memory(device)
     if free is None:
         return
-    estimate = fit_memory_estimate(spatial_size, scans)
+    estimate = fit_memory_estimate(spatial_size, scans, similarity_voxels)
     if estimate * SAFETY_FACTOR <= free:
         return
     size = "x".join(str(int(s)) for s in spatial_size)
