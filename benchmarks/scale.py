@@ -47,9 +47,10 @@ HELDOUT_TIMES = {"interpolation": (1.6, 4.2), "extrapolation": (7.5,)}
 NOISE, LOCAL = 0.03, 2.0
 LEVEL_COLUMNS = (4, 2, 1)
 COLUMNS = (
-    "size", "voxels", "tree", "epochs", "fit_s", "fit_cpu_s", "first_epoch_s", "s_per_epoch_level_4", "s_per_epoch_level_2", "s_per_epoch_level_1",
-    "peak_rss_gb", "fit_peak_gb", "estimate_gb", "cuda_peak_gb", "predict_s", "predict_peak_gb", "nrmse_interpolation", "nrmse_extrapolation",
-    "linear_nrmse_interpolation", "linear_nrmse_extrapolation",
+    "size", "voxels", "tree", "epochs", "fit_s", "fit_cpu_s", "first_epoch_s", "s_per_epoch_level_4",
+    "s_per_epoch_level_2", "s_per_epoch_level_1", "peak_rss_gb", "fit_peak_gb", "estimate_gb", "cuda_peak_gb",
+    "predict_s", "predict_peak_gb", "nrmse_interpolation", "nrmse_extrapolation", "linear_nrmse_interpolation",
+    "linear_nrmse_extrapolation",
 )
 """Keys of every result record (``cuda_peak_gb`` is NaN on the CPU)."""
 
@@ -308,8 +309,8 @@ def markdown(rows: Sequence[dict], header: str) -> str:
     def cell(value: Any, digits: int) -> str:
         return "-" if isinstance(value, float) and not math.isfinite(value) else f"{value:.{digits}f}"
 
-    lines = [header, "", "| size | voxels | tree | epochs | fit s | fit CPU s | first epoch CPU s | CPU s/epoch at 1/4 | at 1/2 | at full | "
-             "peak RSS GB | fit's own peak GB | its estimate GB | "
+    lines = [header, "", "| size | voxels | tree | epochs | fit s | fit CPU s | first epoch CPU s | "
+             "CPU s/epoch at 1/4 | at 1/2 | at full | peak RSS GB | fit's own peak GB | its estimate GB | "
              "CUDA peak GB | predict s per time | predict peak GB | NRMSE interp | NRMSE extrap | linear interp. "
              "NRMSE interp | extrap |", "|" + "---|" * 20]
     for row in rows:
