@@ -12,7 +12,6 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Warp
 
 __all__ = [
     "SeparableField",
@@ -26,6 +25,7 @@ __all__ = [
     "odd_window",
     "separable_filter",
     "warp",
+    "warp_border",
 ]
 
 _PADDING_MODES = ("zeros", "replicate")
@@ -216,7 +216,7 @@ def invert_displacement(
         raise ValueError(f"initial must have the shape of ddf {tuple(ddf.shape)}, got {tuple(initial.shape)}.")
     inverse = -ddf if initial is None else initial
     for _ in range(iterations):
-        inverse = inverse - damping * (inverse + warp(ddf, inverse))
+        inverse = inverse - damping * (inverse + warp_border(ddf, inverse))
     return inverse
 
 
@@ -237,7 +237,7 @@ def compose_displacements(first: torch.Tensor, second: torch.Tensor) -> torch.Te
         raise ValueError(
             f"first and second must have the same shape, got {tuple(first.shape)} and {tuple(second.shape)}."
         )
-    return second + Warp(mode="bilinear", padding_mode="border")(first, second)
+    return second + warp_border(first, second)
 
 
 def warp(
@@ -288,6 +288,13 @@ def warp(
         coordinates.append((grid + ddf[:, axis]) * 2 / max(size[axis] - 1, 1) - 1)
     grid = torch.stack(coordinates, dim=-1)
     return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+def warp_border(image: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+    """MONAI ``Warp(mode="bilinear", padding_mode="border")``'s values of ``image`` (N, C, *S) by ``ddf`` (N, D, *S)
+    (voxels): :func:`warp` with its defaults, so warping inside a prediction constructs nothing (MONAI warns when a
+    ``Warp`` is made)."""
+    return warp(image, ddf)
 
 
 def integrate_velocity(velocity: torch.Tensor, num_steps: int = 7) -> torch.Tensor:
