@@ -211,7 +211,7 @@ def _estimate_gb(shape: Sequence[int], scans: int, config: Any) -> float:
     except ImportError:
         return math.nan
     region = similarity_region_voxels(shape, config.similarity_voxels, config.ncc_kernel_size // 2)
-    return fit_memory_estimate(shape, scans, region) / 2**30
+    return fit_memory_estimate(shape, scans, region, config.source) / 2**30
 
 
 def _label(job: dict) -> str:

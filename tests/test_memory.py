@@ -107,8 +107,11 @@ def test_estimate_grows_with_voxels_and_scans_and_free_memory_reads_meminfo(tmp_
     assert similarity_region_voxels((80, 80, 80), SIMILARITY_VOXELS, 10) == 80**3
     assert similarity_region_voxels((128, 128, 128), SIMILARITY_VOXELS, 10) == 84**3
     assert similarity_region_voxels((128, 128, 128), None, 10) == 128**3
-    boxed = memory.fit_memory_estimate((128, 128, 128), 6, 84**3)
+    boxed = memory.fit_memory_estimate((128, 128, 128), 6, 84**3, source="template")
     assert big - boxed == (128**3 - 84**3) * memory.FIT_BYTES_PER_SIMILARITY_VOXEL
+    # choosing the appearance (source="auto") holds every scan's field and inverse field at once
+    auto = memory.fit_memory_estimate((128, 128, 128), 6, 84**3)
+    assert auto == 128**3 * 6 * memory.CHOICE_BYTES_PER_VOXEL_SCAN + memory.CHOICE_BYTES_FIXED > boxed
     with pytest.raises(ValueError, match="scans must be >= 2"):
         memory.fit_memory_estimate((64, 64, 64), 1)
     meminfo = tmp_path / "meminfo"

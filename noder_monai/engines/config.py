@@ -225,7 +225,7 @@ def check_fit_inputs(
             )
     _check_content(item, images)
     region = similarity_region_voxels(size, config.similarity_voxels, config.ncc_kernel_size // 2)
-    check_fit_memory(size, images.shape[0], device, str(item.get("subject", "subject")), region)
+    check_fit_memory(size, images.shape[0], device, str(item.get("subject", "subject")), region, config.source)
     return _drop_coarse_levels(item, config, size)
 
 

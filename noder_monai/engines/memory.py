@@ -5,7 +5,9 @@ message that names the size, the estimate, the free memory and what to change; a
 stopped with a clear error instead of being killed by the operating system. The estimate is linear in voxels x
 scans, voxels, and the voxels on which an epoch computes the dense field and the similarity (the whole grid, or the
 similarity's box on a large one), fitted to the peaks of CPU fits from 64^3 to 182x218x182 with 3 and 6 scans and
-rounded up (``benchmarks/README.md``, "Memory guard"); on CUDA the same model is used for the device's memory.
+rounded up; with ``source="auto"`` the larger of that and the peak of choosing the appearance after the fit (every
+observed scan's field and inverse field at full resolution at once), linear in voxels x scans
+(``benchmarks/README.md``, "Memory guard"). On CUDA the same model is used for the device's memory.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Sequence
 import torch
 
 __all__ = ["FIT_BYTES_PER_VOXEL_SCAN", "FIT_BYTES_PER_VOXEL", "FIT_BYTES_PER_SIMILARITY_VOXEL", "FIT_BYTES_FIXED",
-           "fit_memory_estimate", "free_memory", "check_fit_memory"]
+           "CHOICE_BYTES_PER_VOXEL_SCAN", "CHOICE_BYTES_FIXED", "fit_memory_estimate", "free_memory",
+           "check_fit_memory"]
 
 #: Bytes per voxel and scan of a fit's peak above the memory in use when it starts (the scans' working copies, the
 #: level images, the decoder's activations and the template's inverse maps; measured, ``benchmarks/README.md``).
@@ -29,20 +32,29 @@ FIT_BYTES_PER_VOXEL = 72.0
 FIT_BYTES_PER_SIMILARITY_VOXEL = 740.0
 #: Bytes of the peak that grow with none of these (the network, the solver).
 FIT_BYTES_FIXED = 64 * 2**20
+#: Bytes per voxel and scan of the peak while ``source="auto"`` chooses the appearance after the fit
+#: (:func:`~noder_monai.model.appearance.select_source`).
+CHOICE_BYTES_PER_VOXEL_SCAN = 96.0
+#: Bytes of that peak that do not grow with the image.
+CHOICE_BYTES_FIXED = 192 * 2**20
 #: The estimate is multiplied by this before it is compared with the free memory.
 SAFETY_FACTOR = 1.2
 
 
-def fit_memory_estimate(spatial_size: Sequence[int], scans: int, similarity_voxels: int | None = None) -> int:
+def fit_memory_estimate(
+    spatial_size: Sequence[int], scans: int, similarity_voxels: int | None = None, source: str = "auto"
+) -> int:
     """The peak memory, in bytes, that a default fit of ``scans`` scans of ``spatial_size`` adds to what is in use
     when it starts: ``voxels * (FIT_BYTES_PER_VOXEL_SCAN * scans + FIT_BYTES_PER_VOXEL) + similarity_voxels *
-    FIT_BYTES_PER_SIMILARITY_VOXEL + FIT_BYTES_FIXED``.
+    FIT_BYTES_PER_SIMILARITY_VOXEL + FIT_BYTES_FIXED``; with ``source="auto"`` at least
+    ``voxels * scans * CHOICE_BYTES_PER_VOXEL_SCAN + CHOICE_BYTES_FIXED``.
 
     Args:
         spatial_size: the scans' grid (2 or 3 sizes; a 2D image counts as one slice).
         scans: the number of observed scans (>= 2).
         similarity_voxels: the voxels on which an epoch computes the dense field and the similarity
             (:func:`~noder_monai.engines.levels.similarity_region_voxels`); None: the whole grid.
+        source: the fit's ``FitConfig.source``.
 
     Raises:
         ValueError: for a size that is not 2 or 3 positive integers or fewer than 2 scans.
@@ -54,8 +66,11 @@ def fit_memory_estimate(spatial_size: Sequence[int], scans: int, similarity_voxe
         raise ValueError(f"scans must be >= 2, got {scans!r}.")
     voxels = math.prod(size)
     region = voxels if similarity_voxels is None else min(voxels, int(similarity_voxels))
-    return int(voxels * (FIT_BYTES_PER_VOXEL_SCAN * int(scans) + FIT_BYTES_PER_VOXEL)
-               + region * FIT_BYTES_PER_SIMILARITY_VOXEL + FIT_BYTES_FIXED)
+    fit = voxels * (FIT_BYTES_PER_VOXEL_SCAN * int(scans) + FIT_BYTES_PER_VOXEL)
+    fit += region * FIT_BYTES_PER_SIMILARITY_VOXEL + FIT_BYTES_FIXED
+    if source != "auto":
+        return int(fit)
+    return int(max(fit, voxels * int(scans) * CHOICE_BYTES_PER_VOXEL_SCAN + CHOICE_BYTES_FIXED))
 
 
 def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
@@ -98,7 +113,7 @@ def free_memory(device: str | torch.device = "cpu") -> int | None:
 
 
 def check_fit_memory(spatial_size: Sequence[int], scans: int, device: str | torch.device = "cpu",
-                     subject: str = "subject", similarity_voxels: int | None = None) -> None:
+                     subject: str = "subject", similarity_voxels: int | None = None, source: str = "auto") -> None:
     """Refuse a fit whose estimated peak (:func:`fit_memory_estimate`, times a safety factor of 1.2) exceeds the
     memory free on ``device`` (:func:`free_memory`), before anything is allocated.
 
@@ -108,7 +123,7 @@ def check_fit_memory(spatial_size: Sequence[int], scans: int, device: str | torc
     free = free_memory(device)
     if free is None:
         return
-    estimate = fit_memory_estimate(spatial_size, scans, similarity_voxels)
+    estimate = fit_memory_estimate(spatial_size, scans, similarity_voxels, source)
     if estimate * SAFETY_FACTOR <= free:
         return
     size = "x".join(str(int(s)) for s in spatial_size)
