@@ -261,9 +261,9 @@ def fit(
         report: write each subject's report.html and the index <output_dir>/report.html (--noreport to skip).
         settings: fit settings (epochs, learning_rate, ncc_kernel_size, smoothness_weight, boundary_weight,
             levels, level_fractions, patience, min_improvement, finetune_decoder, source, image_smoothing_sigma,
-            finest_time_groups) and network settings (latent_channels, encoder_channels, decoder_channels,
-            dynamics_channels, hidden_features, num_hidden_layers, smoothing_kernel, step_size, adjoint, field,
-            integration_steps),
+            finest_time_groups, similarity_voxels) and network settings (latent_channels, encoder_channels,
+            decoder_channels, dynamics_channels, hidden_features, num_hidden_layers, smoothing_kernel, step_size,
+            adjoint, field, integration_steps),
             e.g. --epochs 100 --levels "[2,1]" --level_fractions "[0.5,0.5]".
     """
     datalist = _inputs_datalist(inputs, output_dir, times, bids, participant_label, time_column, subject)

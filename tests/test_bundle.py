@@ -230,6 +230,21 @@ def test_the_bundle_runs_the_same_input_checks_as_fit_sequence(tmp_path):
     assert "field 'ncc_kernel_size' must be an odd integer >= 3, got 8" in _chain(error.value)
 
 
+def test_the_bundle_refuses_a_fit_larger_than_the_free_memory_before_building_the_network(data, tmp_path,
+                                                                                         monkeypatch):
+    from noder_monai.engines import memory
+
+    monkeypatch.setattr(memory, "free_memory", lambda device="cpu": 2**20)
+    workflow = ConfigWorkflow(config_file=config("train.json"), workflow_type="train", logging_file=False,
+                              datalist=data["datalist"], output_dir=str(tmp_path / "out"), **TINY)
+    with pytest.raises(RuntimeError) as error:
+        workflow.initialize()
+        workflow.run()
+    message = _chain(error.value)
+    assert "GB of memory (estimate, plus 20% margin), but only 0.0 GB is free on cpu" in message
+    assert "fit fewer scans at once" in message and not list((tmp_path / "out").rglob("model.pt"))
+
+
 def _chain(error):
     """Every message of an exception chain (MONAI wraps config and transform errors)."""
     messages = []

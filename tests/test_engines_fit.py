@@ -279,3 +279,67 @@ def test_an_interrupted_fit_writes_no_model_file_where_monais_checkpoint_saver_w
     assert (tmp_path / "monai" / "model.pt").is_file()
     interrupted_fit(lambda network: FittedSubjectSaver(tmp_path / "ours" / "model.pt", [item]))
     assert not (tmp_path / "ours").exists()
+
+
+def test_similarity_box_scores_about_the_budget_with_whole_windows_and_covers_every_voxel():
+    from noder_monai.engines.levels import similarity_box
+
+    assert similarity_box((64, 64, 64), 64**3, 10) is None  # a 64^3 grid is scored whole by default
+    assert similarity_box((96, 96, 96), 64**3, 10) is None  # the widened box would hold more than half of it
+    assert similarity_box((40, 40), None, 2) is None
+    size, radius = (144, 176, 144), 10
+    torch.manual_seed(0)
+    covered = [torch.zeros(n, dtype=torch.bool) for n in size]
+    for _ in range(60):
+        region, scored = similarity_box(size, 64**3, radius)
+        inner = [len(range(*s.indices(r.stop - r.start))) for r, s in zip(region, scored)]
+        assert math.prod(inner) <= 64**3 * 1.01
+        for axis, (r, s, n) in enumerate(zip(region, scored, size)):
+            assert 0 <= r.start < r.stop <= n
+            assert r.start == max(0, r.start + s.start - radius)  # every scored window inside the box, or the
+            assert r.stop == min(n, r.start + s.stop + radius)  # grid's own edge
+            covered[axis][r.start + s.start:r.start + s.stop] = True
+    assert all(bool(c.all()) for c in covered)
+    torch.manual_seed(1)
+    first = similarity_box(size, 64**3, radius)
+    torch.manual_seed(1)
+    assert similarity_box(size, 64**3, radius) == first  # drawn from the seeded global generator
+
+
+def test_a_fit_that_scores_random_boxes_runs_and_scores_whole_small_grids_as_before():
+    synthetic = synthetic_sequence(spatial_dims=3, size=16, kind="cardiac", seed=0, times=[0, 1, 2, 3])
+    sequence = SubjectSequence.from_tensors(synthetic.images, synthetic.times, subject="box")
+    config = {"epochs": 6, "levels": (2, 1), "level_fractions": (0.5, 0.5), "ncc_kernel_size": 5, "source": "baseline"}
+    default = fit_sequence(sequence, FitConfig(**config), network=SMALL_NETWORK, progress=False)
+    whole = fit_sequence(sequence, FitConfig(**config, similarity_voxels=None), network=SMALL_NETWORK, progress=False)
+    assert [r["total"] for r in default.history] == [r["total"] for r in whole.history]
+    boxed = fit_sequence(sequence, FitConfig(**config, similarity_voxels=64), network=SMALL_NETWORK, progress=False)
+    assert all(math.isfinite(r["total"]) for r in boxed.history)
+    assert [r["smoothness"] for r in boxed.history[:1]] == [r["smoothness"] for r in default.history[:1]]
+    assert boxed.history[3]["similarity"] != default.history[3]["similarity"]
+    with pytest.raises(ValueError, match="similarity_voxels must be None or an integer >= 1, got 0"):
+        FitConfig(similarity_voxels=0)
+
+
+def test_subject_collate_adds_the_batch_axis_as_a_view_and_takes_one_subject():
+    from noder_monai.engines import subject_collate
+
+    item = {"image": torch.rand(3, 4, 4, 4), "time": torch.tensor([0.0, 1.0, 2.0]), "subject": "s"}
+    batch = subject_collate([item])
+    assert batch["image"].shape == (1, 3, 4, 4, 4) and batch["subject"] == ["s"]
+    assert batch["image"].data_ptr() == item["image"].data_ptr()  # no copy of the scans
+    with pytest.raises(ValueError, match="subject_collate collates one subject item, got 2"):
+        subject_collate([item, item])
+
+
+def test_fit_and_prediction_run_on_the_device_and_return_cpu_tensors(device):
+    synthetic = synthetic_sequence(spatial_dims=3, size=16, kind="cardiac", seed=0, times=[0, 1, 2, 3])
+    sequence = SubjectSequence.from_tensors(synthetic.images, synthetic.times, subject="device")
+    config = FitConfig(epochs=4, levels=(2, 1), level_fractions=(0.5, 0.5), ncc_kernel_size=5)
+    fitted = fit_sequence(sequence, config, network=SMALL_NETWORK, device=device, progress=False)
+    assert all(p.device.type == device.type for p in fitted.model.parameters())
+    assert fitted.template.device.type == device.type and len(fitted.history) == 4
+    assert all(math.isfinite(r["total"]) for r in fitted.history)
+    prediction = fitted.predict([0.5, 3.5], labels=synthetic.label)
+    assert prediction.images.device.type == "cpu" and prediction.labels.shape == (2, 1, 16, 16, 16)
+    assert torch.isfinite(prediction.jacobians).all()

@@ -125,3 +125,84 @@ def test_checks():
         check_ddf(torch.zeros(1, 2, 2, 5), min_size=3)
     with pytest.raises(ValueError, match=r"ddf must be a tensor of shape \(N, D, \*spatial\).*got \(1, 2\)"):
         check_ddf(torch.zeros(1, 2))
+
+
+def test_warp_equals_monai_warp_to_the_last_bit(device):
+    from monai.networks.blocks import Warp
+
+    from noder_monai.functional import warp
+
+    torch.manual_seed(0)
+    for shape in ((3, 1, 12, 10, 9), (2, 2, 14, 11)):
+        image = torch.rand(*shape, device=device)
+        ddf = 3 * torch.randn(shape[0], len(shape) - 2, *shape[2:], device=device)
+        for mode in ("bilinear", "nearest"):
+            assert torch.equal(warp(image, ddf, mode), Warp(mode, "border")(image, ddf))
+
+
+def test_warp_on_a_box_equals_the_box_of_the_whole_warp_and_checks_it():
+    from noder_monai.functional import warp
+
+    torch.manual_seed(0)
+    image, ddf = torch.rand(2, 1, 12, 10, 9), 2 * torch.randn(2, 3, 12, 10, 9)
+    box = (slice(2, 9), slice(0, 10), slice(4, 6))
+    assert torch.equal(warp(image, ddf[(..., *box)], origin=(2, 0, 4)), warp(image, ddf)[(..., *box)])
+    with pytest.raises(ValueError, match=r"warp: a field of size \(7, 10, 2\) at \(2, 1, 4\) leaves the image"):
+        warp(image, ddf[(..., *box)], origin=(2, 1, 4))
+    with pytest.raises(ValueError, match=r"warp: ddf must have shape \(2, 3, \*box\)"):
+        warp(image, ddf[:, :2])
+
+
+def test_integrate_velocity_equals_monai_dvf2ddf(device):
+    from monai.networks.blocks import DVF2DDF
+
+    from noder_monai.functional import integrate_velocity
+
+    velocity = 2 * torch.randn(2, 3, 10, 9, 8, device=device)
+    expected = DVF2DDF(num_steps=7, mode="bilinear", padding_mode="border")(velocity)
+    assert torch.equal(integrate_velocity(velocity, 7), expected)
+
+
+def test_separable_filter_equals_monai_separable_filtering(device):
+    from monai.networks.layers import separable_filtering
+    from monai.networks.layers.convutils import gaussian_1d
+
+    from noder_monai.functional import separable_filter
+
+    x = 100 * torch.rand(3, 1, 13, 11, 9, device=device)
+    for sigma, mode, padding in ((0.5, "replicate", "replicate"), (1.0, "constant", "zeros")):
+        kernel = gaussian_1d(torch.tensor(sigma), truncated=4.0, approx="erf")
+        expected = separable_filtering(x, [kernel.to(x)] * 3, mode=mode)
+        torch.testing.assert_close(separable_filter(x, kernel, padding), expected, atol=1e-4, rtol=1e-6)
+    with pytest.raises(ValueError, match="kernel must be 1D with an odd length"):
+        separable_filter(x, torch.ones(4))
+
+
+@pytest.mark.parametrize("spatial_size, factor, kernel", [((17, 14, 11), 4, 5), ((20, 9), 2, 1)])
+def test_separable_field_regularisers_equal_those_of_the_dense_field(device, spatial_size, factor, kernel):
+    from noder_monai.losses import BoundaryLoss, GradientSmoothnessLoss
+    from noder_monai.networks.autoencoder import smooth_upsample_field
+
+    torch.manual_seed(0)
+    coarse_size = [-(-s // factor) for s in spatial_size]
+    coarse = torch.randn(2, len(spatial_size), *coarse_size, device=device, requires_grad=True)
+    field = smooth_upsample_field(coarse, factor, spatial_size, kernel)
+    dense = field.dense()
+    assert tuple(dense.shape) == field.shape == (2, len(spatial_size), *spatial_size)
+    for loss in (GradientSmoothnessLoss(), BoundaryLoss()):
+        value, expected = loss(field), loss(dense)
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=0)
+        gradient, = torch.autograd.grad(value, coarse)
+        expected_gradient, = torch.autograd.grad(loss(field.dense()), coarse)
+        torch.testing.assert_close(gradient, expected_gradient, rtol=1e-4, atol=1e-7)
+    box = (slice(3, 9), slice(0, 5), slice(2, 10))[: len(spatial_size)]
+    torch.testing.assert_close(field.dense(box), dense[(..., *box)], rtol=1e-6, atol=1e-6)
+
+
+def test_separable_field_checks_its_matrices():
+    from noder_monai.functional import SeparableField
+
+    with pytest.raises(ValueError, match="do not map a coarse field of shape"):
+        SeparableField(torch.zeros(1, 2, 4, 5), (torch.zeros(8, 4), torch.zeros(8, 4)))
+    with pytest.raises(ValueError, match="smoothness: every axis needs >= 3 voxels"):
+        SeparableField(torch.zeros(1, 2, 4, 5), (torch.zeros(2, 4), torch.zeros(8, 5))).smoothness()

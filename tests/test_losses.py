@@ -169,3 +169,17 @@ def test_lncc_reuses_target_statistics_only_while_the_target_is_unchanged():
     target.mul_(0.5).add_(pred)
     assert loss(pred, target).item() == pytest.approx(LocalNCCLoss(2, 5)(pred, target.clone()).item(), abs=1e-6)
     assert loss(pred, target).item() != pytest.approx(first.item(), abs=1e-3)
+
+
+def test_lncc_on_a_scored_box_equals_that_box_of_the_whole_image():
+    torch.manual_seed(0)
+    pred, target = torch.rand(2, 1, 20, 18, 16), torch.rand(2, 1, 20, 18, 16)
+    loss = LocalNCCLoss(kernel_size=5)
+    scored = (slice(6, 12), slice(4, 18), slice(0, 9))  # to the far edge of axis 1 and from the near edge of axis 2
+    whole = loss(pred, target, scored)
+    crop = (slice(None), slice(None), slice(4, 14), slice(2, 18), slice(0, 11))  # 2 voxels (the radius) around
+    cropped = LocalNCCLoss(kernel_size=5)(pred[crop], target[crop], (slice(2, 8), slice(2, 16), slice(0, 9)))
+    torch.testing.assert_close(cropped, whole, rtol=1e-6, atol=0)
+    assert not torch.isclose(whole, loss(pred, target))
+    with pytest.raises(ValueError, match="scored must be one non-empty slice per spatial axis"):
+        loss(pred, target, (slice(3, 3), slice(None), slice(None)))

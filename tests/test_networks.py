@@ -115,3 +115,22 @@ def test_noder_rejects_bad_arguments():
         NODER((8, 8)).displacement(torch.tensor([0.5]), level=3)
     with pytest.raises(ValueError, match="times must be finite"):
         NODER((8, 8)).latent_trajectory(torch.tensor([float("nan")]))
+
+
+@pytest.mark.parametrize("field", ["velocity", "displacement"])
+def test_noder_separable_field_is_the_displacement_and_gives_its_regularisers(field):
+    from noder_monai.losses import BoundaryLoss, GradientSmoothnessLoss
+
+    torch.manual_seed(0)
+    model = NODER((20, 18, 13), field=field)
+    model.set_initial_state()
+    with torch.no_grad():
+        model.dynamics.head.weight.normal_(0, 0.05)
+        model.decoder.net[-1].conv.weight.normal_(0, 0.05)
+    times = torch.tensor([0.3, 1.0])
+    for level in (1, 2, 4):
+        separable = model.displacement_field(times, level)
+        dense = model.displacement(times, level)
+        assert torch.equal(separable.dense(), dense) and dense.abs().max() > 1e-5
+        for loss in (GradientSmoothnessLoss(), BoundaryLoss()):
+            torch.testing.assert_close(loss(separable), loss(dense), rtol=1e-5, atol=1e-9)

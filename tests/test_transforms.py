@@ -348,3 +348,11 @@ def test_saveimaged_with_time_names_writes_one_file_per_query_time(fitted, tmp_p
     assert sorted(os.listdir(tmp_path)) == ["flair_warped_t0.25.nii.gz", "flair_warped_t1.6.nii.gz"]
     with pytest.raises(KeyError, match="TimeNameFormatter: the item's metadata has no 'time'"):
         TimeNameFormatter()({"filename_or_obj": "flair.nii.gz"})
+
+
+def test_transform_on_the_device_equals_the_cpu_result(fitted, device):
+    baseline = fitted["sequence"].images[0]
+    expected = ODEWarp(fitted["path"])(baseline, 0.75)
+    out = ODEWarp(fitted["path"], device=device)(baseline.to(device), 0.75)
+    assert out.device == baseline.to(device).device
+    torch.testing.assert_close(out.cpu(), expected, atol=1e-4, rtol=0)

@@ -222,6 +222,13 @@ def test_rank_device_and_threads_follow_torchrun(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert str(shares.rank_device("cpu")) == "cpu" and str(shares.rank_device("cuda:0")) == "cuda:0"
     assert shares.rank_threads(3) == 3 and shares.rank_threads() >= 1
+    current = []
+    monkeypatch.setattr(shares.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(shares.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(shares.torch.cuda, "set_device", current.append)
+    assert str(shares.rank_device()) == "cuda:1" and str(shares.rank_device("cuda")) == "cuda:1"
+    assert str(shares.rank_device("cuda:0")) == "cuda:0" and str(shares.rank_device("cpu")) == "cpu"
+    assert [str(d) for d in current] == ["cuda:1", "cuda:1", "cuda:0"]  # each rank's CUDA device made current
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="inconsistent"):

@@ -8,7 +8,7 @@ from noder_monai.engines.evaluator import PredictionEvaluator
 from noder_monai.engines.fit import fit_sequence
 from noder_monai.engines.handlers import CoarseToFineHandler, EpochCallbackHandler, FittedSubjectSaver, TemplateHandler
 from noder_monai.engines.pretrain import PretrainConfig, PretrainResult, pretrain_autoencoder
-from noder_monai.engines.trainer import NODERTrainer, cosine_schedule, init_network
+from noder_monai.engines.trainer import NODERTrainer, cosine_schedule, init_network, subject_collate
 
 __all__ = [
     "CoarseToFineHandler",
@@ -27,6 +27,7 @@ __all__ = [
     "init_network",
     "pretrain_autoencoder",
     "tracking_params",
+    "subject_collate",
 ]
 
 __getattr__ = deprecated_getattr(__name__)

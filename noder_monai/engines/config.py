@@ -19,9 +19,13 @@ from noder_monai.engines.levels import (
     FINEST_TIME_GROUPS,
     IMAGE_SMOOTHING_SIGMA,
     MIN_LEVEL_VOXELS,
+    SIMILARITY_VOXELS,
     check_finest_time_groups,
     check_image_smoothing_sigma,
+    check_similarity_voxels,
+    similarity_region_voxels,
 )
+from noder_monai.engines.memory import check_fit_memory
 from noder_monai.losses import NODERLoss
 from noder_monai.model import PREDICT_SOURCES
 from noder_monai.networks import LEVELS
@@ -74,6 +78,11 @@ class FitConfig:
         finest_time_groups: at full resolution (level 1), each epoch fits one of this many interleaved groups of
             the observed times in turn, so a full-resolution epoch costs about 1 / groups of one over all times
             (the recorded loss of such an epoch is its group's). 1 fits every time in every epoch.
+        similarity_voxels: the similarity of an epoch scores at most about this many voxels, in a random box of the
+            level's grid (as ANTs and elastix sample their metric; :func:`~noder_monai.engines.levels.similarity_box`),
+            so a full-resolution epoch of a large image costs about what one of a 64^3 image does. The smoothness and
+            boundary terms always cover the whole field. Grids up to about twice this size are scored whole (the
+            default scores every voxel of a 64^3 fit at every level). None scores every voxel of every grid.
     """
 
     epochs: int = 300
@@ -91,6 +100,7 @@ class FitConfig:
     template_start: float = 0.5
     image_smoothing_sigma: float = IMAGE_SMOOTHING_SIGMA
     finest_time_groups: int = FINEST_TIME_GROUPS
+    similarity_voxels: int | None = SIMILARITY_VOXELS
 
     def __post_init__(self) -> None:
         self.levels = tuple(int(v) for v in self.levels)
@@ -117,6 +127,7 @@ class FitConfig:
             raise ValueError(f"template_start must be in [0, 1), got {self.template_start}.")
         self.image_smoothing_sigma = check_image_smoothing_sigma(self.image_smoothing_sigma)
         check_finest_time_groups(self.finest_time_groups)
+        check_similarity_voxels(self.similarity_voxels)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "FitConfig":
@@ -176,7 +187,9 @@ def _raw(item: Mapping[str, Any], value: float) -> float:
     return float(IntensityMapping.from_dict(item["intensity"]).inverse(torch.tensor(value, dtype=torch.float64)))
 
 
-def check_fit_inputs(item: Mapping[str, Any], config: FitConfig) -> FitConfig:
+def check_fit_inputs(
+    item: Mapping[str, Any], config: FitConfig, device: str | torch.device = "cpu"
+) -> FitConfig:
     """Refuse what a fit cannot handle before any work, and adapt the levels to the image size.
 
     Every fit passes here: :func:`~noder_monai.engines.fit_sequence` (Python and the ``noder`` command) and the
@@ -184,13 +197,16 @@ def check_fit_inputs(item: Mapping[str, Any], config: FitConfig) -> FitConfig:
 
     Checks: ``ncc_kernel_size`` is an odd integer >= 3; every spatial axis has at least :data:`MIN_LEVEL_VOXELS`
     voxels (a 2D image must be stored with one singleton axis, which is dropped on reading); the baseline (the only
-    image ever warped) is not constant. Levels too coarse for some axis (fewer than 3 level voxels along it) are
-    dropped, their epochs given to the next finer level, and this is logged.
+    image ever warped) is not constant; the fit's estimated peak memory fits in what is free on ``device``
+    (:func:`~noder_monai.engines.memory.check_fit_memory`, before anything of the fit is allocated). Levels too
+    coarse for some axis (fewer than 3 level voxels along it) are dropped, their epochs given to the next finer
+    level, and this is logged.
 
     Args:
         item: the training item: ``image`` (T, *S) scans as channels (a ``MetaTensor`` whose ``filename_or_obj``
             lists the files, for messages), ``subject``, and ``intensity`` when the scans are normalised.
         config: the settings asked for.
+        device: the device the fit will run on (its free memory is compared with the estimate).
 
     Returns:
         the configuration actually used (``config`` itself when nothing was dropped).
@@ -208,6 +224,8 @@ def check_fit_inputs(item: Mapping[str, Any], config: FitConfig) -> FitConfig:
                 f"{MIN_LEVEL_VOXELS} along every axis (a 2D image must be stored with exactly one axis of length 1)."
             )
     _check_content(item, images)
+    region = similarity_region_voxels(size, config.similarity_voxels, config.ncc_kernel_size // 2)
+    check_fit_memory(size, images.shape[0], device, str(item.get("subject", "subject")), region, config.source)
     return _drop_coarse_levels(item, config, size)
 
 

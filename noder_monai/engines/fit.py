@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from noder_monai.data import SubjectSequence
 from noder_monai.engines.config import FitConfig, check_fit_inputs
 from noder_monai.engines.handlers import CoarseToFineHandler, EpochCallbackHandler, TemplateHandler
-from noder_monai.engines.trainer import NODERTrainer, cosine_schedule, fitted_subject, init_network
+from noder_monai.engines.trainer import NODERTrainer, cosine_schedule, fitted_subject, init_network, subject_collate
 from noder_monai.losses import NODERLoss
 from noder_monai.model import FittedSubject
 from noder_monai.networks import NODER
@@ -65,14 +65,15 @@ def fit_sequence(
         was fitted on (``fitted_on``).
 
     Raises:
-        ValueError: before any work, from :func:`check_fit_inputs` (sizes, NCC window, constant baseline), naming
-            the subject and file.
+        ValueError: before any work, from :func:`check_fit_inputs` (sizes, NCC window, constant baseline, memory),
+            naming the subject and file.
         FloatingPointError: the loss or the weights became NaN/Inf (the fit diverged); nothing is returned.
     """
     torch.manual_seed(seed)
     device = torch.device(device)
-    item = IntensityMappingd(keys=Keys.IMAGE)(sequence_item(sequence))
-    config = check_fit_inputs(item, config or FitConfig())
+    item = sequence_item(sequence)
+    config = check_fit_inputs(item, config or FitConfig(), device)  # before the normalised copy of the scans
+    item = IntensityMappingd(keys=Keys.IMAGE)(item)
     network_def = NODER(tuple(item[Keys.IMAGE].shape[1:]), **(network or {}))
     model = init_network(network_def, pretrained, config.finetune_decoder).to(device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
@@ -83,10 +84,11 @@ def fit_sequence(
         optimizer=optimizer,
         loss_function=_loss(config, model.spatial_dims),
         max_epochs=config.epochs,
-        train_data_loader=DataLoader([item], batch_size=1),
+        train_data_loader=DataLoader([item], batch_size=1, collate_fn=subject_collate),
         train_handlers=handlers,
         image_smoothing_sigma=config.image_smoothing_sigma,
         finest_time_groups=config.finest_time_groups,
+        similarity_voxels=config.similarity_voxels,
     )
     _show_progress(trainer, progress, f"fit {sequence.subject}")
     trainer.run()

@@ -7,13 +7,13 @@ coarse to fine over ``FitConfig.levels``.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.layers import separable_filtering
 from monai.networks.layers.convutils import gaussian_1d
 
+from noder_monai.functional import separable_filter
 from noder_monai.networks import scale_window
 from noder_monai.networks.autoencoder import pad_to_multiple
 
@@ -21,11 +21,15 @@ __all__ = [
     "FINEST_TIME_GROUPS",
     "IMAGE_SMOOTHING_SIGMA",
     "MIN_LEVEL_VOXELS",
+    "SIMILARITY_VOXELS",
     "check_finest_time_groups",
     "check_image_smoothing_sigma",
+    "check_similarity_voxels",
     "downsample_image",
     "level_image",
     "level_window",
+    "similarity_box",
+    "similarity_region_voxels",
 ]
 
 
@@ -64,9 +68,9 @@ def check_finest_time_groups(groups: Any) -> int:
 
 def level_image(image: torch.Tensor, level: int, sigma: float = IMAGE_SMOOTHING_SIGMA) -> torch.Tensor:
     """The image the fit uses at ``level``: :func:`downsample_image`, then a Gaussian of ``sigma / level`` level
-    voxels (MONAI's ``gaussian_1d`` and ``separable_filtering``, border replicated; ``sigma`` in image voxels, so
-    the same physical width at every level; 0 smooths nothing), as ``antsRegistration --smoothing-sigmas`` smooths
-    its images per level.
+    voxels (MONAI's ``gaussian_1d`` kernel, :func:`~noder_monai.functional.separable_filter`, border replicated;
+    ``sigma`` in image voxels, so the same physical width at every level; 0 smooths nothing), as
+    ``antsRegistration --smoothing-sigmas`` smooths its images per level.
 
     Why: warping a noisy source with linear interpolation averages its noise by an amount that depends on the
     sub-voxel shift (most at half a voxel), so the local NCC to a noisy target rises off the true alignment whatever
@@ -82,8 +86,8 @@ def level_image(image: torch.Tensor, level: int, sigma: float = IMAGE_SMOOTHING_
     image = downsample_image(image, level)
     if sigma == 0:
         return image
-    kernel = gaussian_1d(torch.tensor(sigma / level), truncated=4.0, approx="erf").to(image)
-    return separable_filtering(image, [kernel] * (image.ndim - 2), mode="replicate")
+    kernel = gaussian_1d(torch.tensor(sigma / level), truncated=4.0, approx="erf")
+    return separable_filter(image, kernel, padding_mode="replicate")
 
 
 #: Default ``finest_time_groups`` of :class:`NODERTrainer`: full-resolution epochs alternate between two halves of
@@ -93,6 +97,75 @@ FINEST_TIME_GROUPS = 2
 
 #: The loss (smoothness and boundary terms, NCC windows) needs this many voxels along every axis at every level.
 MIN_LEVEL_VOXELS = 3
+
+#: Default ``similarity_voxels`` of :class:`NODERTrainer`: at most about 64^3 voxels scored by the similarity per
+#: epoch (a fit at 64^3 or smaller scores every voxel).
+SIMILARITY_VOXELS = 64**3
+
+
+def check_similarity_voxels(voxels: Any) -> int | None:
+    """``voxels`` unchanged; raises ValueError naming ``similarity_voxels`` unless it is None or an integer >= 1."""
+    if voxels is not None and (isinstance(voxels, bool) or not isinstance(voxels, int) or voxels < 1):
+        raise ValueError(f"similarity_voxels must be None or an integer >= 1, got {voxels!r}.")
+    return voxels
+
+
+def _scored_box_size(size: Sequence[int], voxels: int | None, radius: int) -> list[int] | None:
+    """The size of :func:`similarity_box`'s scored box on a grid of ``size``, or None where it scores the whole
+    grid (no random draw: the same for every epoch)."""
+    total = math.prod(size)
+    if voxels is None or voxels >= total:
+        return None
+    fraction = (voxels / total) ** (1 / len(size))
+    inner = [min(n, max(1, round(n * fraction))) for n in size]
+    if math.prod(min(n, c + 2 * radius) for n, c in zip(size, inner)) > total / 2:
+        return None
+    return inner
+
+
+def similarity_region_voxels(size: Sequence[int], voxels: int | None, radius: int) -> int:
+    """The most voxels on which one epoch computes the dense field, the warp and the similarity on a grid of
+    ``size`` (arguments as :func:`similarity_box`): the whole grid, or the scored box widened by ``radius``."""
+    inner = _scored_box_size(size, voxels, radius)
+    if inner is None:
+        return math.prod(size)
+    return math.prod(min(n, c + 2 * radius) for n, c in zip(size, inner))
+
+
+def similarity_box(
+    size: Sequence[int], voxels: int | None, radius: int
+) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+    """A random box of a level grid on which one epoch's similarity is computed, or None for the whole grid.
+
+    As ANTs and elastix sample their metric, an epoch need not score every voxel of a large image: the box holds
+    about ``voxels`` scored voxels (the same fraction of every axis), centred on a voxel drawn uniformly from torch's
+    global generator (so a seeded fit draws the same boxes) and clipped to the grid, so that every voxel is scored
+    about equally often (voxels at the grid's edge half as often as the others). The field, the warp and the NCC
+    windows are computed on the box widened by the window ``radius`` on every side that is not the grid's edge; the
+    widening is not scored, so every scored voxel's window is the one it has in the whole grid (or reaches the
+    grid's edge, where both are padded alike). None (score every voxel) when ``voxels`` is None or the widened box
+    would hold more than half of the grid.
+
+    Args:
+        size: the level grid's size.
+        voxels: about how many voxels to score, >= 1; None: all.
+        radius: the NCC window's radius (``window // 2``).
+
+    Returns:
+        ``(region, scored)``: the computed box as one slice per axis of the grid, and the scored part as slices of
+        the box; or None.
+    """
+    inner = _scored_box_size(size, voxels, radius)
+    if inner is None:
+        return None
+    region, scored = [], []
+    for n, c in zip(size, inner):
+        start = int(torch.randint(n, ())) - c // 2
+        first, stop = max(0, start), min(n, start + c)
+        low, high = max(0, first - radius), min(n, stop + radius)
+        region.append(slice(low, high))
+        scored.append(slice(first - low, stop - low))
+    return tuple(region), tuple(scored)
 
 
 def level_window(kernel_size: int, level: int) -> int:

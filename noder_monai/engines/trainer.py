@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,10 +25,13 @@ from noder_monai.data import IntensityMapping
 from noder_monai.engines.levels import (
     FINEST_TIME_GROUPS,
     IMAGE_SMOOTHING_SIGMA,
+    SIMILARITY_VOXELS,
     check_finest_time_groups,
     check_image_smoothing_sigma,
+    check_similarity_voxels,
     level_image,
     level_window,
+    similarity_box,
 )
 from noder_monai.io import Geometry
 from noder_monai.losses import NODERLoss
@@ -45,6 +48,7 @@ __all__ = [
     "fitted_subject",
     "init_network",
     "prepare_sequence_batch",
+    "subject_collate",
     "subject_template",
 ]
 
@@ -70,9 +74,9 @@ def subject_template(model: NODER, images: torch.Tensor, scaled_times: torch.Ten
     Returns:
         (1, 1, *S) the template, in the first scan's space and the scans' (normalised) intensities.
     """
-    inverse = model.displacement(scaled_times[1:], inverse=True)
-    pulled = model.warp(images[1:], inverse)
-    return torch.cat([images[:1], pulled]).median(dim=0).values[None]
+    inverses = model.inverse_displacements(scaled_times[1:])  # one map at a time
+    pulled = [model.warp(image[None], inverse) for image, inverse in zip(images[1:], inverses)]
+    return torch.cat([images[:1], *pulled]).median(dim=0).values[None]
 
 
 FINAL_LR_FRACTION = 0.05
@@ -144,6 +148,18 @@ def prepare_sequence_batch(
     return image[:, :1], image[0, 1:, None], scaled[1:]
 
 
+def subject_collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``collate_fn`` of a subject's ``DataLoader`` (batch size 1): the batch's tensors are the item's with a batch
+    axis added as a view, without the copy of every scan that stacking makes each epoch; other values in a list.
+
+    Raises:
+        ValueError: for a batch of more than one item.
+    """
+    if len(items) != 1:
+        raise ValueError(f"subject_collate collates one subject item, got {len(items)}.")
+    return {key: value.unsqueeze(0) if isinstance(value, torch.Tensor) else [value] for key, value in items[0].items()}
+
+
 class NODERTrainer(SupervisedTrainer):
     """``SupervisedTrainer`` fitting one subject's trajectory; every epoch is one iteration over all observed times.
 
@@ -169,6 +185,9 @@ class NODERTrainer(SupervisedTrainer):
         finest_time_groups: at level 1 (full resolution), each epoch fits one of this many interleaved groups of
             the observed times, in turn (so one full-resolution epoch costs about 1 / groups of an epoch over all
             times; the recorded loss is that group's); 1 fits every time in every epoch.
+        similarity_voxels: at most about this many voxels are scored by the similarity per epoch, in a random box
+            of the level grid (:func:`similarity_box`; the recorded similarity is that box's); the regularisers
+            always cover the whole field. None scores every voxel.
         kwargs: other ``SupervisedTrainer`` arguments (``train_handlers``, ``inferer``, ``amp``, ...).
     """
 
@@ -183,6 +202,7 @@ class NODERTrainer(SupervisedTrainer):
         prepare_batch: Callable = prepare_sequence_batch,
         image_smoothing_sigma: float = IMAGE_SMOOTHING_SIGMA,
         finest_time_groups: int = FINEST_TIME_GROUPS,
+        similarity_voxels: int | None = SIMILARITY_VOXELS,
         **kwargs: Any,
     ) -> None:
         if not isinstance(loss_function, NODERLoss):
@@ -203,6 +223,7 @@ class NODERTrainer(SupervisedTrainer):
         )
         self.image_smoothing_sigma = sigma
         self.finest_time_groups = groups
+        self.similarity_voxels = check_similarity_voxels(similarity_voxels)
         self.state.level = 1
         self.state.history = []
         self.state.template = None
@@ -261,16 +282,25 @@ class NODERTrainer(SupervisedTrainer):
             baseline = engine._template_at(level)
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        warped, ddf = engine.network(baseline, times, level)
+        field = engine.network.displacement_field(times, level)
+        box = similarity_box(baseline.shape[2:], engine.similarity_voxels, loss_function.ncc_kernel_size // 2)
+        region, scored = box if box is not None else (None, None)
+        if region is not None:
+            targets = targets[(slice(None), slice(None), *region)]
+        ddf = field.dense(region)
+        origin = None if region is None else [r.start for r in region]
+        warped = engine.network.warp(baseline.expand(len(times), *baseline.shape[1:]), ddf, origin)
         # one subject is one sample: the output is the decollated form, a list of one dict
         output = {Keys.IMAGE: baseline, Keys.LABEL: targets, Keys.PRED: warped}
         engine.state.output = [output]
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        terms = loss_function(warped, targets, ddf)
-        if not bool(torch.isfinite(terms["total"])):
+        terms = loss_function(warped, targets, field, scored)
+        # the epoch's one copy from the device: the loss terms, read together
+        values = dict(zip(terms, torch.stack([v.detach() for v in terms.values()]).tolist()))
+        if not math.isfinite(values["total"]):
             raise FloatingPointError(
                 f"subject '{batchdata.get('subject', ['subject'])[0]}': the fit diverged: loss is "
-                f"{float(terms['total'].detach())} at epoch {len(engine.state.history)} (level {level}); nothing was "
+                f"{values['total']} at epoch {len(engine.state.history)} (level {level}); nothing was "
                 f"saved. Lower learning_rate (now {engine.optimizer.defaults['lr']:g}) and fit again."
             )
         output[Keys.LOSS] = terms["total"]
@@ -278,7 +308,6 @@ class NODERTrainer(SupervisedTrainer):
         terms["total"].backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         engine.optimizer.step()
-        values = {k: float(v.detach()) for k, v in terms.items()}
         engine.state.history.append({"epoch": len(engine.state.history), "level": level, **values})
         engine.state.metrics.update({f"loss_{name}": value for name, value in values.items()}, level=level)
         output.update({Keys.PRED: warped.detach(), Keys.LOSS: terms["total"].detach(), "terms": values})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from numbers import Real
+from typing import Sequence
 
 import torch
 from torch.nn.modules.loss import _Loss
@@ -72,17 +73,20 @@ class LocalNCCLoss(_Loss):
         self._target_cache = None if target.requires_grad else (target, target._version, t_mean, t_var)
         return t_mean, t_var
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, scored: Sequence[slice] | None = None) -> torch.Tensor:
         """
         Args:
             pred: image of shape ``(N, C, *spatial)`` with ``spatial_dims`` spatial axes, e.g. the warped scan.
             target: image of the same shape as ``pred``.
+            scored: one ``slice`` per spatial axis: the mean is taken over this box only (e.g. the voxels of a crop
+                whose whole window lies inside it); None: every voxel.
 
         Returns:
             Scalar tensor, ``-mean(local ncc)``, in [-1, 0] up to the smoothing constants.
 
         Raises:
-            ValueError: if ``pred`` does not have ``spatial_dims`` spatial axes or ``target`` differs in shape.
+            ValueError: if ``pred`` does not have ``spatial_dims`` spatial axes, ``target`` differs in shape, or
+                ``scored`` is not one non-empty slice per spatial axis.
         """
         if pred.ndim != self.spatial_dims + 2:
             raise ValueError(
@@ -97,4 +101,10 @@ class LocalNCCLoss(_Loss):
         cross = volume * (tp_mean - t_mean * p_mean)
         p_var = torch.clamp(volume * (p2_mean - p_mean * p_mean), min=self.smooth_dr)
         ncc = (cross * cross + self.smooth_nr) / (t_var * p_var)
+        if scored is not None:
+            scored = tuple(scored)
+            if len(scored) != self.spatial_dims or any(
+                    len(range(*s.indices(n))) == 0 for s, n in zip(scored, ncc.shape[2:])):
+                raise ValueError(f"scored must be one non-empty slice per spatial axis, got {scored}.")
+            ncc = ncc[(slice(None), slice(None), *scored)]
         return -torch.mean(ncc.clamp(max=1.0))

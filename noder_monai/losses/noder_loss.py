@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
-from noder_monai.functional import check_ddf, check_odd_kernel_size, check_spatial_dims
+from noder_monai.functional import SeparableField, check_ddf, check_odd_kernel_size, check_spatial_dims
 from noder_monai.losses.lncc import LocalNCCLoss, _check_non_negative
 from noder_monai.losses.regularizers import BoundaryLoss, GradientSmoothnessLoss
 
@@ -45,12 +47,23 @@ class NODERLoss(nn.Module):
         self.smoothness = GradientSmoothnessLoss()
         self.boundary = BoundaryLoss()
 
-    def forward(self, warped: torch.Tensor, target: torch.Tensor, ddf: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        warped: torch.Tensor,
+        target: torch.Tensor,
+        ddf: torch.Tensor | SeparableField,
+        scored: Sequence[slice] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """
         Args:
             warped: the baseline warped to each time point, shape ``(B, 1, *spatial)``.
             target: the observed scans at those time points, shape ``(B, 1, *spatial)``.
-            ddf: the displacement fields that produced ``warped``, shape ``(B, D, *spatial)``, voxel units.
+            ddf: the displacement fields that produced ``warped``, shape ``(B, D, *spatial)``, voxel units; or a
+                :class:`~noder_monai.functional.SeparableField` of that shape, whose regularisers are computed
+                on its coarse grid. With a separable field, ``warped`` and ``target`` may cover a box of its grid
+                only (the similarity is then that box's).
+            scored: the similarity is averaged over this box of ``warped`` only (one slice per axis; see
+                :class:`LocalNCCLoss`); None: over every voxel.
 
         Returns:
             Dict of scalar tensors ``"total"``, ``"similarity"``, ``"smoothness"``, ``"boundary"`` (unweighted
@@ -59,15 +72,19 @@ class NODERLoss(nn.Module):
         Raises:
             ValueError: if the shapes do not match each other or ``spatial_dims``.
         """
-        check_ddf(ddf, "ddf", min_size=3)
-        if ddf.shape[1] != self.spatial_dims:
-            raise ValueError(f"ddf must have {self.spatial_dims} spatial dimensions, got {tuple(ddf.shape)}.")
-        if warped.ndim != ddf.ndim or warped.shape[0] != ddf.shape[0] or warped.shape[2:] != ddf.shape[2:]:
+        shape = tuple(ddf.shape)
+        if isinstance(ddf, SeparableField):
+            matches = len(shape) == warped.ndim and all(w <= s for w, s in zip(warped.shape[2:], shape[2:]))
+        else:
+            check_ddf(ddf, "ddf", min_size=3)
+            matches = warped.ndim == ddf.ndim and warped.shape[2:] == ddf.shape[2:]
+        if shape[1] != self.spatial_dims:
+            raise ValueError(f"ddf must have {self.spatial_dims} spatial dimensions, got {shape}.")
+        if not matches or warped.shape[0] != shape[0]:
             raise ValueError(
-                f"warped must have the batch size and spatial shape of ddf {tuple(ddf.shape)}, "
-                f"got {tuple(warped.shape)}."
+                f"warped must have the batch size and spatial shape of ddf {shape}, got {tuple(warped.shape)}."
             )
-        similarity = self.similarity(warped, target)
+        similarity = self.similarity(warped, target, scored)
         smoothness = self.smoothness(ddf)
         boundary = self.boundary(ddf)
         total = (

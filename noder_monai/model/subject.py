@@ -6,14 +6,14 @@ import dataclasses
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
-from monai.networks.blocks import Warp
 
 from noder_monai import __version__
 from noder_monai.data import IntensityMapping
 from noder_monai.data.sequence import AFFINE_ATOL, file_fingerprint
+from noder_monai.functional import warp
 from noder_monai.io import Geometry, load_label_map, parse_times, save_image
 from noder_monai.metrics import jacobian_determinant
 from noder_monai.model.appearance import SourceChoice, candidate_weights, carry_scans, combine
@@ -111,7 +111,6 @@ class FittedSubject:
         self.subject = subject
         self.fit_config = fit_config or {}
         self.history = history or []
-        self._label_warp = Warp(mode="nearest", padding_mode="border")
         self.geometry = geometry if geometry is not None else Geometry.from_affine(self.affine, model.spatial_size)
         self.fitted_on = fitted_on
         self.warn_extrapolation = self.WARN_EXTRAPOLATION
@@ -271,7 +270,8 @@ class FittedSubject:
         Args:
             times: (Q,) query times in the user's unit, inside or outside the observed span, any order.
             labels: optional baseline label map (*S), (1, *S) or (1, 1, *S), warped with nearest-neighbour sampling.
-            batch_size: time points decoded and warped at once (bounds memory on large images).
+            batch_size: time points decoded and warped at once (bounds the working memory on the device, whatever
+                the number of times; the returned tensors hold every time).
             source: the appearance of the predicted images: ``"auto"`` combines the observed scans, each carried
                 to the time through one composed map, as chosen for this subject by validation on its own scans
                 (:attr:`source_choice`, :mod:`~noder_monai.model.appearance`); ``"baseline"`` warps the first scan
@@ -286,8 +286,40 @@ class FittedSubject:
             ValueError: for an empty ``times``, an unknown ``source``, or a source this subject does not hold.
         """
         times = self.query_times(times)
+        outputs: dict[str, torch.Tensor] = {}
+        first = 0
+        for chunk in self.predict_chunks(times, labels, batch_size, source):
+            for key in ("times", "images", "ddfs", "jacobians", "labels"):
+                value = getattr(chunk, key)
+                if value is None:
+                    continue
+                if key not in outputs:  # allocated once and filled chunk by chunk (no concatenation copy)
+                    outputs[key] = value.new_empty((len(times), *value.shape[1:]))
+                outputs[key][first:first + len(value)] = value
+            first += len(chunk.times)
+            del chunk, value  # free this chunk before the next is made
+        return Prediction(times=outputs["times"], images=outputs["images"], ddfs=outputs["ddfs"],
+                          jacobians=outputs["jacobians"], labels=outputs.get("labels"), affine=self.affine.clone(),
+                          geometry=self.geometry)
+
+    def predict_chunks(
+        self,
+        times: Sequence[float] | torch.Tensor,
+        labels: torch.Tensor | None = None,
+        batch_size: int = 8,
+        source: str | None = None,
+    ) -> Iterator[Prediction]:
+        """:meth:`predict` one chunk of at most ``batch_size`` times after another (in the order of ``times``), so
+        that any number of times fits in memory when each chunk is written or reduced before the next.
+
+        Raises:
+            ValueError: as :meth:`predict`, before the first chunk; for ``batch_size`` < 1.
+        """
+        times = self.query_times(times)
         if times.numel() == 0:
             raise ValueError("times must contain at least one time point.")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
         source = self.check_source(source)
         if labels is not None:
             labels = torch.as_tensor(labels)
@@ -295,21 +327,27 @@ class FittedSubject:
                 labels = labels[0]
             self.check_spatial_size(labels.shape, "labels")
             labels = labels.to(device=self.device, dtype=torch.float32)[None, None]
-        images, ddfs, jacobians, warped_labels = [], [], [], []
+        return self._chunks(times, labels, batch_size, source)
+
+    def _chunks(
+        self, times: torch.Tensor, labels: torch.Tensor | None, batch_size: int, source: str
+    ) -> Iterator[Prediction]:
         for chunk in times.split(batch_size):
-            ddf = self.model.displacement(self.scaled_time(chunk))
-            images.append(self.appearance(chunk, ddf, source).cpu())
-            ddfs.append(ddf.cpu())
-            jacobians.append(jacobian_determinant(ddf).cpu())
-            if labels is not None:
-                carried = self._label_warp(labels.expand(len(chunk), *labels.shape[1:]), ddf)
-                warped_labels.append(carried.round().cpu())
+            yield self._predict_chunk(chunk, labels, source)  # nothing of a chunk is held while the next is made
+
+    @torch.inference_mode()  # on this function, not the generator: torch's generator wrapper holds the last chunk
+    def _predict_chunk(self, times: torch.Tensor, labels: torch.Tensor | None, source: str) -> Prediction:
+        ddf = self.model.displacement(self.scaled_time(times))
+        carried = None
+        if labels is not None:
+            expanded = labels.expand(len(times), *labels.shape[1:])
+            carried = warp(expanded, ddf, mode="nearest", padding_mode="border").round().cpu()
         return Prediction(
             times=times,
-            images=torch.cat(images),
-            ddfs=torch.cat(ddfs),
-            jacobians=torch.cat(jacobians),
-            labels=torch.cat(warped_labels) if labels is not None else None,
+            images=self.appearance(times, ddf, source).cpu(),
+            ddfs=ddf.cpu(),
+            jacobians=jacobian_determinant(ddf).cpu(),
+            labels=carried,
             affine=self.affine.clone(),
             geometry=self.geometry,
         )

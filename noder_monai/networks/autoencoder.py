@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
-from noder_monai.functional import box_filter, check_spatial_dims
+from noder_monai.functional import SeparableField, box_filter, check_spatial_dims
 
 __all__ = [
     "ENCODER_STRIDE",
@@ -26,6 +26,7 @@ __all__ = [
     "DeformationDecoder",
     "DeformationAutoencoder",
     "smooth_upsample",
+    "smooth_upsample_field",
     "pad_to_multiple",
 ]
 
@@ -55,12 +56,37 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "constant") -> t
 
 
 @functools.lru_cache(maxsize=64)
-def _smooth_upsample_matrix(in_size: int, factor: int, out_size: int, kernel_size: int) -> torch.Tensor:
-    """(out_size, in_size) float64 matrix of 1D linear upsampling by ``factor`` then a zero-padded box mean."""
-    basis = torch.eye(in_size, dtype=torch.float64)[None]
-    if factor > 1:
-        basis = F.interpolate(basis, scale_factor=factor, mode="linear", align_corners=False)
-    return box_filter(basis[:, :, :out_size], kernel_size)[0].T.contiguous()
+def _smooth_upsample_matrix(
+    in_size: int, factor: int, out_size: int, kernel_size: int, device: torch.device | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """(out_size, in_size) matrix of 1D linear upsampling by ``factor`` then a zero-padded box mean, computed in
+    float64 on the CPU and kept per ``device`` and ``dtype`` (no copy to the device per call)."""
+    with torch.inference_mode(False), torch.no_grad():  # cached: an ordinary tensor even if first made for a prediction
+        if device is not None or dtype != torch.float64:
+            return _smooth_upsample_matrix(in_size, factor, out_size, kernel_size).to(device=device, dtype=dtype)
+        basis = torch.eye(in_size, dtype=torch.float64)[None]
+        if factor > 1:
+            basis = F.interpolate(basis, scale_factor=factor, mode="linear", align_corners=False)
+        return box_filter(basis[:, :, :out_size], kernel_size)[0].T.contiguous()
+
+
+def smooth_upsample_field(
+    field: torch.Tensor, factor: int, spatial_size: Sequence[int], kernel_size: int = 1
+) -> SeparableField:
+    """:func:`smooth_upsample` as a :class:`~noder_monai.functional.SeparableField` (not yet evaluated), whose
+    :meth:`~noder_monai.functional.SeparableField.dense` is the result; its regularisers and boxes cost only
+    products on the coarse grid."""
+    spatial_dims = field.ndim - 2
+    if len(spatial_size) != spatial_dims:
+        raise ValueError(f"spatial_size must have {spatial_dims} entries, got {tuple(spatial_size)}.")
+    matrices = []
+    for axis, (size_in, size_out) in enumerate(zip(field.shape[2:], spatial_size)):
+        if not 1 <= int(size_out) <= size_in * factor:
+            raise ValueError(f"spatial_size[{axis}] must be in [1, {size_in * factor}], got {size_out}.")
+        matrices.append(_smooth_upsample_matrix(int(size_in), int(factor), int(size_out), int(kernel_size),
+                                                field.device, field.dtype))
+    return SeparableField(field, tuple(matrices))
 
 
 def smooth_upsample(field: torch.Tensor, factor: int, spatial_size: Sequence[int], kernel_size: int = 1) -> torch.Tensor:
@@ -80,16 +106,13 @@ def smooth_upsample(field: torch.Tensor, factor: int, spatial_size: Sequence[int
     Returns:
         (N, C, *spatial_size).
     """
-    spatial_dims = field.ndim - 2
-    if len(spatial_size) != spatial_dims:
-        raise ValueError(f"spatial_size must have {spatial_dims} entries, got {tuple(spatial_size)}.")
-    for axis, (size_in, size_out) in enumerate(zip(field.shape[2:], spatial_size)):
-        if not 1 <= int(size_out) <= size_in * factor:
-            raise ValueError(f"spatial_size[{axis}] must be in [1, {size_in * factor}], got {size_out}.")
-        matrix = _smooth_upsample_matrix(int(size_in), int(factor), int(size_out), int(kernel_size))
-        moved = field.transpose(axis + 2, -1)
-        field = torch.matmul(moved, matrix.T.to(device=field.device, dtype=field.dtype)).transpose(axis + 2, -1)
-    return field.contiguous()
+    return smooth_upsample_field(field, factor, spatial_size, kernel_size).dense()
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in channels-last memory order (3D: ``channels_last_3d``), in which oneDNN's convolutions run about
+    twice as fast on the CPU as in the default order (``benchmarks/README.md``); values and shape are unchanged."""
+    return x.contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
 
 
 class DeformationEncoder(nn.Module):
@@ -129,7 +152,7 @@ class DeformationEncoder(nn.Module):
                 f"ddf must have shape (N, {self.spatial_dims}, *spatial) for spatial_dims={self.spatial_dims}, "
                 f"got {tuple(ddf.shape)}."
             )
-        return self.net(pad_to_multiple(ddf, ENCODER_STRIDE))
+        return self.net(_channels_last(pad_to_multiple(ddf, ENCODER_STRIDE)))
 
 
 class DeformationDecoder(nn.Module):
@@ -168,7 +191,7 @@ class DeformationDecoder(nn.Module):
                 f"z must have shape (N, {self.latent_channels}, *latent) for spatial_dims={self.spatial_dims}, "
                 f"got {tuple(z.shape)}."
             )
-        return self.net(z)
+        return self.net(_channels_last(z))
 
 
 class DeformationAutoencoder(nn.Module):

@@ -2,29 +2,29 @@
 
 z(0) = Encoder(zero field); dz/dt = f(z, t) (:class:`LatentDynamics`), integrated with a fixed-step RK4 (torchdiffeq);
 the decoded field minus the decoded initial state (so that time 0 is exactly the identity) is upsampled from the
-decoder's stride-4 grid and smoothed by a box filter; the baseline image is warped with MONAI's ``Warp``.
+decoder's stride-4 grid and smoothed by a box filter; the baseline image is warped (``grid_sample``, the values of MONAI's
+``Warp``).
 All query times go through the decoder, the filter and the warp as one batch.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
-from monai.networks.blocks import DVF2DDF, Warp
 from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
 
-from noder_monai.functional import odd_window
+from noder_monai.functional import SeparableField, integrate_velocity, invert_displacement, odd_window, warp
 from noder_monai.networks.autoencoder import (
     DECODER_STRIDE,
     ENCODER_STRIDE,
     DeformationDecoder,
     DeformationEncoder,
     smooth_upsample,
+    smooth_upsample_field,
 )
-from noder_monai.functional import invert_displacement
 from noder_monai.networks.dynamics import LatentDynamics
 
 __all__ = ["NODER", "FIELD_TYPES", "LEVELS", "scale_window"]
@@ -116,8 +116,7 @@ class NODER(nn.Module):
         self.decoder = DeformationDecoder(self.spatial_dims, latent_channels, decoder_channels)
         self.dynamics = LatentDynamics((latent_channels, *latent_size), dynamics_channels, hidden_features, num_hidden_layers)
         self.register_buffer("initial_state", torch.zeros(1, latent_channels, *latent_size))
-        self.warp = Warp(mode="bilinear", padding_mode="border")
-        self.integrate_velocity = DVF2DDF(num_steps=integration_steps, mode="bilinear", padding_mode="border")
+        self.integration_steps = integration_steps
 
     @torch.no_grad()
     def set_initial_state(self) -> None:
@@ -159,32 +158,71 @@ class NODER(nn.Module):
         Args:
             times: (T,) scaled times.
             level: one of :data:`LEVELS`.
-            inverse: return the inverse maps' displacements instead: ``Warp(Warp(x, ddf), inverse_ddf) ~ x``,
-                by :func:`~noder_monai.functional.invert_displacement` on the level grid, started (for
-                ``field="velocity"``) from the integral of the negated velocity.
+            inverse: return the inverse maps' displacements instead: ``warp(warp(x, ddf), inverse_ddf) ~ x``,
+                by :func:`~noder_monai.functional.invert_displacement` on the level grid (one time after another),
+                started (for ``field="velocity"``) from the integral of the negated velocity.
 
         Returns:
             (T, D, *ceil(S / level)) in level-grid voxels; exactly zero at time 0.
         """
+        if not inverse:
+            return self.displacement_field(times, level).dense()
+        return torch.cat(list(self.inverse_displacements(times, level)))
+
+    def inverse_displacements(self, times: torch.Tensor, level: int = 1) -> Iterator[torch.Tensor]:
+        """``displacement(times, level, inverse=True)`` one time after another: yields (1, D, *ceil(S / level)) per
+        time of ``times`` (T,), in order, so that only one full-size inverse map is held at a time (the latent
+        trajectory is integrated once for all times)."""
+        size = self._level_size(level)
+        for one in self._decoded(times).split(1):
+            if self.field == "displacement":
+                yield invert_displacement(self._displacement_field(one, level, size).dense())
+                continue
+            velocity = self._velocity(one)
+            ddf = self._exponential_field(velocity, level, size).dense()
+            yield invert_displacement(ddf, 10, initial=self._exponential_field(-velocity, level, size).dense())
+
+    def displacement_field(self, times: torch.Tensor, level: int = 1) -> SeparableField:
+        """:meth:`displacement` at ``times`` (T,) as a :class:`~noder_monai.functional.SeparableField` on the grid of
+        ``level``: its ``dense()`` is the field, ``dense(region)`` the field on a box only, and its ``smoothness()``
+        and ``boundary()`` the loss terms of the dense field, computed on the decoder grid."""
+        size = self._level_size(level)
+        coarse = self._decoded(times)
+        if self.field == "displacement":
+            return self._displacement_field(coarse, level, size)
+        return self._exponential_field(self._velocity(coarse), level, size)
+
+    def _level_size(self, level: int) -> list[int]:
+        """The grid of ``level``; raises ValueError naming ``level`` unless it is one of :data:`LEVELS`."""
         if level not in LEVELS:
             raise ValueError(f"level must be one of {LEVELS}, got {level!r}.")
-        size = [math.ceil(s / level) for s in self.spatial_size]
-        decoded = self.decoder(torch.cat([self.initial_state, self.latent_trajectory(times)]))
-        coarse = decoded[1:] - decoded[:1]
-        if self.field == "displacement":
-            ddf = smooth_upsample(coarse, DECODER_STRIDE // level, size, scale_window(self.smoothing_kernel, level)) / level
-            return invert_displacement(ddf) if inverse else ddf
-        coarse_size = coarse.shape[2:]
-        velocity = smooth_upsample(coarse, 1, coarse_size, scale_window(self.smoothing_kernel, DECODER_STRIDE)) / DECODER_STRIDE
-        if not inverse:
-            return self._upsampled_exponential(velocity, level, size)
-        ddf = self._upsampled_exponential(velocity, level, size)
-        return invert_displacement(ddf, 10, initial=self._upsampled_exponential(-velocity, level, size))
+        return [math.ceil(s / level) for s in self.spatial_size]
 
-    def _upsampled_exponential(self, velocity: torch.Tensor, level: int, size: list[int]) -> torch.Tensor:
+    def _decoded(self, times: torch.Tensor) -> torch.Tensor:
+        """The decoded fields at ``times`` minus the decoded initial state (T, D, *decoder grid), image voxels."""
+        decoded = self.decoder(torch.cat([self.initial_state, self.latent_trajectory(times)]))
+        return decoded[1:] - decoded[:1]
+
+    def _displacement_field(self, coarse: torch.Tensor, level: int, size: list[int]) -> SeparableField:
+        """The decoded displacement (``field="displacement"``) upsampled and box-filtered to ``level`` (level voxels)."""
+        window = scale_window(self.smoothing_kernel, level)
+        field = smooth_upsample_field(coarse, DECODER_STRIDE // level, size, window)
+        return SeparableField(field.coarse / level, field.matrices)
+
+    def _velocity(self, coarse: torch.Tensor) -> torch.Tensor:
+        """The smoothed stationary velocity on the decoder grid, in decoder voxels."""
+        window = scale_window(self.smoothing_kernel, DECODER_STRIDE)
+        return smooth_upsample(coarse, 1, coarse.shape[2:], window) / DECODER_STRIDE
+
+    def _exponential_field(self, velocity: torch.Tensor, level: int, size: list[int]) -> SeparableField:
         """Scaling and squaring of a decoder-grid velocity (decoder voxels), upsampled to ``level`` (level voxels)."""
-        coarse_ddf = self.integrate_velocity(velocity) * (DECODER_STRIDE / level)
-        return smooth_upsample(coarse_ddf, DECODER_STRIDE // level, size)
+        coarse_ddf = integrate_velocity(velocity, self.integration_steps) * (DECODER_STRIDE / level)
+        return smooth_upsample_field(coarse_ddf, DECODER_STRIDE // level, size)
+
+    def warp(self, image: torch.Tensor, ddf: torch.Tensor, origin: Sequence[int] | None = None) -> torch.Tensor:
+        """``image`` (N, C, *S) warped by ``ddf`` (N, D, *B) with bilinear interpolation and border padding
+        (:func:`~noder_monai.functional.warp`; ``origin``: where a field on a box of the grid starts)."""
+        return warp(image, ddf, "bilinear", "border", origin)
 
     def forward(
         self, image: torch.Tensor, times: torch.Tensor, level: int = 1, return_ddf: bool = True

@@ -1,9 +1,9 @@
 """MONAI transforms that warp images and label maps along a fitted subject's trajectory.
 
 A fitted subject (the one file written by :meth:`noder_monai.model.FittedSubject.save`) gives a displacement field
-at any time; these transforms warp whatever channel-first image they are given with it (MONAI ``Warp``, pull-back
-convention ``out(x) = image(x + ddf(x))``), so they slot into any ``Compose`` pipeline, e.g. to carry a second
-modality or a segmentation that is co-registered to the subject's baseline scan through time.
+at any time; these transforms warp whatever channel-first image they are given with it (MONAI ``Warp``'s values,
+pull-back convention ``out(x) = image(x + ddf(x))``), so they slot into any ``Compose`` pipeline, e.g. to carry a
+second modality or a segmentation that is co-registered to the subject's baseline scan through time.
 
 Intensities are never rescaled: an image is warped in its own units (the subject's baseline and intensity mapping
 stored in the file are not used here). Warping the subject's own baseline scan therefore gives the same image as
@@ -26,7 +26,6 @@ and ``inverse`` (or ``Invertd``) warps back with the inverse map's field at that
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -37,11 +36,11 @@ import torch
 from monai.config import KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor
 from monai.data.utils import to_affine_nd
-from monai.networks.blocks import Warp
 from monai.transforms import InvertibleTransform, MapTransform, SpatialResample
 from monai.utils import TraceKeys, TransformBackends, convert_to_dst_type, ensure_tuple_rep
 
 from noder_monai.data.sequence import AFFINE_ATOL
+from noder_monai.functional import warp
 from noder_monai.io import GEOMETRY_META_KEY
 from noder_monai.metrics import jacobian_determinant
 from noder_monai.model import PREDICT_SOURCES, FittedSubject, FittedSubjectLoader, load_fitted_subject
@@ -53,11 +52,6 @@ WARP_MODES = ("bilinear", "nearest", "bicubic")
 """Interpolation modes (``torch.nn.functional.grid_sample``); ``bicubic`` is 2D only."""
 PADDING_MODES = ("border", "zeros", "reflection")
 """Values used for sampling positions outside the image."""
-
-
-@functools.lru_cache(maxsize=None)
-def _warp_block(mode: str, padding_mode: str) -> Warp:
-    return Warp(mode=mode, padding_mode=padding_mode)
 
 
 def _check_option(value: str, options: Sequence[str], name: str) -> str:
@@ -257,7 +251,7 @@ class ODEWarp(InvertibleTransform):
         values = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
         moving = values.to(device=ddf.device, dtype=torch.float32)[None]
         with torch.inference_mode():
-            warped = _warp_block(mode, padding_mode)(moving, ddf[None].to(torch.float32))[0]
+            warped = warp(moving, ddf[None].to(torch.float32), mode, padding_mode)[0]
         dtype = img.dtype if mode == "nearest" else torch.float32
         out, *_ = convert_to_dst_type(warped.clone(), dst=img, dtype=dtype)
         return out

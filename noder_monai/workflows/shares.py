@@ -30,15 +30,19 @@ def dist_env() -> tuple[int, int, int]:
 
 def rank_device(device: str | torch.device | None = None) -> torch.device:
     """The device of this process: ``cuda:LOCAL_RANK`` when CUDA is available (or ``device`` is a plain ``"cuda"``),
-    else ``device`` or the CPU. An explicit ``cuda:K`` or ``cpu`` is kept."""
-    if device is not None:
-        device = torch.device(device)
-        if device.type != "cuda" or device.index is not None:
-            return device
-    elif not torch.cuda.is_available():
-        return torch.device("cpu")
-    _, _, local = dist_env()
-    return torch.device("cuda", local % max(1, torch.cuda.device_count()))
+    else ``device`` or the CPU. An explicit ``cuda:K`` or ``cpu`` is kept.
+
+    A CUDA device is also made the process's current device (``torch.cuda.set_device``) when CUDA is available, so
+    that what uses the current device (a CUDA context, ``torch.cuda.synchronize()`` without argument) does not
+    touch ``cuda:0`` from every rank."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", dist_env()[2] % max(1, torch.cuda.device_count()))
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.set_device(device)
+    return device
 
 
 def rank_threads(num_threads: int | None = None) -> int:
