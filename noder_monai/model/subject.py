@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from monai.networks.blocks import Warp
 
 from noder_monai import __version__
 from noder_monai.data import IntensityMapping
-from noder_monai.data.sequence import AFFINE_ATOL, file_fingerprint
-from noder_monai.functional import compose_displacements
-from noder_monai.io import Geometry, load_label_map, parse_times, save_image
+from noder_monai.data.sequence import AFFINE_ATOL, file_fingerprint, read_label_map
+from noder_monai.functional import compose_displacements, unfold_displacement, warp_nearest
+from noder_monai.io import Geometry, parse_times, save_image
 from noder_monai.metrics import jacobian_determinant
 from noder_monai.model.checkpoint import SUBJECT_FORMAT, atomic_torch_save, read_checkpoint, validate_subject_checkpoint
 from noder_monai.networks import NODER
@@ -36,10 +35,13 @@ class Prediction:
         images: (Q, 1, *S) baseline warped to each time, intensities in the input's units.
         ddfs: (Q, D, *S) displacement fields in voxels (MONAI ``Warp`` convention, pull-back).
         jacobians: (Q, 1, *S) determinant of the Jacobian of x -> x + ddf(x) (local volume change).
-        labels: (Q, 1, *S) the given baseline label map carried along (nearest neighbour), or None.
+        labels: (Q, 1, *S) int64: the given baseline label map carried along (nearest neighbour, every ID exact),
+            or None.
         affine: (4, 4) voxel-to-world matrix shared by every output.
         geometry: the scans' :class:`~noder_monai.io.image.Geometry`; pass it as ``affine`` of ``save_image`` so the
             outputs keep the input's header forms and 2D layout.
+        corrected: (Q,) percentage of voxels of each field changed by the fold correction of ``field="velocity"``
+            models (:meth:`FittedSubject.displacement`); zeros for other models.
     """
 
     times: torch.Tensor
@@ -49,6 +51,7 @@ class Prediction:
     labels: torch.Tensor | None
     affine: torch.Tensor
     geometry: Geometry | None = None
+    corrected: torch.Tensor | None = None
 
 
 class FittedSubject:
@@ -104,7 +107,6 @@ class FittedSubject:
         self.subject = subject
         self.fit_config = fit_config or {}
         self.history = history or []
-        self._label_warp = Warp(mode="nearest", padding_mode="border")
         self.geometry = geometry if geometry is not None else Geometry.from_affine(self.affine, model.spatial_size)
         self.fitted_on = fitted_on
         self.warn_extrapolation = self.WARN_EXTRAPOLATION
@@ -175,18 +177,17 @@ class FittedSubject:
                              f"{self.affine.tolist()}.")
 
     def read_labels(self, path: str | os.PathLike, reader: str | None = None) -> tuple[torch.Tensor, Geometry]:
-        """Read a label map for this subject: one volume of integer labels (:func:`~noder_monai.io.load_label_map`)
-        on the fitted grid (:meth:`check_grid`). The one label check of the ``noder`` command and the bundle.
+        """Read a label map for this subject: one volume of finite integers on the fitted grid in world space
+        (:func:`~noder_monai.data.read_label_map`, the label check of every stage), for ``noder predict`` and the
+        bundle.
 
         Returns:
-            ``(labels (1, *S) float32, geometry)``.
+            ``(labels (1, *S) int64, geometry)``.
 
         Raises:
             ValueError: naming the file: several channels, non-integer or non-finite values, another grid.
         """
-        labels, geometry = load_label_map(path, reader)
-        self.check_grid(labels.shape[1:], geometry.affine, f"subject '{self.subject}': field 'label' ({os.fspath(path)})")
-        return labels, geometry
+        return read_label_map(path, self.spatial_size, self.affine, f"subject '{self.subject}': field 'label'", reader)
 
     @property
     def default_source(self) -> str:
@@ -194,10 +195,38 @@ class FittedSubject:
         source = self.fit_config.get("source", "baseline")
         return source if source in PREDICT_SOURCES else "baseline"
 
+    #: Every voxel of a predicted ``field="velocity"`` field has a Jacobian determinant above this.
+    MIN_JACOBIAN = 0.01
+
     @torch.inference_mode()
     def displacement(self, times: Sequence[float] | torch.Tensor) -> torch.Tensor:
-        """Displacement fields (Q, D, *S) in voxels at user ``times`` (Q,)."""
-        return self.model.displacement(self.scaled_time(times))
+        """Displacement fields (Q, D, *S) in voxels at user ``times`` (Q,); see :meth:`fields`."""
+        return self.fields(times)[0]
+
+    @torch.inference_mode()
+    def fields(self, times: Sequence[float] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Displacement fields (Q, D, *S) in voxels at user ``times`` (Q,), and (Q,) the percentage of voxels the
+        fold correction changed.
+
+        A ``field="velocity"`` model integrates a velocity on the decoder grid, where the map is a diffeomorphism up
+        to discretisation, and upsamples it linearly, which can fold where the motion is large for that grid (far
+        extrapolations, large rotations). Its fields are therefore checked after upsampling and corrected where they
+        fold (:func:`~noder_monai.functional.unfold_displacement`: local smoothing until every Jacobian determinant
+        exceeds :attr:`MIN_JACOBIAN`), so its predictions never fold; a warning names the times corrected. Fields of
+        ``field="displacement"`` models (the paper's) are returned as decoded, folds included.
+        """
+        values = self.query_times(times)
+        ddf = self.model.displacement(self.scaled_time(values))
+        if self.model.field != "velocity":
+            return ddf, torch.zeros(len(ddf))
+        ddf, corrected = unfold_displacement(ddf, self.MIN_JACOBIAN)
+        changed = [(t, c) for t, c in zip(values.tolist(), corrected.tolist()) if c]
+        if changed:
+            warnings.warn(
+                f"subject {self.subject!r}: the upsampled field folded at time(s) "
+                f"{', '.join(f'{t:g}' for t, _ in changed)}; corrected by local smoothing ({', '.join(f'{c:.2g}%' for _, c in changed)} "
+                f"of the voxels changed).", UserWarning, stacklevel=3)
+        return ddf, corrected.cpu()
 
     def check_source(self, source: str | None) -> str:
         """``source`` (None: :attr:`default_source`) after checking that it is known and that this subject holds it.
@@ -258,7 +287,9 @@ class FittedSubject:
 
         Args:
             times: (Q,) query times in the user's unit, inside or outside the observed span, any order.
-            labels: optional baseline label map (*S), (1, *S) or (1, 1, *S), warped with nearest-neighbour sampling.
+            labels: optional baseline label map (*S), (1, *S) or (1, 1, *S) of integers (any integer dtype up to
+                int64, or floats holding integers), carried by nearest-neighbour gathering
+                (:func:`~noder_monai.functional.warp_nearest`), so every ID stays exact.
             batch_size: time points decoded and warped at once (bounds memory on large images).
             source: the appearance of the predicted images: ``"baseline"`` warps the first scan (the paper),
                 ``"template"`` warps the subject template built by the fit, ``"nearest"`` carries the observed
@@ -270,7 +301,8 @@ class FittedSubject:
             a :class:`Prediction` on the CPU.
 
         Raises:
-            ValueError: for an empty ``times``, an unknown ``source``, or a source this subject does not hold.
+            ValueError: for an empty ``times``, an unknown ``source``, a source this subject does not hold, or
+                labels that are not finite integers.
         """
         times = self.query_times(times)
         if times.numel() == 0:
@@ -281,16 +313,16 @@ class FittedSubject:
             while labels.ndim > self.model.spatial_dims and labels.shape[0] == 1:
                 labels = labels[0]
             self.check_spatial_size(labels.shape, "labels")
-            labels = labels.to(device=self.device, dtype=torch.float32)[None, None]
-        images, ddfs, jacobians, warped_labels = [], [], [], []
+            labels = _integer_labels(labels).to(self.device)[None, None]
+        images, ddfs, jacobians, warped_labels, corrected = [], [], [], [], []
         for chunk in times.split(batch_size):
-            ddf = self.model.displacement(self.scaled_time(chunk))
+            ddf, changed = self.fields(chunk)
+            corrected.append(changed)
             images.append(self.appearance(chunk, ddf, source).cpu())
             ddfs.append(ddf.cpu())
             jacobians.append(jacobian_determinant(ddf).cpu())
             if labels is not None:
-                carried = self._label_warp(labels.expand(len(chunk), *labels.shape[1:]), ddf)
-                warped_labels.append(carried.round().cpu())
+                warped_labels.append(warp_nearest(labels, ddf).cpu())
         return Prediction(
             times=times,
             images=torch.cat(images),
@@ -299,6 +331,7 @@ class FittedSubject:
             labels=torch.cat(warped_labels) if labels is not None else None,
             affine=self.affine.clone(),
             geometry=self.geometry,
+            corrected=torch.cat(corrected),
         )
 
     def state(self) -> dict:
@@ -473,6 +506,15 @@ class FittedSubject:
         subject = cls.from_checkpoint(checkpoint, network.to(map_location).eval(), path, map_location)
         subject.path = str(path)
         return subject
+
+
+def _integer_labels(labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` as int64, exactly; a floating tensor must hold finite integers (ValueError otherwise)."""
+    if not labels.is_floating_point():
+        return labels.to(torch.int64)
+    if not bool(torch.isfinite(labels).all()) or not bool((labels == labels.round()).all()):
+        raise ValueError("labels must be finite integers (a label map, e.g. from noder_monai.io.load_label_map).")
+    return labels.to(torch.int64)
 
 
 def _plain(value: Any) -> Any:

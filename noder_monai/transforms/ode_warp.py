@@ -30,6 +30,7 @@ from monai.networks.blocks import Warp
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, ensure_tuple_rep
 
+from noder_monai.functional import warp_nearest
 from noder_monai.io import GEOMETRY_META_KEY
 from noder_monai.metrics import jacobian_determinant
 from noder_monai.model import PREDICT_SOURCES, FittedSubject, FittedSubjectLoader, load_fitted_subject
@@ -58,7 +59,7 @@ def _check_option(value: str, options: Sequence[str], name: str) -> str:
 def _as_time(value: Any, name: str) -> float:
     """A query time from a number, a 0-d/1-element tensor or array; ValueError naming ``name`` otherwise."""
     try:
-        time = float(torch.as_tensor(value).reshape(()))
+        time = float(torch.as_tensor(value, dtype=torch.float64).reshape(()))  # float64: a Python time stays exact
     except (TypeError, ValueError, RuntimeError) as error:
         raise ValueError(f"{name} must be a single number (a time), got {value!r}.") from error
     if not math.isfinite(time):
@@ -83,7 +84,9 @@ class ODEWarp(Transform):
 
     Call with ``img`` ``(C, *spatial)`` (tensor, ``MetaTensor`` or array, spatial size equal to the fitted one) and
     ``time`` in the subject's time unit; returns the warped image of the same type, on the input's device, with a
-    ``MetaTensor``'s metadata kept. ``nearest`` keeps the input dtype; ``bilinear``/``bicubic`` return float32.
+    ``MetaTensor``'s metadata kept. ``nearest`` copies input voxels (:func:`~noder_monai.functional.warp_nearest`):
+    the input dtype and every value are kept exactly (label IDs of any integer dtype up to int64);
+    ``bilinear``/``bicubic`` return float32.
     """
 
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
@@ -151,11 +154,16 @@ class ODEWarp(Transform):
             out, *_ = convert_to_dst_type(warped.clone(), dst=img, dtype=torch.float32)
             return out
         values = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+        # issue 18 (labels): "nearest" gathers input voxels in their own dtype, so integer IDs stay exact
+        if mode == "nearest":
+            with torch.inference_mode():
+                warped = warp_nearest(values.to(ddf.device)[None], ddf[None], padding_mode)[0]
+            out, *_ = convert_to_dst_type(warped.clone(), dst=img, dtype=values.dtype)
+            return out
         moving = values.to(device=ddf.device, dtype=torch.float32)[None]
         with torch.inference_mode():
             warped = _warp_block(mode, padding_mode)(moving, ddf[None].to(torch.float32))[0]
-        dtype = img.dtype if mode == "nearest" else torch.float32
-        out, *_ = convert_to_dst_type(warped.clone(), dst=img, dtype=dtype)
+        out, *_ = convert_to_dst_type(warped.clone(), dst=img, dtype=torch.float32)
         return out
 
     def __call__(
