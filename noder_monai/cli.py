@@ -280,6 +280,7 @@ def fit(
             e.g. --epochs 100 --levels "[2,1]" --level_fractions "[0.5,0.5]".
     """
     fit_settings, network = workflows.split_settings(**settings)  # every argument checked before any write
+    workflows.check_pretrained(pretrained)
     resolved = _resolve_inputs(inputs, output_dir, times, bids, participant_label, time_column, subject)
     datalist = _write_inputs(resolved, output_dir)
     summary = workflows.train(

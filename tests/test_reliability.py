@@ -221,6 +221,9 @@ def test_cli_short_flags_of_the_help_work_and_nothing_is_written_before_the_chec
     with pytest.raises(SystemExit):
         cli.console_main(["fit", *scans, "--times", "0", "1", "-o", str(tmp_path / "new"), "--hidden_features", "0"])
     assert "hidden_features" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.console_main(["fit", *scans, "--times", "0", "1", "-o", str(tmp_path / "new"), "--pretrained", "missing.pt"])
+    assert "pretrained autoencoder file 'missing.pt' not found" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == before  # no datalist, no folder, no noder_outputs/
 
 

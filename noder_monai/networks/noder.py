@@ -33,8 +33,9 @@ __all__ = ["NODER", "ARGUMENT_BOUNDS", "FIELD_TYPES", "LEVELS", "check_noder_arg
 
 FIELD_TYPES = ("displacement", "velocity")
 """``displacement``: the decoder outputs the displacement (the paper). ``velocity`` (default): it outputs a stationary
-velocity integrated by scaling and squaring on the decoder grid, a diffeomorphism there by construction; its linear
-upsampling to the image grid is not strictly guaranteed fold-free (folds measured: ``benchmarks/README.md``)."""
+velocity integrated by scaling and squaring on the decoder grid, a diffeomorphism there up to discretisation; its
+linear upsampling to the image grid can fold where the motion is large for that grid, which
+:meth:`~noder_monai.model.FittedSubject.fields` checks and corrects in every prediction."""
 LEVELS = (1, 2, 4)
 """Resolution levels (image voxels per level voxel) at which a trajectory can be produced."""
 
@@ -131,8 +132,8 @@ class NODER(nn.Module):
         smoothing_kernel: odd box-filter width in image voxels applied to the field. Defaults to 15.
         step_size: RK4 step in scaled time (the observed span is [0, 1]). Defaults to 0.1.
         adjoint: integrate the backward pass with the adjoint method (constant memory, slower). Defaults to False.
-        field: one of :data:`FIELD_TYPES`. Defaults to "velocity" (the more accurate and fold-free variant in the
-            regression benchmark, ``benchmarks/README.md``).
+        field: one of :data:`FIELD_TYPES`. Defaults to "velocity" (the more accurate variant in the regression
+            benchmark, ``benchmarks/README.md``; its predictions are corrected where they fold).
         integration_steps: scaling-and-squaring steps for ``field="velocity"``. Defaults to 7.
 
     Raises:

@@ -83,6 +83,16 @@ def network_kwargs(network: Mapping[str, Any] | None) -> dict[str, Any]:
     return check_noder_arguments(_settings(network, allowed, "network"), "network")
 
 
+def check_pretrained(pretrained: str | os.PathLike | None) -> None:
+    """Check the ``pretrained`` setting of :func:`train` before any work.
+
+    Raises:
+        FileNotFoundError: naming the file, when ``pretrained`` is a path (not None or ``"auto"``) that is no file.
+    """
+    if pretrained not in (None, "auto") and not os.path.isfile(pretrained):
+        raise FileNotFoundError(f"pretrained autoencoder file '{pretrained}' not found.")
+
+
 def prepare_output_dir(path: str | os.PathLike) -> str:
     """:func:`check_output_dir` (fail before any work if ``path`` cannot be written), then remove the temporaries a
     killed run left there. Returns the absolute path."""
@@ -144,8 +154,7 @@ def train(
     set_threads(rank_threads(num_threads))
     device = rank_device(device)
     config, network = fit_config(fit), network_kwargs(network)
-    if pretrained not in (None, "auto") and not os.path.isfile(pretrained):
-        raise FileNotFoundError(f"pretrained autoencoder file '{pretrained}' not found.")
+    check_pretrained(pretrained)
     if tensorboard:  # a missing package is the run's error, not each subject's
         tensorboard_available(required=True)
     entries = datalist_subjects(datalist, dataset_dir, demo_dir, demo)
