@@ -291,7 +291,8 @@ def fit(
     for name, record in summary.items():
         if record.get("status") in ("done", "skipped") and "epochs" in record:
             print(f"{name}: {record['epochs']} epochs, final loss {record['final_loss']:.5f}, {record['seconds']:.1f} s"
-                  f" -> {record['model']}" + (" (finished earlier)" if record["status"] == "skipped" else ""))
+                  f" -> {record['model']}" + (" (finished earlier)" if record["status"] == "skipped" else "")
+                  + (f"; {record['appearance']}" if record.get("appearance") else ""))
         else:
             print(f"{name}: {_status_line(record)}")
     print(f"outputs: {os.path.abspath(output_dir)}")

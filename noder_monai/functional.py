@@ -11,8 +11,21 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Warp
 
-__all__ = ["box_filter", "check_ddf", "compose_displacements", "check_odd_kernel_size", "check_spatial_dims", "invert_displacement",
-           "jacobian_determinant", "odd_window", "unfold_displacement", "warp_nearest"]
+__all__ = [
+    "box_filter", "check_ddf", "compose_displacements", "check_odd_kernel_size", "check_spatial_dims",
+    "invert_displacement", "jacobian_determinant", "odd_window", "unfold_displacement", "warp_border", "warp_nearest",
+]
+
+_BORDER_WARP = Warp(mode="bilinear", padding_mode="border")
+
+
+def warp_border(image: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+    """MONAI ``Warp(mode="bilinear", padding_mode="border")`` of ``image`` (N, C, *S) by ``ddf`` (N, D, *S) (voxels).
+
+    One block made at import, so that warping inside a prediction constructs nothing (MONAI warns when a ``Warp`` is
+    made).
+    """
+    return _BORDER_WARP(image, ddf)
 
 _PADDING_MODES = ("zeros", "replicate")
 
@@ -200,10 +213,9 @@ def invert_displacement(
         raise ValueError(f"damping must be in (0, 1], got {damping!r}.")
     if initial is not None and initial.shape != ddf.shape:
         raise ValueError(f"initial must have the shape of ddf {tuple(ddf.shape)}, got {tuple(initial.shape)}.")
-    warp = Warp(mode="bilinear", padding_mode="border")
     inverse = -ddf if initial is None else initial
     for _ in range(iterations):
-        inverse = inverse - damping * (inverse + warp(ddf, inverse))
+        inverse = inverse - damping * (inverse + warp_border(ddf, inverse))
     return inverse
 
 
@@ -224,7 +236,7 @@ def compose_displacements(first: torch.Tensor, second: torch.Tensor) -> torch.Te
         raise ValueError(
             f"first and second must have the same shape, got {tuple(first.shape)} and {tuple(second.shape)}."
         )
-    return second + Warp(mode="bilinear", padding_mode="border")(first, second)
+    return second + warp_border(first, second)
 
 
 NEAREST_PADDING_MODES = ("border", "zeros", "reflection")

@@ -22,14 +22,6 @@ from noder_monai.io.image import load_image
 SOURCE = "/usr/share/mricron/templates"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One torch thread: on a shared, busy CPU more threads run these small warps many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _field_of_view(affine, size):
     """World coordinates of the two outer voxel corners, (2, 3)."""

@@ -98,14 +98,15 @@ def test_unknown_or_missing_source_is_refused(fitted_template):
         FitConfig(template_rounds=0)
 
 
-@pytest.mark.parametrize("preset, source", [("longitudinal-mri", "template"), ("cine", "nearest")])
+@pytest.mark.parametrize("preset, source", [("longitudinal-mri", "auto"), ("cine", "nearest")])
 def test_each_preset_fits_and_predicts_with_its_source(preset, source):
     truth, sequence = _sequence(noise=0.05, size=24)
     config = FitConfig.preset(preset, epochs=8, **SMALL)
     assert config.source == source
     fitted = fit_sequence(sequence, config, network=NETWORK, progress=False)
     assert fitted.default_source == source
-    assert (fitted.template is not None) == (source == "template")
+    assert (fitted.template is not None) == (source == "auto")
+    assert (fitted.source_choice is not None) == (source == "auto")
     prediction = fitted.predict([0.2, 0.8])
     assert prediction.images.shape == (2, 1, 24, 24) and torch.isfinite(prediction.images).all()
     with pytest.raises(ValueError, match="preset must be one of"):

@@ -53,7 +53,7 @@ def test_training_writes_model_loss_and_fitted_images(run):
     fitted = nib.load(str(folder / "fitted" / f"image_{time_tag(scans[0]['time'])}.nii.gz"))
     np.testing.assert_allclose(fitted.affine, source.affine, atol=1e-6)
     # the default source is the subject template: the fit at the first time is the template, in the scans' units
-    assert subject.default_source == "template" and subject.template is not None
+    assert subject.default_source == "auto" and subject.template is not None and subject.source_choice is not None
     expected = subject.predict([scans[0]["time"]]).images[0, 0].numpy()
     np.testing.assert_allclose(fitted.get_fdata(), expected, atol=1e-3 * np.ptp(source.get_fdata()))
     first = subject.predict([scans[0]["time"]], source="baseline").images[0, 0].numpy()
@@ -103,7 +103,11 @@ def test_evaluation_metrics_in_range_and_report_files(run):
     assert metrics["overall"]["nrmse"] == pytest.approx(np.mean([row["nrmse"] for row in rows]))
     assert json.loads((run["eval_dir"] / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     table = (run["eval_dir"] / "metrics.md").read_text().splitlines()
-    assert table[0].startswith("| subject | time | split | NRMSE") and len(table) == 2 + 3 + 2 + 1
+    assert table[0].startswith("| subject | time | split | NRMSE") and table[2 + 3 + 2 + 1] == ""
+    choice = metrics["subjects"]["sub-001"]["appearance"]
+    assert table[-3:-1] == ["| subject | chosen | validation NRMSE | linear interpolation | nearest scan | |",
+                            "|---|---|---|---|---|---|"]
+    assert table[-1].startswith(f"| sub-001 | {choice['source']} | {choice['errors'][choice['source']]:.4f} | ")
     png = (run["eval_dir"] / "sub-001_montage.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
 

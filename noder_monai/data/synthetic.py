@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.networks.blocks import DVF2DDF, Warp
 from monai.transforms import GaussianSmooth
 
@@ -215,12 +216,13 @@ def _speckle(times: torch.Tensor, ddfs: torch.Tensor, rng: np.random.Generator) 
     return Warp(mode="bilinear", padding_mode="border")(fields, ddfs)
 
 
-def _local_velocity(kind: str, shape: Sequence[int], rng: np.random.Generator) -> torch.Tensor:
-    """Unit-max stationary velocity ``(D, *S)`` in normalised units of the local deformations (see the module doc)."""
+def _local_velocity(kind: str, shape: Sequence[int], rng: np.random.Generator, width: float) -> torch.Tensor:
+    """Unit-max stationary velocity ``(D, *S)`` in normalised units of the local deformations (see the module doc),
+    with a Gaussian profile of standard deviation ``width`` voxels."""
     grid = _grid(shape)
     dims = len(shape)
     view = (-1,) + (1,) * dims
-    width = torch.tensor([2 * LOCAL_WIDTH / n for n in shape]).view(view)  # LOCAL_WIDTH voxels, normalised per axis
+    width = torch.tensor([2 * width / n for n in shape]).view(view)  # voxels, normalised per axis
     if kind == "cardiac":
         radial = grid.clone()
         if dims == 3:
@@ -271,6 +273,8 @@ def synthetic_sequence(
     amplitude: float = 1.0,
     local: float = 0.0,
     noise_model: str = "gaussian",
+    local_width: float = LOCAL_WIDTH,
+    supersample: int = 1,
 ) -> SyntheticSequence:
     """Generate a sequence of deformed images with known true fields.
 
@@ -282,9 +286,10 @@ def synthetic_sequence(
         kind: ``"brain"`` (years, sigmoid + linear dynamics) or ``"cardiac"`` (fractions of a cycle, periodic).
         noise: standard deviation of the additive Gaussian noise, relative to the base image's intensity range.
         seed: seed of the random components (texture, linear field, noise).
-        base_image: ``(1, *spatial)`` image to deform instead of the procedural phantom (e.g. ``demo_volume()``).
-        base_label: ``(1, *spatial)`` integer labels of ``base_image``; ``None`` with a ``base_image`` gives a
-            foreground mask (1 where the image exceeds 10% of its range).
+        base_image: ``(1, *spatial)`` image to deform instead of the procedural phantom (e.g. ``demo_volume()``), on a
+            grid ``supersample`` times finer than the sequence's along every axis.
+        base_label: ``(1, *spatial)`` integer labels of ``base_image`` on the sequence's grid; ``None`` with a
+            ``base_image`` gives a foreground mask (1 where the block-averaged image exceeds 10% of its range).
         amplitude: scale of the deformation; at 1.0 the largest true displacement over the default times is about
             ``min(spatial) / 16`` voxels (2 at 32, 4 at 64).
         local: largest displacement, in voxels, of the local deformations a few voxels wide (0 disables them);
@@ -292,6 +297,12 @@ def synthetic_sequence(
         noise_model: ``"gaussian"`` (additive), ``"rician"`` (magnitude of the image plus complex Gaussian noise) or
             ``"speckle"`` (additive Gaussian, then a multiplicative ultrasound-like speckle that moves with the
             tissue and decorrelates from time to time, see ``_speckle``).
+        local_width: standard deviation, in voxels, of the Gaussian profile of the local deformations (> 0).
+        supersample: with a ``base_image``, how many times finer its grid is than the sequence's (an integer >= 1
+            dividing its size): the true fields are drawn on the sequence's grid, upsampled linearly to the fine grid
+            (displacements scaled to its voxels), the fine image is warped there and block-averaged back, so the
+            noise-free images carry the detail of a finer acquisition rather than the blur of one more interpolation
+            on the sequence's own grid.
 
     Returns:
         :class:`SyntheticSequence` with ``T = len(times)``.
@@ -300,13 +311,15 @@ def synthetic_sequence(
         ValueError: an argument is out of range (the message names it and the value received).
     """
     time_values = _check_arguments(spatial_dims, kind, noise, amplitude, local, noise_model, times)
+    _check_resolution(local_width, supersample, base_image)
     field_rng, texture_rng, noise_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
-    base, label = _base(spatial_dims, size, kind, base_image, base_label, texture_rng)
+    fine, label = _base(spatial_dims, size, kind, base_image, base_label, texture_rng, supersample)
+    base = _block_mean(fine, supersample, spatial_dims)
     shape = tuple(base.shape[1:])
-    velocities = _velocities(kind, shape, time_values, amplitude, local, field_rng)
+    velocities = _velocities(kind, shape, time_values, amplitude, (local, local_width), field_rng)
     ddfs = DVF2DDF(num_steps=7, mode="bilinear", padding_mode="border")(velocities)
     count = time_values.numel()
-    clean = Warp(mode="bilinear", padding_mode="border")(base[None].expand(count, *base.shape), ddfs)
+    clean = _warp_clean(fine, ddfs, supersample)
     warped_labels = Warp(mode="nearest", padding_mode="border")(
         label[None].float().expand(count, *label.shape), ddfs
     )
@@ -349,9 +362,35 @@ def _check_arguments(spatial_dims: int, kind: str, noise: float, amplitude: floa
     return time_values
 
 
+def _check_resolution(local_width: float, supersample: int, base_image: torch.Tensor | None) -> None:
+    if not (math.isfinite(local_width) and local_width > 0.0):
+        raise ValueError(f"local_width must be a finite number > 0 (voxels), got {local_width!r}.")
+    if isinstance(supersample, bool) or not isinstance(supersample, int) or supersample < 1:
+        raise ValueError(f"supersample must be an integer >= 1, got {supersample!r}.")
+    if supersample > 1 and base_image is None:
+        raise ValueError("supersample > 1 needs a base_image on the finer grid.")
+
+
+def _block_mean(image: torch.Tensor, factor: int, spatial_dims: int) -> torch.Tensor:
+    """Average ``factor``-wide blocks of the last ``spatial_dims`` axes of ``(C, *S)`` or ``(N, C, *S)``."""
+    return image if factor == 1 else (F.avg_pool3d if spatial_dims == 3 else F.avg_pool2d)(image, factor)
+
+
+def _warp_clean(fine: torch.Tensor, ddfs: torch.Tensor, factor: int) -> torch.Tensor:
+    """The noise-free images (T, 1, *S): ``fine`` (1, *(factor S)) warped on its grid by the upsampled fields
+    ``ddfs`` (T, D, *S) and block-averaged (``factor`` 1: warped on the sequence's grid)."""
+    count, spatial_dims = ddfs.shape[0], ddfs.ndim - 2
+    if factor > 1:
+        mode = "trilinear" if spatial_dims == 3 else "bilinear"
+        ddfs = F.interpolate(ddfs, scale_factor=factor, mode=mode, align_corners=False) * factor
+    warped = Warp(mode="bilinear", padding_mode="border")(fine[None].expand(count, *fine.shape), ddfs)
+    return _block_mean(warped, factor, spatial_dims)
+
+
 def _base(spatial_dims: int, size: int, kind: str, base_image: torch.Tensor | None, base_label: torch.Tensor | None,
-          rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The image to deform (1, *S) and its labels: the procedural phantom, or ``base_image`` checked."""
+          rng: np.random.Generator, supersample: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image to deform (1, *S), on the grid ``supersample`` times finer, and its labels on the sequence's grid:
+    the procedural phantom, or ``base_image`` checked."""
     if base_image is None:
         if not isinstance(size, int) or size < 8:
             raise ValueError(f"size must be an integer >= 8, got {size!r}.")
@@ -361,19 +400,27 @@ def _base(spatial_dims: int, size: int, kind: str, base_image: torch.Tensor | No
         raise ValueError(
             f"base_image must be (1, *spatial) with {spatial_dims} spatial axes, got shape {tuple(base.shape)}."
         )
+    if any(n % supersample for n in base.shape[1:]):
+        raise ValueError(
+            f"base_image's size {tuple(base.shape[1:])} must be a multiple of supersample={supersample} on every axis."
+        )
     if base_label is None:
-        low, high = float(base.min()), float(base.max())
-        return base, (base > low + 0.1 * (high - low)).long()
+        coarse = _block_mean(base, supersample, spatial_dims)
+        low, high = float(coarse.min()), float(coarse.max())
+        return base, (coarse > low + 0.1 * (high - low)).long()
     label = torch.as_tensor(base_label).long()
-    if label.shape != base.shape:
-        raise ValueError(f"base_label must have base_image's shape {tuple(base.shape)}, got {tuple(label.shape)}.")
+    expected = (1, *(n // supersample for n in base.shape[1:]))
+    if tuple(label.shape) != expected:
+        raise ValueError(f"base_label must have base_image's shape {expected}, got {tuple(label.shape)}.")
     return base, label
 
 
-def _velocities(kind: str, shape: tuple[int, ...], times: torch.Tensor, amplitude: float, local: float,
-                rng: np.random.Generator) -> torch.Tensor:
+def _velocities(kind: str, shape: tuple[int, ...], times: torch.Tensor, amplitude: float,
+                local: tuple[float, float], rng: np.random.Generator) -> torch.Tensor:
     """The true stationary velocity of every time (T, D, *S), in voxels (scaled so the largest displacement over the
-    default times is about ``amplitude * min(shape) / 16``), plus the local deformations."""
+    default times is about ``amplitude * min(shape) / 16``), plus the local deformations (``local``: their largest
+    displacement and their width, voxels)."""
+    local, width = local
     to_voxels = torch.tensor([n / 2 for n in shape], dtype=torch.float32).view((-1,) + (1,) * len(shape))
     largest = amplitude * min(shape) / 16
     if kind == "brain":
@@ -387,7 +434,7 @@ def _velocities(kind: str, shape: tuple[int, ...], times: torch.Tensor, amplitud
     components = components / _norm(components.sum(0)).max().clamp_min(1e-12) * largest
     velocities = torch.einsum("tk,kd...->td...", amplitudes.float(), components)
     if local > 0:
-        local_field = _local_velocity(kind, shape, rng) * to_voxels
+        local_field = _local_velocity(kind, shape, rng, width) * to_voxels
         local_field = local_field / _norm(local_field).max().clamp_min(1e-12) * local
         velocities = velocities + _local_amplitudes(kind, times).float().view(-1, *(1,) * (len(shape) + 1)) * local_field
     return velocities

@@ -52,12 +52,16 @@ class FitConfig:
         min_improvement: relative improvement of the best loss that resets the patience counter.
         finetune_decoder: optimise the decoder together with the dynamics (the encoder stays frozen).
         source: the appearance of the predictions (one of ``PREDICT_SOURCES``; the default of
-            :meth:`FittedSubject.predict`). ``"template"`` (default): after the fit, every observed scan is pulled
-            back to the first time through the inverse of its fitted map and the per-voxel median of them is the
-            subject template (:func:`~noder_monai.engines.trainer.subject_template`), warped to each query time.
-            ``"baseline"``: the first scan is warped (the paper). ``"nearest"``: fits as ``"baseline"``; predictions
-            carry the observed scans that bracket a time to it (for sequences whose texture changes, e.g.
-            ultrasound speckle).
+            :meth:`FittedSubject.predict`). ``"auto"`` (default): chosen per subject after the fit, by predicting
+            each observed scan from the others with every candidate (the first scan, the bracketing scans, the
+            subject template, and the observed scans carried to the time through one composed map and weighted by
+            their distance in time and their noise) and keeping the best (:mod:`noder_monai.model.appearance`); the
+            choice and every candidate's validation error are stored with the subject. ``"template"``: after the
+            fit, every observed scan is pulled back to the first time through the inverse of its fitted map and the
+            per-voxel median of them is the subject template
+            (:func:`~noder_monai.engines.trainer.subject_template`), warped to each query time. ``"baseline"``: the
+            first scan is warped (the paper). ``"nearest"``: predictions carry the two observed scans that bracket a
+            time to it and blend them.
         template_rounds: template builds with ``source="template"``: the last one after the fit; each earlier one
             (as ANTs builds single-subject templates) is followed by epochs that fit the trajectory to warp the
             template instead of the first scan. Defaults to 1 (the fields are then those of the first-scan fit).
@@ -82,7 +86,7 @@ class FitConfig:
     patience: int = 0
     min_improvement: float = 1e-4
     finetune_decoder: bool = True
-    source: str = "template"
+    source: str = "auto"
     template_rounds: int = 1
     template_start: float = 0.5
     image_smoothing_sigma: float = IMAGE_SMOOTHING_SIGMA
@@ -145,12 +149,11 @@ class FitConfig:
 
 
 PRESETS: dict[str, dict] = {
-    "longitudinal-mri": {"source": "template"},
+    "longitudinal-mri": {"source": "auto"},
     "cine": {"source": "nearest"},
 }
-"""Named settings per kind of data (``FitConfig.preset(name)``): ``"longitudinal-mri"`` (scans months or years
-apart whose appearance is stable: warp a denoised subject template) and ``"cine"`` (frames of a cycle whose texture
-changes from frame to frame, e.g. ultrasound speckle: carry the bracketing frames)."""
+"""Named settings per kind of data (``FitConfig.preset(name)``): ``"longitudinal-mri"`` (the defaults: the
+appearance chosen per subject) and ``"cine"`` (always carry the bracketing frames, whose texture a cine keeps)."""
 
 
 def _where(item: Mapping[str, Any], index: int = 0) -> str:

@@ -33,6 +33,7 @@ from noder_monai.engines.levels import (
 from noder_monai.io import Geometry
 from noder_monai.losses import NODERLoss
 from noder_monai.model import FittedSubject, default_autoencoder_path, load_autoencoder_weights
+from noder_monai.model.appearance import SourceChoice, select_source
 from noder_monai.networks import LEVELS, NODER
 from noder_monai.utils import cosine_decay
 
@@ -287,8 +288,9 @@ def fitted_subject(
 ) -> FittedSubject:
     """The :class:`FittedSubject` of a trained engine and its (uncollated) training item.
 
-    With ``fit_config["source"] == "template"`` the subject template is built here from the final maps
-    (:func:`subject_template`) and stored with the subject.
+    With ``fit_config["source"]`` ``"template"`` or ``"auto"`` the subject template is built here from the final
+    maps (:func:`subject_template`) and stored with the subject; with ``"auto"`` the appearance is chosen by
+    validation on the subject's own scans (:func:`choose_source`).
 
     Args:
         engine: the trainer after ``run()``.
@@ -320,10 +322,15 @@ def fitted_subject(
     values = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
     scans = values.to(device=engine.state.device, dtype=torch.float32)[:, None]
     times = torch.as_tensor(item["time"], dtype=torch.float64).reshape(-1)
-    template = None
-    if config.get("source") == "template":
+    intensity = IntensityMapping.from_dict({k: float(v) for k, v in item["intensity"].items()})
+    template, choice = None, None
+    if config.get("source") in ("template", "auto"):
         scaled = ((times - times[0]) / (times[-1] - times[0])).to(device=scans.device, dtype=torch.float32)
         template = subject_template(engine.network, scans, scaled)
+        if config["source"] == "auto":
+            choice = choose_source(engine.network, scans, scaled, times, intensity)
+            log = logger.info if choice.beats_references else logger.warning
+            log("%s: %s", item.get("subject", "subject"), choice.summary())
     return FittedSubject(
         model=engine.network.eval(),
         baseline=scans[:1],
@@ -332,11 +339,31 @@ def fitted_subject(
         **extra,
         times=times,
         affine=torch.as_tensor(affine, dtype=torch.float64),
-        intensity=IntensityMapping.from_dict({k: float(v) for k, v in item["intensity"].items()}),
+        intensity=intensity,
         subject=str(item.get("subject", "subject")),
         fit_config=config,
         history=list(engine.state.history),
+        source_choice=choice,
     )
+
+
+@torch.no_grad()
+def choose_source(model: NODER, scans: torch.Tensor, scaled_times: torch.Tensor, times: torch.Tensor,
+                  intensity: IntensityMapping) -> SourceChoice:
+    """The appearance of a subject's predictions, chosen by validation on its own scans
+    (:func:`~noder_monai.model.appearance.select_source`); with 2 scans, where none can be left out, the two scans
+    carried and blended in time (``nearest``).
+
+    Args:
+        model: the fitted trajectory.
+        scans: (T, 1, *S) normalised scans; scaled_times: (T,) their scaled times; times: (T,) in the user's unit.
+        intensity: the subject's intensity mapping.
+    """
+    if scans.shape[0] < 3:
+        return SourceChoice(source="nearest", noise_floor=0.0, noise_std=[1.0] * scans.shape[0], errors={},
+                            references={})
+    return select_source(scans, times.tolist(), model.displacement(scaled_times),
+                         model.displacement(scaled_times, inverse=True), intensity.inverse, intensity.forward)
 
 
 def _item_records(item: Mapping[str, Any]) -> dict[str, Any]:

@@ -157,7 +157,7 @@ def validate_subject_checkpoint(checkpoint: dict, path: str | Path) -> None:
         raise bad("fit_config", "a dictionary", checkpoint["fit_config"])
     if not isinstance(checkpoint["history"], list):
         raise bad("history", "a list", type(checkpoint["history"]).__name__)
-    for key in ("geometry", "fitted_on"):
+    for key in ("geometry", "fitted_on", "source_choice"):
         if checkpoint.get(key) is not None and not isinstance(checkpoint[key], dict):
             raise bad(key, "a dictionary or None", checkpoint[key])
     for key, count in (("scans", len(times)), ("template", 1)):

@@ -13,15 +13,16 @@ import torch
 from noder_monai import __version__
 from noder_monai.data import IntensityMapping
 from noder_monai.data.sequence import AFFINE_ATOL, file_fingerprint, read_label_map
-from noder_monai.functional import compose_displacements, unfold_displacement, warp_nearest
+from noder_monai.functional import unfold_displacement, warp_nearest
 from noder_monai.io import Geometry, parse_times, save_image
 from noder_monai.metrics import jacobian_determinant
+from noder_monai.model.appearance import SourceChoice, candidate_weights, carry_scans, combine
 from noder_monai.model.checkpoint import SUBJECT_FORMAT, atomic_torch_save, read_checkpoint, validate_subject_checkpoint
 from noder_monai.networks import NODER
 
 __all__ = ["PREDICT_SOURCES", "FittedSubject", "Prediction"]
 
-PREDICT_SOURCES = ("baseline", "template", "nearest")
+PREDICT_SOURCES = ("auto", "baseline", "template", "nearest")
 """The appearance of predicted images: see :meth:`FittedSubject.predict`."""
 
 
@@ -32,7 +33,8 @@ class Prediction:
 
     Attributes:
         times: (Q,) float64.
-        images: (Q, 1, *S) baseline warped to each time, intensities in the input's units.
+        images: (Q, 1, *S) the predicted images (see ``source`` of :meth:`FittedSubject.predict`), in the input's
+            intensity units.
         ddfs: (Q, D, *S) displacement fields in voxels (MONAI ``Warp`` convention, pull-back).
         jacobians: (Q, 1, *S) determinant of the Jacobian of x -> x + ddf(x) (local volume change).
         labels: (Q, 1, *S) int64: the given baseline label map carried along (nearest neighbour, every ID exact),
@@ -66,11 +68,14 @@ class FittedSubject:
         subject: subject identifier.
         fit_config: the plain optimisation settings used.
         history: per-epoch loss records.
-        scans: (T, 1, *S) every observed scan, normalised (needed by ``source="nearest"``); None if not kept.
-        template: (1, 1, *S) the subject template the fit warped (``FitConfig(source="template")``), or None.
+        scans: (T, 1, *S) every observed scan, normalised (needed by ``source="auto"`` and ``"nearest"``); None if
+            not kept.
+        template: (1, 1, *S) the subject template (``FitConfig(source="template")`` or ``"auto"``), or None.
         geometry: the scans' :class:`~noder_monai.io.image.Geometry`; ``None`` builds one from ``affine``.
         fitted_on: what the model was fitted on (``SubjectSequence.fitted_on()``: grid, affine, times, scan file
             fingerprints), compared by :meth:`stale_reasons` on every reuse.
+        source_choice: the appearance chosen for this subject by validation on its own scans
+            (:func:`~noder_monai.model.appearance.select_source`), used by ``source="auto"``; None if not chosen.
 
     Query times are bounded (:meth:`query_times`): beyond ``warn_extrapolation`` fitted spans outside the observed
     times a warning is given, beyond ``max_extrapolation`` spans the query is refused (the ODE is integrated from the
@@ -96,8 +101,11 @@ class FittedSubject:
         template: torch.Tensor | None = None,
         geometry: Geometry | None = None,
         fitted_on: dict | None = None,
+        source_choice: SourceChoice | None = None,
     ):
         self.model = model
+        self.source_choice = source_choice
+        self._observed_inverse: torch.Tensor | None = None
         self.baseline = baseline
         self.scans = scans
         self.template = template
@@ -191,8 +199,11 @@ class FittedSubject:
 
     @property
     def default_source(self) -> str:
-        """The fit's ``source`` setting (``FitConfig.source``); ``"baseline"`` for files that record none."""
+        """The fit's ``source`` setting (``FitConfig.source``); ``"baseline"`` for files that record none, and for
+        ``"auto"`` without a recorded choice."""
         source = self.fit_config.get("source", "baseline")
+        if source == "auto" and self.source_choice is None:
+            return "baseline"
         return source if source in PREDICT_SOURCES else "baseline"
 
     #: Every voxel of a predicted ``field="velocity"`` field has a Jacobian determinant above this.
@@ -237,9 +248,14 @@ class FittedSubject:
         source = self.default_source if source is None else source
         if source not in PREDICT_SOURCES:
             raise ValueError(f"source must be one of {PREDICT_SOURCES}, got {source!r}.")
+        if source == "auto" and self.source_choice is None:
+            raise ValueError(f"source='auto': subject {self.subject!r} records no appearance choice (fitted with "
+                             f"another source or by an older version); use baseline, template or nearest.")
+        if source == "auto" and self.source_choice.source == "template":
+            source = "template"
         if source == "template" and self.template is None:
             raise ValueError(f"source='template': subject {self.subject!r} was fitted without a template.")
-        if source == "nearest" and self.scans is None:
+        if source in ("nearest", "auto") and self.scans is None:
             raise ValueError(f"source='nearest': the file of subject {self.subject!r} holds no observed scans.")
         return source
 
@@ -248,32 +264,29 @@ class FittedSubject:
         """Predicted images (Q, 1, *S) in the input's intensity units at user ``times`` (Q,) float64, given their
         fields ``ddf`` (Q, D, *S) from :meth:`displacement`; ``source`` as in :meth:`predict`."""
         source = self.check_source(source)
-        if source == "nearest":
-            return self.intensity.inverse(self._nearest_scans(times, ddf))
-        image = self.template if source == "template" else self.baseline
-        return self.intensity.inverse(self.model.warp(image.expand(len(times), *image.shape[1:]), ddf))
+        if source == "template":
+            return self.intensity.inverse(self.model.warp(self.template.expand(len(times), *self.template.shape[1:]),
+                                                          ddf))
+        candidate, floor = (self.source_choice.source, self.source_choice.noise_floor) if source == "auto" \
+            else (source, 0.0)
+        noise = self.source_choice.noise_std if self.source_choice is not None else [1.0] * len(self.times)
+        observed = self.times.tolist()
+        images = []
+        for index, time in enumerate(times.tolist()):
+            weights = candidate_weights(candidate, time, observed, noise)
+            used = (weights > 0).tolist()
+            scans = self.scans if self.scans is not None else self.baseline
+            inverse = self.observed_inverse() if any(used[1:]) else None
+            carried = carry_scans(scans, inverse, ddf[index:index + 1], observed, time, used)
+            images.append(combine(carried, weights, floor, self.intensity.inverse, self.intensity.forward))
+        return self.intensity.inverse(torch.stack(images))
 
-    def _nearest_scans(self, times: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
-        """Appearance from the observed scans that bracket each time (``source="nearest"``), normalised (Q, 1, *S).
-
-        Scan k is carried to time t through the fitted maps, ``I_k o phi_k^-1 o phi_t`` (one displacement,
-        ``ddf_t + inverse_k(x + ddf_t)``, so one interpolation), and the two bracketing scans are blended linearly in
-        time; before the first and after the last scan only that scan is used. At an observed time the composed map
-        is the identity, so that scan is returned unchanged.
-        """
-        observed = self.times.to(times.dtype)
-        after = torch.searchsorted(observed, times, right=True).clamp(1, len(observed) - 1)
-        before = after - 1
-        weight = ((times - observed[before]) / (observed[after] - observed[before])).clamp(0, 1)
-        inverse = self.model.displacement(self.scaled_time(observed), inverse=True)
-        blended = torch.zeros(len(times), 1, *self.spatial_size, device=self.device)
-        for index, weights in ((before, 1 - weight), (after, weight)):
-            carried = compose_displacements(inverse[index], ddf)
-            exact = observed[index] == times
-            carried[exact.to(carried.device)] = 0.0
-            scans = self.model.warp(self.scans[index], carried)
-            blended += scans * weights.to(device=self.device, dtype=scans.dtype).view(-1, *[1] * (scans.ndim - 1))
-        return blended
+    def observed_inverse(self) -> torch.Tensor:
+        """``(T, D, *S)`` displacements of the inverse maps of the observed times (computed once, then kept)."""
+        if self._observed_inverse is None:
+            with torch.inference_mode():
+                self._observed_inverse = self.model.displacement(self.scaled_time(self.times), inverse=True)
+        return self._observed_inverse
 
     @torch.inference_mode()
     def predict(
@@ -291,11 +304,12 @@ class FittedSubject:
                 int64, or floats holding integers), carried by nearest-neighbour gathering
                 (:func:`~noder_monai.functional.warp_nearest`), so every ID stays exact.
             batch_size: time points decoded and warped at once (bounds memory on large images).
-            source: the appearance of the predicted images: ``"baseline"`` warps the first scan (the paper),
-                ``"template"`` warps the subject template built by the fit, ``"nearest"`` carries the observed
-                scans that bracket each time to it and blends them by time distance (for sequences whose texture
-                changes, e.g. ultrasound speckle); None (default) uses :attr:`default_source`. The fields, Jacobian
-                maps and labels do not depend on it.
+            source: the appearance of the predicted images: ``"auto"`` combines the observed scans, each carried
+                to the time through one composed map, as chosen for this subject by validation on its own scans
+                (:attr:`source_choice`, :mod:`~noder_monai.model.appearance`); ``"baseline"`` warps the first scan
+                (the paper); ``"template"`` warps the subject template built by the fit; ``"nearest"`` carries the
+                two observed scans that bracket each time and blends them linearly in time; None (default) uses
+                :attr:`default_source`. The fields, Jacobian maps and labels do not depend on it.
 
         Returns:
             a :class:`Prediction` on the CPU.
@@ -355,6 +369,7 @@ class FittedSubject:
             "history": self.history,
             "geometry": self.geometry.to_dict(),
             "fitted_on": self.fitted_on,
+            "source_choice": None if self.source_choice is None else self.source_choice.to_dict(),
         }
 
     def stale_reasons(
@@ -437,7 +452,7 @@ class FittedSubject:
         caller loads: :meth:`load`, which the bundle's inference calls through ``FittedSubjectLoader``).
 
         Raises:
-            ValueError: naming ``path``, if the stored geometry is malformed.
+            ValueError: naming ``path``, if the stored geometry or appearance choice is malformed.
         """
         geometry = None
         if checkpoint.get("geometry") is not None:
@@ -447,6 +462,12 @@ class FittedSubject:
                 raise ValueError(f"checkpoint {str(path)!r}: field 'geometry': {error}") from error
         images = {key: None if checkpoint.get(key) is None else checkpoint[key].to(map_location)
                   for key in ("scans", "template")}
+        choice = None
+        if checkpoint.get("source_choice") is not None:
+            try:
+                choice = SourceChoice.from_dict(checkpoint["source_choice"])
+            except (KeyError, TypeError, ValueError, AttributeError) as error:
+                raise ValueError(f"checkpoint {str(path)!r}: field 'source_choice' is malformed: {error!r}") from error
         return cls(
             model=model,
             baseline=checkpoint["baseline"].to(map_location),
@@ -459,6 +480,7 @@ class FittedSubject:
             history=checkpoint["history"],
             geometry=geometry,
             fitted_on=checkpoint.get("fitted_on"),
+            source_choice=choice,
         )
 
     @classmethod

@@ -44,6 +44,7 @@ SECTIONS = (
     "Structure volumes over time",
     "Loss curve",
     "Held-out metrics",
+    "Appearance chosen for this subject",
 )
 """Section titles of a subject page, in page order (each but the last holds one figure)."""
 
@@ -112,6 +113,27 @@ def _figure_html(title: str, image: str | None, caption: str) -> str:
     body = (f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{image}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>") if image else f'<p class="note">{html.escape(caption)}</p>'
     return f"<section><h2>{html.escape(title)}</h2>\n{body}\n</section>"
+
+
+def _appearance_html(subject: FittedSubject) -> str:
+    """The appearance choice of the fit: every candidate's validation NRMSE (each observed scan after the first
+    predicted from the others) beside the intensity-only references, and a warning when NODER does not beat them."""
+    choice = subject.source_choice
+    if choice is None or not choice.errors:
+        reason = "the fit was given a fixed source" if choice is None else "two scans leave none out to validate"
+        return f"<section><h2>{SECTIONS[5]}</h2>\n<p class=\"note\">No validation: {reason}.</p>\n</section>"
+    rows = [(name, value, name == choice.source) for name, value in choice.errors.items()]
+    rows += [(f"{name} (intensity only)", value, False) for name, value in choice.references.items()]
+    body = "".join(f'<tr><td class="l">{html.escape(name)}</td><td{" class=best" if best else ""}>{value:.4f}</td></tr>'
+                   for name, value, best in rows)
+    warning = "" if choice.beats_references else (
+        '<p><b>Warning:</b> the chosen appearance does not predict this subject\'s own scans better than an '
+        "intensity-only method; check the scans' alignment and the fit (loss curve) before using its predictions.</p>")
+    floor = (f" Magnitude images: scans averaged in power with the background's noise power ({choice.noise_floor:.4g}) "
+             "subtracted." if choice.noise_floor > 0 else "")
+    return (f"<section><h2>{SECTIONS[5]}</h2>\n{warning}<p class=\"note\">Each observed scan after the first "
+            f"predicted from the others; chosen: <b>{html.escape(choice.source)}</b> (lowest validation NRMSE).{floor}"
+            f"</p>\n<table><tr><th class=\"l\">candidate</th><th>validation NRMSE</th></tr>{body}</table>\n</section>")
 
 
 def _page(title: str, body: str) -> str:
@@ -233,11 +255,12 @@ def subject_report(subject: FittedSubject, entry: SubjectEntry, path: PathLike, 
                                  "Total loss and its similarity term per epoch; dotted lines: resolution changes."))
     comparison = [] if targets is None else heldout_comparison(entry, sequence.images, targets, images(times["heldout"]))
     sections.append(f"<section><h2>{SECTIONS[4]}</h2>\n{_metrics_html(comparison, folded or {})}\n</section>")
+    sections.append(_appearance_html(subject))
     observed = times["observed"]
+    chosen = subject.source_choice.source if subject.default_source == "auto" else subject.default_source
     header = (f'<p>{len(observed)} observed scans at times {", ".join(f"{t:g}" for t in observed)}'
               + (f'; held out: {", ".join(f"{t:g}" for t in times["heldout"])}' if times["heldout"] else "")
-              + f"; fitted {len(subject.history)} epochs; predictions from the "
-              f"{html.escape(subject.default_source)}.</p>")
+              + f"; fitted {len(subject.history)} epochs; appearance of the predictions: {html.escape(chosen)}.</p>")
     written = atomic_write(path, _page(f"NODER report: {entry.id}", header + "\n".join(sections)).encode("utf-8"))
     logger.info("%s: report -> %s", entry.id, written)
     return written, comparison

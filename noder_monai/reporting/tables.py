@@ -13,7 +13,7 @@ import torch
 from noder_monai.data import SPLITS, SubjectEntry
 from noder_monai.io import voxel_volume_mm3
 
-__all__ = ["METRICS", "comparison_table", "heldout_rows", "label_volumes", "markdown_table", "mean_metrics",
+__all__ = ["METRICS", "appearance_table", "comparison_table", "heldout_rows", "label_volumes", "markdown_table", "mean_metrics",
            "metrics_report", "split_means"]
 
 METRICS = ("nrmse", "ssim", "psnr", "percent_folded")
@@ -45,6 +45,25 @@ def markdown_table(report: Mapping[str, Any]) -> str:
     overall = report["overall"]
     lines.append(f"| **overall** (n={overall['count']}) | | | " + " | ".join(fmt(overall[name]) for name in METRICS)
                  + " |")
+    return "\n".join(lines) + "\n" + appearance_table(report)
+
+
+def appearance_table(report: Mapping[str, Any]) -> str:
+    """The appearance each subject's fit chose (``subject_metrics.json``'s ``appearance``) with its validation NRMSE
+    (each observed scan after the first predicted from the others) beside the two intensity-only references, as
+    markdown; empty when no subject records a choice."""
+    rows = [(subject, result["appearance"]) for subject, result in report["subjects"].items()
+            if result.get("appearance") and result["appearance"].get("errors")]
+    if not rows:
+        return ""
+    lines = ["", "Appearance chosen per subject (validation NRMSE on its own observed scans, each predicted from the "
+             "others):", "", "| subject | chosen | validation NRMSE | linear interpolation | nearest scan | |",
+             "|---|---|---|---|---|---|"]
+    for subject, choice in rows:
+        references = choice["references"]
+        flag = "" if choice["beats_references"] else "WARNING: not better than an intensity-only method"
+        lines.append(f"| {subject} | {choice['source']} | {choice['errors'][choice['source']]:.4f} | "
+                     f"{references['linear interpolation']:.4f} | {references['nearest scan']:.4f} | {flag} |")
     return "\n".join(lines) + "\n"
 
 

@@ -235,7 +235,8 @@ def _run_subject(args: Mapping[str, Any], entry: SubjectEntry, stage: str, predi
             return {"model": paths.model, "outputs": [p for p in (paths.model, paths.template) if os.path.isfile(p)]}
         if stage == "inference":
             return _inference_outputs(paths, entry, predict_times)
-        return _evaluation_outputs(paths, entry, parser.get_parsed_content("evaluator").state.metric_details)
+        return _evaluation_outputs(paths, entry, parser.get_parsed_content("evaluator").state.metric_details,
+                                   parser.get_parsed_content("fitted").subject.source_choice)
     finally:
         workflow.finalize()
 
@@ -252,10 +253,12 @@ def _inference_outputs(paths: SubjectPaths, entry: SubjectEntry, predict_times: 
     return {"times": times, "prediction_dir": paths.predictions, "outputs": outputs}
 
 
-def _evaluation_outputs(paths: SubjectPaths, entry: SubjectEntry, details: Mapping[str, Any]) -> dict[str, Any]:
-    """``subject_metrics.json`` (as ``noder evaluate`` writes it) from the evaluator's metric details."""
+def _evaluation_outputs(paths: SubjectPaths, entry: SubjectEntry, details: Mapping[str, Any],
+                        appearance: Any = None) -> dict[str, Any]:
+    """``subject_metrics.json`` (as ``noder evaluate`` writes it) from the evaluator's metric details and the fitted
+    subject's appearance choice."""
     values = {name: detail.reshape(-1).tolist() for name, detail in details.items()}
-    result = write_subject_metrics(entry, paths, values)
+    result = write_subject_metrics(entry, paths, values, appearance=appearance)
     folder = paths.evaluation
     outputs = [paths.subject_metrics, *(os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.endswith(".csv"))]
     return {"mean": result["mean"], "outputs": outputs}

@@ -21,6 +21,7 @@ from noder_monai.engines import FitConfig, fit_sequence
 from noder_monai.engines.trainer import HISTORY_TERMS
 from noder_monai.io import label_dtype, load_image, save_image, save_itk_displacement
 from noder_monai.metrics import nrmse, percent_folded, psnr, ssim
+from noder_monai.model.appearance import SourceChoice
 from noder_monai.reporting.figures import save_montage
 from noder_monai.reporting.tables import heldout_rows, label_volumes, mean_metrics
 from noder_monai.utils import summary_writer, write_csv, write_json
@@ -61,9 +62,11 @@ def train_subject(entry: SubjectEntry, paths: SubjectPaths, config: FitConfig, n
     final = subject.history[-1]["total"]
     logger.info("%s: %d epochs in %.1f s, final loss %.5f -> %s", entry.id, len(subject.history), seconds, final,
                 paths.model)
+    choice = subject.source_choice
     return {"model": paths.model, "epochs": len(subject.history), "final_loss": final,
             "fit_seconds": round(seconds, 3), "fitted": images, "outputs": [*outputs, *([template] if template else []),
-                                                                            *images]}
+                                                                            *images],
+            **({"appearance": choice.summary()} if choice is not None else {})}
 
 
 def _epoch_logger(subject: str, total_epochs: int, writer: Any) -> Callable[[dict], None]:
@@ -143,17 +146,21 @@ def evaluate_subject(entry: SubjectEntry, paths: SubjectPaths, device: torch.dev
         "percent_folded": percent_folded(prediction.ddfs),
     }
     outputs = [os.fspath(save_montage(target, prediction.images, paths.montage, times))] if montage else []
-    result = write_subject_metrics(entry, paths, values, montage=outputs[0] if outputs else None)
+    result = write_subject_metrics(entry, paths, values, montage=outputs[0] if outputs else None,
+                                   appearance=subject.source_choice)
     logger.info("%s: %s", entry.id, ", ".join(f"{k} {v:.4g}" for k, v in result["mean"].items() if v is not None))
     return {"mean": result["mean"], "outputs": [*outputs, paths.subject_metrics]}
 
 
 def write_subject_metrics(entry: SubjectEntry, paths: SubjectPaths, values: Mapping[str, Sequence[float]],
-                          montage: str | None = None) -> dict:
+                          montage: str | None = None, appearance: SourceChoice | None = None) -> dict:
     """``<eval_dir>/<id>/subject_metrics.json``: one row per held-out scan (:func:`~noder_monai.reporting.tables.
-    heldout_rows`) and their mean; the file both the ``noder`` evaluation and the bundle's write. Returns it."""
+    heldout_rows`), their mean and, when the fit chose one, the appearance choice with every candidate's validation
+    error; the file both the ``noder`` evaluation and the bundle's write. Returns it."""
     rows = heldout_rows(entry, values)
     result: dict[str, Any] = {"scans": rows, "mean": mean_metrics(rows)}
+    if appearance is not None:
+        result["appearance"] = {**appearance.to_dict(), "beats_references": appearance.beats_references}
     if montage is not None:
         result["montage"] = montage
     write_json(result, paths.subject_metrics)
