@@ -16,15 +16,22 @@ evaluate`` evaluation.
 
 Under ``torchrun`` each process takes a cost-balanced share of the subjects (:mod:`noder_monai.workflows.cohort`);
 finished subjects are skipped on a rerun; a failing subject is recorded and the exit status is the number that
-failed.
+failed. A rank that waits for another gives up after ``$NODER_RANK_TIMEOUT_S`` seconds (default 1800) without a sign
+of life from it, naming it (:mod:`noder_monai.workflows.gather`). A run that stops on an error (a bad argument, an
+unwritable output folder, a lost rank) prints ``noder <verb>: error: <message>`` and exits with 101; nothing is
+written before every argument and the output folder are checked. The one-letter flags ``--help`` shows (``-o`` for
+``--output_dir``) work as their long names.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import re
 import sys
 import time as timer
+from collections import Counter
 from typing import Any, Sequence
 
 import fire
@@ -36,7 +43,8 @@ from noder_monai.io import parse_times
 from noder_monai.reporting.tables import comparison_table, markdown_table
 from noder_monai.utils import resolve_device, set_threads
 
-__all__ = ["COMMANDS", "demo", "evaluate", "fit", "group_list_flags", "main", "predict", "pretrain", "report"]
+__all__ = ["COMMANDS", "ERROR_EXIT_CODE", "console_main", "demo", "evaluate", "expand_short_flags", "fit",
+           "group_list_flags", "main", "predict", "pretrain", "report", "short_flags"]
 
 
 def _print_index(output_dir: str, datalist: str | None, eval_dir: str | None = None, device: str | None = None) -> None:
@@ -194,15 +202,20 @@ _DEMO_QUICK = {"subjects": 1, "size": 48, "epochs": 160}
 NRMSE ahead of both baselines (``benchmarks/README.md``); ``noder demo --full``: two 64^3 subjects, 300 epochs."""
 
 
-def _inputs_datalist(inputs: Sequence[str], output_dir: str, times: Any, bids: str | None,
-                     participant_label: Any, time_column: str, subject: str | None) -> str:
-    """The datalist path for what was given; scans, cine and BIDS inputs are written to <output_dir>/datalist.json."""
+def _resolve_inputs(inputs: Sequence[str], output_dir: str, times: Any, bids: str | None,
+                    participant_label: Any, time_column: str, subject: str | None) -> str | dict[str, Any]:
+    """The datalist path, or the datalist document (not yet written) for scans, cine and BIDS inputs; reads and
+    checks only."""
     if not inputs and bids is None:
         existing = os.path.join(output_dir, "datalist.json")
         if os.path.isfile(existing):
             return existing
-    resolved = inputs_datalist([str(i) for i in inputs], output_dir, times, bids, participant_label, time_column,
-                               subject)
+    return inputs_datalist([str(i) for i in inputs], output_dir, times, bids, participant_label, time_column, subject)
+
+
+def _write_inputs(resolved: str | dict[str, Any], output_dir: str) -> str:
+    """After the output folder is checked: write the datalist document (and a cine's frames); return its path."""
+    output_dir = workflows.prepare_output_dir(output_dir)
     if isinstance(resolved, str):
         return resolved
     path = write_inputs_datalist(resolved, output_dir)
@@ -266,8 +279,10 @@ def fit(
             adjoint, field, integration_steps),
             e.g. --epochs 100 --levels "[2,1]" --level_fractions "[0.5,0.5]".
     """
-    datalist = _inputs_datalist(inputs, output_dir, times, bids, participant_label, time_column, subject)
-    fit_settings, network = workflows.split_settings(**settings)
+    fit_settings, network = workflows.split_settings(**settings)  # every argument checked before any write
+    workflows.check_pretrained(pretrained)
+    resolved = _resolve_inputs(inputs, output_dir, times, bids, participant_label, time_column, subject)
+    datalist = _write_inputs(resolved, output_dir)
     summary = workflows.train(
         datalist=datalist, dataset_dir=dataset_dir, output_dir=output_dir, network=network, fit=fit_settings,
         pretrained=pretrained, device=device, seed=seed, num_threads=threads, skip_existing=skip_existing,
@@ -324,10 +339,11 @@ def predict(
         threads: torch CPU threads (default: the cores idle now, sampled at start).
         batch_size: time points decoded and warped at once (lower it if memory is short).
     """
-    datalist = _inputs_datalist(inputs, output_dir, scan_times, bids, participant_label, time_column, subject)
+    query = None if times is None else parse_times(times, name="--times")  # every argument checked before any write
+    resolved = _resolve_inputs(inputs, output_dir, scan_times, bids, participant_label, time_column, subject)
+    datalist = _write_inputs(resolved, output_dir)
     summary = workflows.infer(
-        datalist=datalist, dataset_dir=dataset_dir, output_dir=output_dir,
-        predict_times=None if times is None else parse_times(times, name="--times"), device=device,
+        datalist=datalist, dataset_dir=dataset_dir, output_dir=output_dir, predict_times=query, device=device,
         num_threads=threads, batch_size=batch_size,
     )
     for name, record in summary.items():
@@ -418,9 +434,41 @@ def group_list_flags(argv: list[str]) -> list[str]:
     return out
 
 
+def short_flags(function: Any) -> dict[str, str]:
+    """``{"o": "output_dir", ...}``: the one-letter flags ``noder <verb> --help`` shows for ``function`` (python-fire's
+    rule: a flag's first letter, when no other flag of its group, the parameters with defaults or the keyword-only
+    ones, starts with it). ``-h`` stays help."""
+    spec = inspect.getfullargspec(function)
+    groups = [spec.args[len(spec.args) - len(spec.defaults or ()):], spec.kwonlyargs]
+    letters: dict[str, str] = {}
+    for group in groups:
+        counts = Counter(name[0] for name in group)
+        letters.update({name[0]: name for name in group if counts[name[0]] == 1 and name[0] != "h"})
+    return letters
+
+
+_SHORT_FLAG = re.compile(r"^-(?P<letter>[A-Za-z])(?P<value>=.*)?$")
+
+
+def expand_short_flags(argv: list[str]) -> list[str]:
+    """``noder fit ... -o runs`` -> ``... --output_dir runs``: each one-letter flag the verb's help shows
+    (:func:`short_flags`) becomes its long name (fire would read it as an unknown setting of ``**settings``)."""
+    if not argv or argv[0] not in COMMANDS:
+        return list(argv)
+    letters = short_flags(COMMANDS[argv[0]])
+    out = [argv[0]]
+    for index, token in enumerate(argv[1:], start=1):
+        match = _SHORT_FLAG.match(token)
+        if "--" in argv[:index] or match is None or match["letter"] not in letters:
+            out.append(token)
+        else:
+            out.append(f"--{letters[match['letter']]}{match['value'] or ''}")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``noder`` console script (``argv`` defaults to ``sys.argv[1:]``)."""
-    argv = group_list_flags(list(sys.argv[1:] if argv is None else argv))
+    """Run a verb (``argv`` defaults to ``sys.argv[1:]``); errors propagate (see :func:`console_main`)."""
+    argv = group_list_flags(expand_short_flags(list(sys.argv[1:] if argv is None else argv)))
     if "--" not in argv and any(flag in argv for flag in ("-h", "--help")):
         # fire reads `noder fit --help` as a value for **settings; its own spelling is `noder fit -- --help`
         argv = [arg for arg in argv if arg not in ("-h", "--help")] + ["--", "--help"]
@@ -429,5 +477,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     fire.Fire(COMMANDS, command=argv, name="noder")
 
 
+ERROR_EXIT_CODE = 101
+"""Exit status of ``noder`` when a run stops on an error (a bad argument, an unwritable folder, a lost rank); 1 to
+100 is the number of failed subjects."""
+USER_ERRORS = (ValueError, OSError, TimeoutError)
+"""Errors whose message is the whole story (bad input, a file that cannot be written, a lost rank): ``noder`` prints
+it as one line; others keep their traceback."""
+
+
+def console_main(argv: Sequence[str] | None = None) -> None:
+    """The ``noder`` console script: :func:`main`, with an error of :data:`USER_ERRORS` printed as one line,
+    ``noder <verb>: error: <message>``, and exit status :data:`ERROR_EXIT_CODE` (``NODER_TRACEBACK=1`` shows the
+    traceback too)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        main(args)
+    except USER_ERRORS as error:
+        if os.environ.get("NODER_TRACEBACK"):
+            raise
+        verb = f"noder {args[0]}" if args and args[0] in COMMANDS else "noder"
+        print(f"{verb}: error: {error}", file=sys.stderr)
+        sys.exit(ERROR_EXIT_CODE)
+
+
 if __name__ == "__main__":
-    main()
+    console_main()

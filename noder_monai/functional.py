@@ -22,10 +22,13 @@ __all__ = [
     "compose_displacements",
     "integrate_velocity",
     "invert_displacement",
+    "jacobian_determinant",
     "odd_window",
     "separable_filter",
+    "unfold_displacement",
     "warp",
     "warp_border",
+    "warp_nearest",
 ]
 
 _PADDING_MODES = ("zeros", "replicate")
@@ -448,3 +451,137 @@ def separable_filter(x: torch.Tensor, kernel: torch.Tensor, padding_mode: str = 
             out.add_(padded.narrow(dim, tap, size), alpha=weights[tap])
         x = out
     return x
+
+
+NEAREST_PADDING_MODES = ("border", "zeros", "reflection")
+"""Out-of-grid rules of :func:`warp_nearest`, those of ``torch.nn.functional.grid_sample``."""
+
+
+def _nearest_index(position: torch.Tensor, size: int, padding_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Voxel index nearest to ``position`` (voxels) along an axis of ``size`` voxels, as ``grid_sample(mode="nearest",
+    align_corners=True)`` picks it, and whether it lies inside the grid (always, except with ``"zeros"``)."""
+    if padding_mode == "border":
+        position = position.clamp(0, size - 1)
+    elif padding_mode == "reflection":
+        period = 2 * (size - 1)
+        position = (position.abs() % period if period else position * 0)
+        position = torch.where(position > size - 1, period - position, position)
+    index = torch.round(position)  # half to even, like grid_sample's nearbyint
+    inside = (index >= 0) & (index <= size - 1)
+    return index.clamp(0, size - 1).to(torch.int64), inside
+
+
+def warp_nearest(image: torch.Tensor, ddf: torch.Tensor, padding_mode: str = "border") -> torch.Tensor:
+    """Warp ``image`` with ``ddf`` by nearest-neighbour gathering: every output voxel is a copy of one input voxel, so
+    any dtype keeps its values exactly (integer label IDs up to int64, which a float32 interpolation would round
+    above 2^24). The voxel chosen is the one MONAI ``Warp(mode="nearest")`` samples (pull-back convention
+    ``out(x) = image(round(x + ddf(x)))``, voxel units, ``align_corners=True``).
+
+    Args:
+        image: (N, C, *S) any dtype, 2 or 3 spatial axes.
+        ddf: (N, D, *S) displacement in voxels, D spatial axes; N equal to ``image``'s or 1.
+        padding_mode: one of :data:`NEAREST_PADDING_MODES`: the nearest border voxel, zero, or the reflected voxel.
+
+    Returns:
+        (N, C, *S) in ``image``'s dtype and device.
+
+    Raises:
+        ValueError: if the shapes do not match or ``padding_mode`` is unknown.
+    """
+    check_ddf(ddf)
+    spatial = tuple(ddf.shape[2:])
+    if image.ndim != ddf.ndim or tuple(image.shape[2:]) != spatial or image.shape[0] not in (ddf.shape[0], 1):
+        raise ValueError(f"image must have shape (N, C, {', '.join(map(str, spatial))}) with N = {ddf.shape[0]} or 1, "
+                         f"got {tuple(image.shape)}.")
+    if padding_mode not in NEAREST_PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {NEAREST_PADDING_MODES}, got {padding_mode!r}.")
+    grid = torch.meshgrid(*(torch.arange(n, device=ddf.device, dtype=ddf.dtype) for n in spatial), indexing="ij")
+    flat = torch.zeros((), dtype=torch.int64, device=ddf.device)
+    inside = torch.ones((), dtype=torch.bool, device=ddf.device)
+    for axis, size in enumerate(spatial):
+        index, valid = _nearest_index(grid[axis] + ddf[:, axis], size, padding_mode)
+        flat = flat * size + index
+        inside = inside & valid
+    batch = ddf.shape[0]
+    source = image.expand(batch, *image.shape[1:]).reshape(batch, image.shape[1], -1)
+    gathered = torch.gather(source, 2, flat.reshape(batch, 1, -1).expand(-1, image.shape[1], -1))
+    gathered = gathered.reshape(batch, image.shape[1], *spatial)
+    return torch.where(inside[:, None], gathered, torch.zeros((), dtype=image.dtype, device=image.device))
+
+
+def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
+    """Determinant of the Jacobian of the deformation ``x -> x + ddf(x)`` at every voxel.
+
+    ``J_ij = delta_ij + d ddf_i / d x_j`` with central differences inside and one-sided differences on the
+    border voxels (``torch.gradient``), voxel units; the determinant is written out (``a d - b c`` in 2D, the
+    rule of Sarrus in 3D). 1 means no local volume change, > 1 expansion, < 1 shrinkage, <= 0 a fold.
+    Differentiable.
+
+    Args:
+        ddf: displacement field of shape ``(B, D, *spatial)``, ``D`` = 1, 2 or 3 spatial axes of at least
+            2 voxels, channel ``i`` along spatial axis ``i``, in voxels.
+
+    Returns:
+        Tensor of shape ``(B, 1, *spatial)``, dimensionless.
+
+    Raises:
+        ValueError: if ``ddf`` is not of that shape.
+    """
+    check_ddf(ddf, "ddf", min_size=2)
+    dims = ddf.ndim - 2
+    gradients = torch.gradient(ddf, dim=tuple(range(2, ddf.ndim)))
+    jac = [[gradients[j][:, i] + (1.0 if i == j else 0.0) for j in range(dims)] for i in range(dims)]
+    if dims == 1:
+        det = jac[0][0]
+    elif dims == 2:
+        det = jac[0][0] * jac[1][1] - jac[0][1] * jac[1][0]
+    else:
+        det = (
+            jac[0][0] * (jac[1][1] * jac[2][2] - jac[1][2] * jac[2][1])
+            - jac[0][1] * (jac[1][0] * jac[2][2] - jac[1][2] * jac[2][0])
+            + jac[0][2] * (jac[1][0] * jac[2][1] - jac[1][1] * jac[2][0])
+        )
+    return det.unsqueeze(1)
+
+
+MAX_UNFOLD_ROUNDS = 10000
+"""Safety bound of :func:`unfold_displacement` (the neighbourhood covers any grid of up to 1250 voxels per axis)."""
+
+
+def unfold_displacement(ddf: torch.Tensor, min_jacobian: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Correct a displacement field where it folds: where :func:`jacobian_determinant` is ``<= min_jacobian``, the
+    field is replaced by its 3-voxel box mean (edges replicated) in a neighbourhood of those voxels, and again until
+    no voxel is left; the neighbourhood grows by one voxel every 8 rounds, so the loop ends (a field smoothed over
+    the whole grid tends to a constant, whose determinant is 1). Elsewhere the field is returned unchanged; a field
+    without folds is returned as is.
+
+    Args:
+        ddf: (N, D, *S) displacement in voxels, D = 2 or 3, at least 2 voxels per axis.
+        min_jacobian: every voxel of the result has a determinant above this (> 0: no folds).
+
+    Returns:
+        ``(ddf, corrected)``: the field, same dtype and device, and ``corrected`` (N,) the percentage of voxels of
+        each field that changed.
+
+    Raises:
+        ValueError: if ``ddf`` is not an (N, D, *S) field with D = 2 or 3, or ``min_jacobian`` is not in [0, 1).
+        RuntimeError: folds remain after :data:`MAX_UNFOLD_ROUNDS` rounds (not seen in practice).
+    """
+    check_ddf(ddf, "ddf", min_size=2)
+    if ddf.shape[1] not in (2, 3):
+        raise ValueError(f"ddf must have 2 or 3 spatial axes, got shape {tuple(ddf.shape)}.")
+    if not 0 <= min_jacobian < 1:
+        raise ValueError(f"min_jacobian must be in [0, 1), got {min_jacobian!r}.")
+    pool = F.max_pool2d if ddf.shape[1] == 2 else F.max_pool3d
+    original, rounds = ddf, 0
+    folded = jacobian_determinant(ddf) <= min_jacobian
+    while bool(folded.any()):
+        if rounds > MAX_UNFOLD_ROUNDS:
+            raise RuntimeError(f"unfold_displacement: folds left after {rounds} rounds of smoothing.")
+        reach = 1 + rounds // 8
+        region = pool(folded.to(ddf.dtype), 2 * reach + 1, stride=1, padding=reach) > 0
+        ddf = torch.where(region, box_filter(ddf, 3, "replicate"), ddf)
+        folded = jacobian_determinant(ddf) <= min_jacobian
+        rounds += 1
+    corrected = (ddf != original).any(dim=1).flatten(1).to(ddf.dtype).mean(dim=1) * 100.0
+    return ddf, corrected

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
 import json
 import math
@@ -14,9 +16,10 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
+import numpy as np
 import torch
 
-__all__ = ["atomic_write", "clean_stale_temporaries", "cosine_decay", "free_cores", "read_csv", "read_json",
+__all__ = ["OutputWriteError", "atomic_write", "clean_stale_temporaries", "cosine_decay", "free_cores", "read_csv", "read_json",
            "resolve_device", "set_threads", "summary_writer", "temporary_name", "tensorboard_available", "time_tag",
            "write_csv", "write_json"]
 
@@ -29,10 +32,15 @@ def cosine_decay(step: int, total_steps: int, initial: float, final: float) -> f
     return final + 0.5 * (initial - final) * (1 + math.cos(math.pi * progress))
 
 
-def time_tag(time: float) -> str:
-    """File-name tag of a time: ``"t"`` + the shortest repr of the time rounded to 6 decimals (``t2.1``, ``t7.0``,
-    ``t-0.5``); rounding makes a time that went through float32 metadata give the same tag."""
-    return f"t{round(float(time), 6)!r}"
+def time_tag(time: Any) -> str:
+    """File-name tag of a time: ``"t"`` + the shortest decimal that reads back as the same number (``t2.1``,
+    ``t7.0``, ``t-0.5``, ``t1.0000001``), so distinct times always get distinct tags. A float32 scalar (a time that
+    went through float32 metadata) is written with float32's shortest decimal (``float32(2.1)`` -> ``t2.1``)."""
+    if isinstance(time, torch.Tensor):
+        time = time.detach().cpu().numpy()
+    if getattr(time, "dtype", None) == np.float32:
+        time = str(np.float32(time))  # float32's shortest decimal
+    return f"t{float(time)!r}"
 
 
 TEMP_MARK = "noder"
@@ -51,19 +59,49 @@ def temporary_name(path: PathLike) -> str:
     return os.path.join(folder, f".{name}.{TEMP_MARK}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
 
 
+class OutputWriteError(OSError):
+    """A file of the package's outputs could not be written (no space, read-only file system, no permission): the
+    message names the file, the cause and what to do; ``errno`` is the system's."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])  # the message, not OSError's "[Errno N] ...: path"
+
+
+_WRITE_HINTS = {
+    errno.ENOSPC: "the disk is full: free some space or write to another folder",
+    errno.EDQUOT: "the disk quota is exhausted: free some space or write to another folder",
+    errno.EROFS: "the file system is read-only: write to another folder",
+    errno.EACCES: "permission denied: write to a folder you may write to, or change its permissions",
+    errno.EPERM: "the operation is not permitted: write to a folder you may write to",
+}
+
+
+def _write_error(path: str, error: OSError) -> OutputWriteError:
+    hint = _WRITE_HINTS.get(error.errno)
+    cause = error.strerror or str(error)
+    failure = OutputWriteError(f"cannot write '{path}': {cause}" + (f"; {hint}." if hint else "."))
+    failure.errno, failure.strerror, failure.filename = error.errno, error.strerror, path
+    return failure
+
+
 def atomic_write(path: PathLike, write: bytes | Callable[[str], None]) -> str:
     """Write ``path`` atomically with mode ``0o666 & ~umask``: ``write`` (bytes, or a callable taking a temporary
     path) fills a temporary file in the same folder, which then replaces ``path``. One helper, one mode, for every
-    output of the package (NIfTI, JSON, CSV, PNG, checkpoints).
+    output of the package (NIfTI, JSON, CSV, PNG, checkpoints). A failed write leaves ``path`` as it was and no
+    temporary behind.
 
     Returns:
         ``path`` as a string.
+
+    Raises:
+        OutputWriteError: (an ``OSError``) naming ``path``, the cause and what to do, when the system refuses the
+            write (no space, read-only file system, no permission, ...).
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     temporary = temporary_name(path)
     try:
+        os.makedirs(folder, exist_ok=True)
         if callable(write):
             write(temporary)
         else:
@@ -71,9 +109,14 @@ def atomic_write(path: PathLike, write: bytes | Callable[[str], None]) -> str:
                 handle.write(bytes(write))
         os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
+    except OutputWriteError:
+        raise
+    except OSError as error:
+        raise _write_error(path, error) from error
     finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        with contextlib.suppress(OSError):
+            if os.path.exists(temporary):
+                os.remove(temporary)
     return path
 
 

@@ -107,7 +107,12 @@ def test_bundle_python_and_cli_fit_the_same_weights(design_card, tmp_path):
     """One wiring: the design card's training, fit_sequence and `noder fit` give identical weights and history."""
     bundle = FittedSubject.load(design_card["copy"] / "outputs" / "sub-001" / "model.pt")
     entry = load_datalist(design_card["first"])[0]
-    python = fit_sequence(entry.load(), FitConfig(**SAME_FIT), seed=0, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the two commands: bit-identical weights hold for one thread count, not across them
+    try:
+        python = fit_sequence(entry.load(), FitConfig(**SAME_FIT), seed=0, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     cli.main(["fit", design_card["first"], "--output_dir", str(tmp_path), "--epochs", "3", "--levels", "[2,1]",
               "--level_fractions", "[0.5,0.5]", "--threads", "1", "--noprogress", "--noreport"])
     command = FittedSubject.load(tmp_path / "sub-001" / "model.pt")

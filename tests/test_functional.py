@@ -1,14 +1,26 @@
-"""Tests of noder_monai.functional: the running-sum box filter and the argument checks."""
+"""Tests of noder_monai.functional: the running-sum box filter, the argument checks, nearest-neighbour warps of
+label IDs and the fold correction."""
 
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from monai.networks.blocks import Warp
 
-from noder_monai.functional import box_filter, check_ddf, check_odd_kernel_size, check_spatial_dims
+from noder_monai.functional import (
+    box_filter,
+    check_ddf,
+    check_odd_kernel_size,
+    check_spatial_dims,
+    jacobian_determinant,
+    unfold_displacement,
+    warp_nearest,
+)
+from noder_monai.metrics import percent_folded
 
 
 def brute_force_box_mean(x: torch.Tensor, kernel_size: int, padding_mode: str) -> torch.Tensor:
@@ -206,3 +218,37 @@ def test_separable_field_checks_its_matrices():
         SeparableField(torch.zeros(1, 2, 4, 5), (torch.zeros(8, 4), torch.zeros(8, 4)))
     with pytest.raises(ValueError, match="smoothness: every axis needs >= 3 voxels"):
         SeparableField(torch.zeros(1, 2, 4, 5), (torch.zeros(2, 4), torch.zeros(8, 5))).smoothness()
+
+
+@pytest.mark.parametrize("padding_mode", ["border", "zeros", "reflection"])
+def test_labels_warp_nearest_copies_ids_exactly_and_picks_monai_warps_voxel(padding_mode):
+    generator = torch.Generator().manual_seed(7)
+    for spatial in ((9, 11), (7, 9, 6)):
+        small = torch.randint(0, 40, (2, 1, *spatial), generator=generator)
+        ddf = torch.randn(2, len(spatial), *spatial, generator=generator) * 3
+        expected = Warp(mode="nearest", padding_mode=padding_mode)(small.float(), ddf).long()
+        assert torch.equal(warp_nearest(small, ddf, padding_mode), expected)
+        # IDs that float32 (and even float64, above 2**53) cannot hold: the same voxels, the IDs unchanged
+        ids = torch.tensor([0, 2**53 + 1, 2**53 + 2, 3_000_000_001], dtype=torch.int64)
+        big = ids[small % 4]
+        warped = warp_nearest(big, ddf, padding_mode)
+        assert warped.dtype == torch.int64 and torch.equal(warped, ids[expected % 4])
+
+
+def test_folds_unfold_displacement_removes_a_known_fold_and_keeps_a_fold_free_field():
+    axis = torch.arange(32, dtype=torch.float64)
+    wave = torch.sin(2 * math.pi * axis / 16).view(-1, 1).expand(32, 32)
+    folding = torch.stack([4.0 * wave, torch.zeros(32, 32, dtype=torch.float64)])[None]  # d u / dx down to -1.57
+    assert percent_folded(folding).item() > 10.0
+    unfolded, corrected = unfold_displacement(folding, min_jacobian=0.05)
+    assert jacobian_determinant(unfolded).min().item() > 0.05 and percent_folded(unfolded).item() == 0.0
+    assert 0.0 < corrected.item() < 100.0 and unfolded.dtype == folding.dtype
+    smooth = torch.stack([0.5 * wave, wave.T * 0.3])[None].expand(2, 2, 32, 32)
+    kept, none = unfold_displacement(smooth)
+    assert torch.equal(kept, smooth) and none.tolist() == [0.0, 0.0]
+    volume = torch.zeros(1, 3, 12, 12, 12)
+    volume[0, 0, :6] = 3.0  # a 3-voxel drop along x: folds at the step in 3D
+    assert percent_folded(volume).item() > 0.0
+    assert percent_folded(unfold_displacement(volume)[0]).item() == 0.0
+    with pytest.raises(ValueError, match=r"min_jacobian must be in \[0, 1\)"):
+        unfold_displacement(volume, min_jacobian=1.0)

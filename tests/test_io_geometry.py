@@ -263,3 +263,58 @@ def test_parse_times_accepts(text, expected):
 def test_parse_times_errors_name_the_entry(value, message):
     with pytest.raises(ValueError, match=message):
         parse_times(value, name="--times")
+
+
+def tilted_plane(origin=(7.5, -12.0, -41.0), spacing=(0.7, 1.3, 2.5)):
+    """A slice plane tilted about x (its in-plane axes have z components), 2.5 mm thick, through z = -41 mm."""
+    tilt = 0.35
+    rotation = np.array([[1, 0, 0], [0, np.cos(tilt), -np.sin(tilt)], [0, np.sin(tilt), np.cos(tilt)]])
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation @ np.diag(spacing)
+    matrix[:3, 3] = origin
+    return matrix
+
+
+@pytest.mark.parametrize("reader", [None, "itk", "nibabel"])
+def test_geometry_of_2d_slices_is_exact_through_every_reader_and_path(tmp_path, reader):
+    matrix = tilted_plane()
+    plane = np.random.default_rng(3).random((14, 11)).astype(np.float32)
+    files = {"2d": nib.Nifti1Image(plane, matrix), "singleton": nib.Nifti1Image(plane[:, :, None], matrix)}
+    paths = {}
+    for name, image in files.items():
+        image.header.set_qform(matrix, 1)
+        image.header.set_sform(matrix, 1)
+        paths[name] = str(tmp_path / f"{name}.nii.gz")
+        nib.save(image, paths[name])
+    for name, path in paths.items():
+        data, geometry = load_scan(path, reader)
+        assert data.shape == (1, 14, 11)
+        np.testing.assert_allclose(geometry.affine, matrix, atol=1e-5)  # slice position and thickness kept
+        np.testing.assert_allclose(geometry.itk_affine, matrix, atol=1e-5)
+        assert geometry.voxel_volume_mm3 == pytest.approx(0.7 * 1.3 * 2.5, rel=1e-6)
+        sequence = load_sequence([path, path], [0.0, 1.0], subject="slice", reader=reader)  # the Python path
+        np.testing.assert_allclose(sequence.affine.numpy(), matrix, atol=1e-5)
+        out = save_image(torch.rand(1, 14, 11), sequence.geometry, tmp_path / f"out_{name}.nii.gz")
+        assert nib.load(out).shape == nib.load(path).shape
+        assert_same_geometry(out, path)
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nrrd"])
+@pytest.mark.parametrize("reader", [None, "itk"])
+def test_geometry_of_itk_formats_is_exact_in_2d_and_3d(tmp_path, suffix, reader):
+    for shape in ((9, 1, 12), (9, 7, 12)):  # numpy (z, y, x): a single row in y is a 2D image
+        image = itk.image_from_array(np.random.default_rng(0).random(shape).astype(np.float32))
+        image.SetOrigin([-3.5, 20.25, -41.0])
+        image.SetSpacing([0.6, 2.5, 1.4])
+        direction = np.array([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+        image.SetDirection(itk.matrix_from_array(direction))
+        source = str(tmp_path / f"scan{shape[1]}{suffix}")
+        itk.imwrite(image, source)
+        data, geometry = load_scan(source, reader)
+        expected = np.eye(4)
+        expected[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ direction @ np.diag([0.6, 2.5, 1.4])
+        expected[:3, 3] = np.diag([-1.0, -1.0, 1.0]) @ np.array([-3.5, 20.25, -41.0])
+        np.testing.assert_allclose(geometry.itk_affine[:3, 3], expected[:3, 3], atol=1e-5)
+        assert geometry.voxel_volume_mm3 == pytest.approx(0.6 * 2.5 * 1.4, rel=1e-6)
+        out = save_image(data, geometry, tmp_path / f"out{shape[1]}.nii.gz")
+        assert_same_geometry(out, source, nibabel_too=False)

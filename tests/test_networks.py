@@ -107,9 +107,9 @@ def test_noder_warps_by_zero_field_exactly_and_checks_image_shape():
 
 
 def test_noder_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="field must be one of"):
+    with pytest.raises(ValueError, match=r"field 'field' must be one of \('displacement', 'velocity'\)"):
         NODER((8, 8), field="spline")
-    with pytest.raises(ValueError, match="step_size must be > 0, got 0"):
+    with pytest.raises(ValueError, match=r"field 'step_size' must be a number in \[0.0001, 10\], got 0\."):
         NODER((8, 8), step_size=0)
     with pytest.raises(ValueError, match="level must be one of"):
         NODER((8, 8)).displacement(torch.tensor([0.5]), level=3)

@@ -374,8 +374,8 @@ def test_changed_scan_file_makes_the_model_stale(qs_run, tmp_path):
 
 
 @pytest.mark.parametrize("kind, message", [
-    ("channels", r"files have different grids: .*\[16, 16, 16, 2\]: \['{}'\]"),  # the up-front check names it
-    ("fraction", r"label map '{}' has non-integer or non-finite values; labels must be integers\."),
+    ("channels", r"label map '{}' has 2 channels \(shape \(16, 16, 16\) per channel\)"),  # the up-front check
+    ("fraction", r"label map '{}' has non-integer values \(.*0\.5.* at voxel \(0, 0, 0\), 4096 voxel\(s\) in all\)"),
 ])
 def test_bad_label_map_is_named_by_infer(qs_run, tmp_path, kind, message):
     data = np.zeros((16, 16, 16, 2), np.float32) if kind == "channels" else np.full((16, 16, 16), 0.5, np.float32)

@@ -13,7 +13,7 @@ from noder_monai.data.deformation_fields import (
 from noder_monai.data.demo import demo_labels, demo_volume, make_demo_dataset
 from noder_monai.data.inputs import datalist_subjects, inputs_datalist
 from noder_monai.data.intensity import IntensityMapping
-from noder_monai.data.sequence import SubjectSequence, load_sequence, load_series
+from noder_monai.data.sequence import SubjectSequence, load_sequence, load_series, read_label_map
 from noder_monai.data.synthetic import SyntheticSequence, synthetic_sequence
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "load_sequence",
     "load_series",
     "make_demo_dataset",
+    "read_label_map",
     "select_subject",
     "synthetic_sequence",
 ]

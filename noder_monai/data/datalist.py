@@ -27,8 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from noder_monai.data.sequence import SubjectSequence, load_sequence
-from noder_monai.io import check_image_file, scan_shape
+from noder_monai.data.sequence import SubjectSequence, load_sequence, read_label_map
+from noder_monai.io import check_image_file, load_scan, scan_shape
 from noder_monai.utils import PathLike
 
 __all__ = ["SPLITS", "SubjectEntry", "load_datalist", "select_subject", "time_split"]
@@ -97,13 +97,18 @@ class SubjectEntry:
                 *((("label", self.label),) if self.label else ())]
 
     def check_files(self) -> int:
-        """Read every file completely and check that all share one grid; return the cost (voxels x scans).
+        """Read every file completely and check that all share one grid; check the label map's values and its grid
+        in world space (:func:`~noder_monai.data.read_label_map`); return the cost (voxels x scans). Every stage runs
+        it on every subject before any work, so a bad file fails before a fit.
 
         Raises:
-            ValueError: naming the subject, field and file, for an unreadable file or a file on another grid.
+            ValueError: naming the subject, field and file, for an unreadable file, a file on another grid, or a label
+                map that is not one volume of finite integers on the first scan's grid (size and affine).
         """
         shapes: dict[tuple[int, ...], list[str]] = {}
         for role, path in self.files():
+            if role == "label":
+                continue
             try:
                 shape = scan_shape(path, read_all=True)
             except Exception as error:  # any reader error: the file is unreadable
@@ -113,6 +118,9 @@ class SubjectEntry:
         if len(shapes) > 1:
             raise ValueError(f"subject '{self.id}': files have different grids: "
                              + "; ".join(f"{list(k)}: {v}" for k, v in shapes.items()))
+        if self.label is not None:
+            first, geometry = load_scan(self.scans[0][0])
+            read_label_map(self.label, first.shape[1:], geometry.affine, f"subject '{self.id}': field 'label'")
         return math.prod(next(iter(shapes))) * len(self.scans)
 
     def cost(self) -> int:

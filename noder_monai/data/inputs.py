@@ -4,11 +4,12 @@
 :mod:`noder_monai.data.datalist`, absolute paths) and :func:`write_inputs_datalist` writes it to
 ``<output_dir>/datalist.json``, so the bundle (``--datalist <output_dir>/datalist.json``) reruns the same subjects.
 A cine file's frames are written as 3D files under ``<output_dir>/inputs/<id>/`` (the datalist names one file
-per scan).
+per scan). Only :func:`write_inputs_datalist` writes; everything else only reads and checks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -21,11 +22,11 @@ import numpy as np
 from noder_monai.data.bids import bids_datalist
 from noder_monai.data.datalist import SubjectEntry, load_datalist
 from noder_monai.data.demo import make_demo_dataset
-from noder_monai.io import load_scan, parse_times, save_image
+from noder_monai.io import check_image_file, load_scan, parse_times, save_image
 from noder_monai.utils import PathLike, write_json
 
-__all__ = ["cine_datalist", "cine_frame_times", "datalist_subjects", "inputs_datalist", "is_series", "scans_datalist",
-           "write_inputs_datalist"]
+__all__ = ["cine_datalist", "cine_frame_times", "datalist_subjects", "inputs_datalist", "is_series", "safe_id",
+           "scans_datalist", "write_inputs_datalist"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +35,15 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TIME_UNITS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
 
 
-def _safe_id(text: str) -> str:
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", text).lstrip("._-")
-    return name or "sub-01"
+def safe_id(text: str) -> str:
+    """A subject id usable as a folder name on every file system, one per ``text``: ``text`` itself when it is one
+    (letters, digits, ``.``, ``_``, ``-``, not starting with ``.``, ``_`` or ``-``), else its other characters
+    replaced by ``_`` plus the first 8 hex digits of its SHA-256 (``"pat ä"`` -> ``pat__-c1cf6a6a``), so two names
+    never share a folder; the datalist records the name given (``generator.subject``)."""
+    if _SAFE_ID.match(text):
+        return text
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", text).lstrip("._-") or "sub"
+    return f"{name}-{hashlib.sha256(text.encode('utf-8')).hexdigest()[:8]}"
 
 
 def _stem(path: str) -> str:
@@ -51,7 +58,9 @@ def scans_datalist(scans: Sequence[PathLike], times: Any, subject: str = "sub-01
     """One subject from its scan files and their acquisition times (one time per file, any order of files).
 
     Raises:
-        ValueError: fewer than two scans, a missing file, or a number of times that differs from the number of scans.
+        ValueError: fewer than two scans, a scan that is a folder (a DICOM series: the message says to convert it,
+            e.g. with dcm2niix), or a number of times that differs from the number of scans.
+        FileNotFoundError: a scan file does not exist.
     """
     paths = [os.path.abspath(os.fspath(p)) for p in scans]
     if times is None:
@@ -61,12 +70,11 @@ def scans_datalist(scans: Sequence[PathLike], times: Any, subject: str = "sub-01
         raise ValueError(f"a fit needs at least two scans, got {len(paths)}: {paths}.")
     if len(values) != len(paths):
         raise ValueError(f"{len(paths)} scans but {len(values)} times {values}: give one time per scan.")
-    for path in paths:
-        if not os.path.isfile(path):
-            raise ValueError(f"scan '{path}' not found.")
+    for index, path in enumerate(paths):
+        check_image_file(path, f"scan {index}")
     ordered = sorted(zip(values, paths))
-    return {"generator": {"function": "noder_monai.data.scans_datalist"},
-            "subjects": [{"id": _safe_id(subject), "scans": [{"image": p, "time": t} for t, p in ordered]}]}
+    return {"generator": {"function": "noder_monai.data.scans_datalist", "subject": subject},
+            "subjects": [{"id": safe_id(subject), "scans": [{"image": p, "time": t} for t, p in ordered]}]}
 
 
 def is_series(path: PathLike) -> bool:
@@ -98,31 +106,38 @@ def cine_frame_times(path: PathLike) -> list[float]:
     return [round(offset + k * step * scale, 9) for k in range(frames)]
 
 
+_CINE_GENERATOR = "noder_monai.data.cine_datalist"
+
+
 def cine_datalist(path: PathLike, frames_dir: PathLike, times: Any = None, subject: str | None = None) -> dict[str, Any]:
-    """One subject from a 4D cine file (time = last axis): its frames are written as 3D files to ``frames_dir``.
+    """One subject from a 4D cine file (time = last axis), its frames named as 3D files in ``frames_dir``; nothing
+    is written here: :func:`write_inputs_datalist` writes the frames (with the cine's geometry) and the datalist.
 
     Args:
         path: 4D NIfTI file ``(*spatial, T)``.
-        frames_dir: folder of the frame files ``frame_<k>.nii.gz`` (same geometry as the cine).
+        frames_dir: folder of the frame files ``frame_<k>.nii.gz``.
         times: one time per frame; None reads them from the header (:func:`cine_frame_times`, seconds).
-        subject: subject id (default: the file name without extension).
+        subject: subject name (default: the file name without extension); the id is :func:`safe_id` of it.
+
+    Raises:
+        ValueError: naming the file: one frame, a number of times other than of frames, times not increasing.
     """
     path = os.path.abspath(os.fspath(path))
     values = cine_frame_times(path) if times is None else parse_times(times, "times")
-    data, geometry = load_scan(path)
-    if data.shape[0] < 2:
+    shape = nib.load(path).shape
+    frames = shape[3] if len(shape) > 3 else 1
+    if frames < 2:
         raise ValueError(f"cine '{path}' has 1 frame; a fit needs at least 2.")
-    if len(values) != data.shape[0]:
-        raise ValueError(f"cine '{path}' has {data.shape[0]} frames but {len(values)} times were given.")
+    if len(values) != frames:
+        raise ValueError(f"cine '{path}' has {frames} frames but {len(values)} times were given.")
     if any(b <= a for a, b in zip(values, values[1:])):
         raise ValueError(f"cine '{path}': frame times must increase strictly, got {values}.")
     frames_dir = os.path.abspath(os.fspath(frames_dir))
-    scans = []
-    for index, time in enumerate(values):
-        frame = save_image(data[index:index + 1], geometry.affine, os.path.join(frames_dir, f"frame_{index:03d}.nii.gz"))
-        scans.append({"image": frame, "time": float(time)})
-    return {"generator": {"function": "noder_monai.data.cine_datalist", "cine": path},
-            "subjects": [{"id": _safe_id(subject or _stem(path)), "scans": scans}]}
+    scans = [{"image": os.path.join(frames_dir, f"frame_{index:03d}.nii.gz"), "time": float(time)}
+             for index, time in enumerate(values)]
+    name = subject or _stem(path)
+    return {"generator": {"function": _CINE_GENERATOR, "cine": path, "subject": name},
+            "subjects": [{"id": safe_id(name), "scans": scans}]}
 
 
 def inputs_datalist(
@@ -144,6 +159,9 @@ def inputs_datalist(
         ValueError: the inputs fit none of these forms; the message says which forms exist.
     """
     inputs = [os.fspath(p) for p in inputs]
+    for index, path in enumerate(inputs):
+        if os.path.isdir(path):  # a DICOM series folder: say how to convert it
+            check_image_file(path, f"input {index}")
     if bids is not None:
         if inputs:
             raise ValueError(f"give either --bids ROOT or input files, got both (--bids {bids} and {inputs}).")
@@ -153,8 +171,8 @@ def inputs_datalist(
             raise ValueError("--times gives the scans' times when fitting scan files; a datalist holds its own times.")
         return inputs[0]
     if len(inputs) == 1 and is_series(inputs[0]):
-        name = _safe_id(subject or _stem(inputs[0]))
-        return cine_datalist(inputs[0], os.path.join(os.fspath(output_dir), "inputs", name), times, name)
+        name = subject or _stem(inputs[0])
+        return cine_datalist(inputs[0], os.path.join(os.fspath(output_dir), "inputs", safe_id(name)), times, name)
     if len(inputs) >= 2:
         return scans_datalist(inputs, times, subject or "sub-01")
     raise ValueError(
@@ -164,7 +182,14 @@ def inputs_datalist(
 
 
 def write_inputs_datalist(document: dict[str, Any], output_dir: PathLike) -> str:
-    """Write ``document`` to ``<output_dir>/datalist.json`` (atomically) and return its path."""
+    """Write ``document`` to ``<output_dir>/datalist.json`` (atomically) and return its path; for a cine
+    (:func:`cine_datalist`) first write its frames, each with the cine's geometry. Call it once the output folder
+    is checked: it is the first write of ``noder fit`` / ``noder predict``."""
+    generator = document.get("generator", {})
+    if generator.get("function") == _CINE_GENERATOR:
+        data, geometry = load_scan(generator["cine"])
+        for index, scan in enumerate(document["subjects"][0]["scans"]):
+            save_image(data[index:index + 1], geometry, scan["image"])
     return write_json(document, os.path.join(os.path.abspath(os.fspath(output_dir)), "datalist.json"))
 
 
@@ -183,8 +208,8 @@ def datalist_subjects(
         demo: keyword arguments of :func:`noder_monai.data.make_demo_dataset` for the demo dataset.
 
     Raises:
-        ValueError: none of ``datalist``, ``dataset_dir`` and ``demo_dir`` is given, or an id is not a safe
-            folder name.
+        ValueError: none of ``datalist``, ``dataset_dir`` and ``demo_dir`` is given, an id is not a safe
+            folder name, or two ids differ only in letter case (one folder on macOS and Windows); both are named.
     """
     if datalist is not None:
         path, base = os.fspath(datalist), None if dataset_dir is None else os.fspath(dataset_dir)
@@ -197,11 +222,18 @@ def datalist_subjects(
     else:
         raise ValueError("give datalist (a datalist file) or dataset_dir (a folder holding datalist.json), got neither.")
     entries = load_datalist(path, base)
+    folders: dict[str, str] = {}
     for entry in entries:
         if not _SAFE_ID.match(entry.id):
             raise ValueError(
                 f"subject '{entry.id}': field 'id' is used as a folder name and may only hold letters, digits, '.', "
                 f"'_' and '-' (not starting with '.', '_' or '-'), got {entry.id!r}."
+            )
+        other = folders.setdefault(entry.id.casefold(), entry.id)
+        if other != entry.id:
+            raise ValueError(
+                f"datalist '{path}': subjects '{other}' and '{entry.id}' differ only in letter case, so they would "
+                f"share one folder on file systems that ignore case (macOS, Windows); give them distinct ids."
             )
     logger.info("datalist %s: %d subject(s)", path, len(entries))
     return entries

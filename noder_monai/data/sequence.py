@@ -12,10 +12,10 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from noder_monai.io import Geometry, load_scan
+from noder_monai.io import Geometry, load_label_map, load_scan
 from noder_monai.utils import PathLike
 
-__all__ = ["SubjectSequence", "file_fingerprint", "load_sequence", "load_series"]
+__all__ = ["SubjectSequence", "file_fingerprint", "load_sequence", "load_series", "read_label_map"]
 
 AFFINE_ATOL = 1e-4
 
@@ -30,6 +30,43 @@ def file_fingerprint(path: PathLike) -> dict:
     stat = os.stat(path)
     return {"path": os.path.abspath(path), "size": int(stat.st_size), "mtime_ns": int(stat.st_mtime_ns),
             "sha256": digest.hexdigest()}
+
+
+def read_label_map(
+    path: PathLike, spatial_size: Sequence[int], affine: torch.Tensor | np.ndarray, where: str,
+    reader: str | None = None,
+) -> tuple[torch.Tensor, Geometry]:
+    """Read a label map for scans on the grid (``spatial_size``, ``affine``): the one label check of every stage.
+
+    The map must be one volume of finite integers (:func:`~noder_monai.io.load_label_map`, IDs exact as int64) on
+    the scans' grid in world space: the same size and the same voxel-to-world matrix (up to ``AFFINE_ATOL`` mm), so
+    label voxel ``v`` covers the scans' voxel ``v``.
+
+    Args:
+        path: the label-map file.
+        spatial_size: the scans' grid size.
+        affine: the scans' ``(4, 4)`` voxel-to-world matrix.
+        where: what the message names, e.g. ``"subject 'sub-01': field 'label'"``.
+        reader: ``"itk"``, ``"nibabel"`` or None.
+
+    Returns:
+        ``(labels (1, *S) int64, geometry)``.
+
+    Raises:
+        ValueError: naming ``where`` and the file: several channels, non-integer or non-finite values, another size
+            or another affine.
+    """
+    path = os.fspath(path)
+    labels, geometry = load_label_map(path, reader)
+    size, expected = tuple(labels.shape[1:]), tuple(int(s) for s in spatial_size)
+    matrix = torch.as_tensor(geometry.affine, dtype=torch.float64)
+    reference = torch.as_tensor(np.asarray(affine, dtype=np.float64))
+    if size != expected or not torch.allclose(matrix, reference, atol=AFFINE_ATOL, rtol=0.0):
+        what = (f"size {size}, the scans {expected}" if size != expected else
+                f"affine {matrix.numpy().round(4).tolist()}, the scans {reference.numpy().round(4).tolist()}")
+        raise ValueError(f"{where} ('{path}') is not on the scans' grid in world space ({what}); resample the label "
+                         f"map onto the first scan (nearest neighbour) so that both have the same size and affine.")
+    return labels, geometry
 
 
 def _scan_name(index: int, paths: Sequence[str] | None) -> str:

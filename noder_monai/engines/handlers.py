@@ -154,8 +154,8 @@ class FittedSubjectSaver:
 
     def completed(self, engine: NODERTrainer) -> None:
         self.subject = fitted_subject(engine, self.dataset[0], self.fit_config)
-        self.subject.save(self.save_path)
         self.subject.save_template(self.save_path.parent / "template.nii.gz")
+        self.subject.save(self.save_path)  # last: a model file means the template was written too
         history = engine.state.history
         logger.info("%s: %d epochs, final loss %.5f -> %s", self.subject.subject, len(history),
                     history[-1]["total"] if history else math.nan, self.save_path)

@@ -12,12 +12,14 @@ from noder_monai.io.image import (
     GeometryNiftiWriter,
     check_image_file,
     check_output_dir,
+    label_dtype,
     load_image,
     load_label_map,
     load_scan,
     parse_times,
     save_image,
     scan_shape,
+    time_description,
     voxel_volume_mm3,
 )
 from noder_monai.io.itk_field import ddf_to_itk, save_itk_displacement
@@ -30,6 +32,7 @@ __all__ = [
     "check_image_file",
     "check_output_dir",
     "ddf_to_itk",
+    "label_dtype",
     "load_image",
     "load_label_map",
     "load_scan",
@@ -37,5 +40,6 @@ __all__ = [
     "save_image",
     "save_itk_displacement",
     "scan_shape",
+    "time_description",
     "voxel_volume_mm3",
 ]

@@ -1,7 +1,10 @@
 """Reading and writing single images and displacement fields as NIfTI, with the input's geometry kept exactly.
 
-Reading goes through MONAI :class:`~monai.transforms.LoadImage` (ITK or nibabel reader, channel first, affine in RAS
-world coordinates). :func:`load_scan` also returns the file's :class:`Geometry`: the NIfTI header's qform and sform
+Reading goes through one MONAI image reader chosen explicitly (:data:`READERS`: ``ITKReader`` or ``NibabelReader``;
+by default ``NibabelReader`` for NIfTI/MGH/Analyze files and ``ITKReader`` for every other format), with the steps of
+MONAI's ``LoadImage`` (channel first, affine in RAS world coordinates) but without instantiating every reader MONAI
+knows (which, with pydicom installed, warns on every load). Voxels are read in the file's own data type and checked
+before conversion: scans must fit float32, label maps must hold integers (:func:`load_label_map`, int64). :func:`load_scan` also returns the file's :class:`Geometry`: the NIfTI header's qform and sform
 (matrices and codes, copied field by field), the layout of a 2D image stored with one singleton axis, and the affine
 ITK reads. Writing an output with that geometry (:func:`save_image` with ``geometry``) copies the header forms, so
 nibabel and ITK (ITK-SNAP, ANTs) each place the output exactly where they place the input, even when the input's
@@ -31,8 +34,8 @@ import itk
 import nibabel as nib
 import numpy as np
 import torch
-from monai.data import NibabelWriter
-from monai.transforms import LoadImage
+from monai.data import ITKReader, MetaTensor, NibabelReader, NibabelWriter
+from monai.transforms import EnsureChannelFirst
 from numpy.typing import DTypeLike
 
 from noder_monai.utils import PathLike, atomic_write, temporary_name
@@ -46,17 +49,25 @@ __all__ = [
     "check_output_dir",
     "load_image",
     "load_label_map",
+    "label_dtype",
     "load_scan",
     "parse_times",
     "save_image",
     "scan_shape",
+    "time_description",
     "voxel_volume_mm3",
 ]
 
 
 
-#: Accepted values of the ``reader`` argument and the MONAI reader each selects (``None``: MONAI's default choice).
+#: Accepted values of the ``reader`` argument and the MONAI reader each selects (``None``: ``NibabelReader`` for the
+#: formats nibabel reads with their header (NIfTI, MGH, Analyze), ``ITKReader`` for the others).
 READERS = {"itk": "ITKReader", "nibabel": "NibabelReader", None: None}
+
+#: Largest finite float32: scans are computed in float32, so larger magnitudes are refused by name.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: Largest integer every float32 represents exactly (2^24); label IDs above it are at risk in a float32 file.
+FLOAT32_EXACT_INT = 2**24
 
 #: NIfTI qform and sform farther apart than this (mm, any matrix entry) are reported as disagreeing.
 FORM_ATOL = 1e-3
@@ -191,8 +202,9 @@ def _embed(affine: np.ndarray) -> np.ndarray:
     return full
 
 
-def _itk_affine(path: str) -> np.ndarray | None:
-    """The RAS voxel-to-world matrix of ``path`` as ITK reads its header (no voxel data read), or None."""
+def _itk_affine(path: str, header: nib.Nifti1Header | None = None) -> np.ndarray | None:
+    """The RAS voxel-to-world matrix of ``path`` as ITK reads its header (no voxel data read), or None; a 2D NIfTI
+    file's slice position and thickness come from ``header`` (:func:`_complete_plane`)."""
     try:
         image_io = itk.ImageIOFactory.CreateImageIO(path, itk.CommonEnums.IOFileMode_ReadMode)
         if image_io is None:
@@ -208,7 +220,10 @@ def _itk_affine(path: str) -> np.ndarray | None:
     except Exception:  # a format ITK cannot read: nothing to compare with
         return None
     lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
-    return lps_to_ras @ matrix
+    matrix = lps_to_ras @ matrix
+    if dims == 2:
+        matrix = _complete_plane(path, matrix[[0, 1, 3]][:, [0, 1, 3]], header)
+    return matrix
 
 
 def _nifti_fields(header: nib.Nifti1Header) -> dict:
@@ -279,16 +294,137 @@ def check_image_file(path: PathLike, where: str | None = None) -> str:
     return path
 
 
+def _monai_reader(path: str, reader: str | None) -> ITKReader | NibabelReader:
+    """The MONAI reader for ``path``: the one asked for, else nibabel for its header formats and ITK for the rest."""
+    name = _resolve_reader(reader)
+    if name is None:
+        name = "NibabelReader" if path.endswith(_HEADER_SUFFIXES) else "ITKReader"
+    return NibabelReader() if name == "NibabelReader" else ITKReader()
+
+
+def _read_native(path: str, reader: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(array, affine)`` as MONAI's ``LoadImage(ensure_channel_first=True)`` with one explicit reader gives them,
+    in the file's own data type: array ``(C, *spatial)``, affine RAS ``(S + 1, S + 1)`` for ``S`` spatial axes."""
+    monai_reader = _monai_reader(path, reader)
+    try:
+        array, meta = monai_reader.get_data(monai_reader.read(path))
+    except Exception as err:  # readers raise RuntimeError, OSError, ImageFileError, ... for a bad file
+        raise ValueError(f"cannot read image '{path}' with MONAI's {type(monai_reader).__name__}: {err}") from err
+    array = np.asarray(array)
+    channel = meta.get("original_channel_dim", float("nan"))
+    if isinstance(channel, float) and math.isnan(channel):  # EnsureChannelFirst's rule: no channel axis -> add one
+        array = array[None]
+    else:
+        array = np.moveaxis(array, int(channel), 0)
+    return array, np.asarray(meta["affine"], dtype=np.float64)
+
+
+def _as_float32(array: np.ndarray, path: str) -> torch.Tensor:
+    """A scan's voxels as float32, refusing finite values that float32 cannot hold (they would become Inf)."""
+    if array.dtype.kind == "f" and array.dtype.itemsize > 4 and array.size:
+        finite = np.abs(array[np.isfinite(array)])
+        largest = float(finite.max()) if finite.size else 0.0
+        if largest > FLOAT32_MAX:
+            raise ValueError(
+                f"image '{path}' ({array.dtype}) has values up to {largest:.3g}, which overflow float32 (largest "
+                f"{FLOAT32_MAX:.3g}), the type every scan is computed in; rescale the image (e.g. to its physical "
+                f"unit) and save it again."
+            )
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def _as_labels(array: np.ndarray, path: str) -> torch.Tensor:
+    """A label map's voxels as int64, exactly: integer types as they are, floats only when every value is a finite
+    integer in int64's range. ValueError naming the file and the first offending voxel otherwise."""
+    if array.dtype.kind == "b":
+        return torch.from_numpy(array.astype(np.int64))
+    if array.dtype.kind == "u" and array.size and int(array.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"label map '{path}' ({array.dtype}) has labels up to {int(array.max())}, above int64's "
+                         f"largest value; renumber the labels.")
+    if array.dtype.kind in "iu":
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
+    if array.dtype.kind != "f":
+        raise ValueError(f"label map '{path}' has data type {array.dtype}; labels must be integers.")
+    for problem, bad in (("non-finite", ~np.isfinite(array)), ("non-integer", np.isfinite(array) & (array != np.round(array)))):
+        if bad.any():
+            voxel = tuple(int(i) for i in np.argwhere(bad)[0][1:])
+            raise ValueError(f"label map '{path}' has {problem} values ({array[(0, *voxel)]!r} at voxel {voxel}, "
+                             f"{int(bad.sum())} voxel(s) in all); labels must be finite integers.")
+    largest = float(np.abs(array).max()) if array.size else 0.0
+    if largest >= 2.0**63:
+        raise ValueError(f"label map '{path}' has labels up to {largest:.6g}, beyond int64; renumber the labels.")
+    if array.dtype.itemsize <= 4 and largest > FLOAT32_EXACT_INT:
+        warnings.warn(f"label map '{path}' is stored as {array.dtype} with labels up to {largest:.0f}: above "
+                      f"{FLOAT32_EXACT_INT} that type cannot hold every integer, so distinct IDs may have been merged "
+                      f"when the file was written; store label maps with an integer data type.", UserWarning,
+                      stacklevel=3)
+    return torch.from_numpy(array.astype(np.int64))
+
+
+def _complete_plane(path: str, affine: np.ndarray, header: nib.Nifti1Header | None) -> np.ndarray:
+    """The ``(4, 4)`` RAS matrix of a 2D image whose reader gave only an in-plane ``(3, 3)`` ``affine``: for a NIfTI
+    file, its header's form (the sform when its code is set, else the qform, as nibabel reads it), which also holds
+    the slice's position, thickness and tilt that a 2D matrix cannot; otherwise ``affine`` padded with the
+    identity."""
+    if affine.shape == (4, 4):
+        return affine
+    if header is not None:
+        for code, form in ((header["sform_code"], header.get_sform()), (header["qform_code"], header.get_qform())):
+            if int(code) > 0:
+                return np.asarray(form, dtype=np.float64)
+    return _embed(affine)
+
+
+def _nifti_header(path: str) -> nib.Nifti1Header | None:
+    if not path.endswith(_NIFTI_SUFFIXES):
+        return None
+    try:
+        header = nib.load(path).header
+    except Exception:  # the reader read it, so this does not happen for a valid NIfTI file
+        return None
+    return header if isinstance(header, nib.Nifti1Header) else None
+
+
+def _load(path: PathLike, reader: str | None, labels: bool) -> tuple[torch.Tensor, Geometry]:
+    """:func:`load_scan` (``labels=False``: float32) and :func:`load_label_map` (``labels=True``: int64)."""
+    path = check_image_file(path)
+    array, reader_affine = _read_native(path, reader)
+    data = _as_labels(array, path) if labels else _as_float32(array, path)
+    header = _nifti_header(path)
+    affine = _complete_plane(path, reader_affine, header)
+    while data.ndim > 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim > 4:
+        raise ValueError(f"image '{path}' has shape {tuple(data.shape)} (channel first): more than 3 spatial axes.")
+    file_shape = tuple(data.shape[1:])
+    data, affine, squeezed = _squeeze_singleton(data, affine, path)
+    nifti = None
+    if header is not None:
+        nifti = _nifti_fields(header)
+        full = affine.copy()
+        if squeezed is not None:
+            full[:3, :3] = full[:3, np.argsort([a for a in range(3) if a != squeezed] + [squeezed])]
+        _check_forms(path, header, full)
+    itk_affine = _itk_affine(path, header)
+    if itk_affine is not None and squeezed is not None:
+        itk_affine[:3, :3] = itk_affine[:3, [a for a in range(3) if a != squeezed] + [squeezed]]
+    geometry = Geometry(affine=affine, file_shape=file_shape, squeezed_axis=squeezed, nifti=nifti,
+                        itk_affine=itk_affine, source=path)
+    return data.contiguous(), geometry
+
+
 def load_scan(path: PathLike, reader: str | None = None) -> tuple[torch.Tensor, Geometry]:
-    """Read one image or vector field with MONAI ``LoadImage`` and return it with its :class:`Geometry`.
+    """Read one image or vector field with a MONAI reader (:data:`READERS`) and return it with its :class:`Geometry`.
 
     Singleton axes beyond the third spatial axis (the NIfTI time axis of a vector image) are dropped. A 3D file with
     exactly one axis of length 1 (``(48, 1, 48)``, ``(1, 48, 48)``, ``(48, 48, 1)``) is a 2D image: that axis is
-    dropped and recorded, and :func:`save_image` puts it back, so outputs have the input's layout and geometry.
+    dropped and recorded, and :func:`save_image` puts it back, so outputs have the input's layout and geometry. A
+    2D NIfTI file keeps its slice position and thickness from its header whichever reader reads it.
 
     Args:
         path: image file (NIfTI, NRRD, MetaImage or any format the chosen reader supports).
-        reader: ``"itk"`` (MONAI ``ITKReader``), ``"nibabel"`` (MONAI ``NibabelReader``) or ``None`` (MONAI picks).
+        reader: ``"itk"`` (MONAI ``ITKReader``), ``"nibabel"`` (MONAI ``NibabelReader``) or ``None`` (nibabel for
+            NIfTI/MGH/Analyze files, ITK for the others).
 
     Returns:
         ``(image, geometry)``: image ``(C, *spatial)`` float32; ``geometry.affine`` the ``(4, 4)`` voxel-to-world
@@ -297,42 +433,11 @@ def load_scan(path: PathLike, reader: str | None = None) -> tuple[torch.Tensor, 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: ``reader`` is not recognised; ``path`` is a folder (DICOM series are not read: convert them to
-            NIfTI); the file cannot be read as an image; it has more than 3 spatial axes or more than one singleton
-            axis. Every message names the path.
+            NIfTI, e.g. with dcm2niix); the file cannot be read as an image; it holds finite values beyond float32's
+            range (e.g. a float64 file with values near 1e39); it has more than 3 spatial axes or more than one
+            singleton axis. Every message names the path.
     """
-    reader_name = _resolve_reader(reader)
-    path = check_image_file(path)
-    loader = LoadImage(reader=reader_name, image_only=True, ensure_channel_first=True, dtype=np.float32)
-    try:
-        image = loader(path)
-    except Exception as err:  # readers raise RuntimeError, OSError, ImageFileError, ... for a bad file
-        raise ValueError(f"cannot read image '{path}': {err}") from err
-    affine = _embed(np.asarray(image.affine, dtype=np.float64))
-    data = image.as_tensor().to(torch.float32)
-    while data.ndim > 4 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim > 4:
-        raise ValueError(f"image '{path}' has shape {tuple(data.shape)} (channel first): more than 3 spatial axes.")
-    file_shape = tuple(data.shape[1:])
-    data, affine, squeezed = _squeeze_singleton(data, affine, path)
-    nifti = None
-    if path.endswith(_NIFTI_SUFFIXES):
-        try:
-            header = nib.load(path).header
-        except Exception:  # MONAI read it, so this does not happen for a valid NIfTI file
-            header = None
-        if isinstance(header, nib.Nifti1Header):
-            nifti = _nifti_fields(header)
-            full = affine.copy()
-            if squeezed is not None:
-                full[:3, :3] = full[:3, np.argsort([a for a in range(3) if a != squeezed] + [squeezed])]
-            _check_forms(path, header, full)
-    itk_affine = _itk_affine(path)
-    if itk_affine is not None and squeezed is not None:
-        itk_affine[:3, :3] = itk_affine[:3, [a for a in range(3) if a != squeezed] + [squeezed]]
-    geometry = Geometry(affine=affine, file_shape=file_shape, squeezed_axis=squeezed, nifti=nifti,
-                        itk_affine=itk_affine, source=path)
-    return data.contiguous(), geometry
+    return _load(path, reader, labels=False)
 
 
 def scan_shape(path: PathLike, read_all: bool = False) -> tuple[int, ...]:
@@ -372,21 +477,24 @@ def load_image(path: PathLike, reader: str | None = None) -> tuple[torch.Tensor,
 
 
 def load_label_map(path: PathLike, reader: str | None = None) -> tuple[torch.Tensor, Geometry]:
-    """Read an integer label map ``(1, *spatial)``; errors name the file and say what is wrong.
+    """Read an integer label map ``(1, *spatial)`` int64 with its :class:`Geometry`, every ID exact.
+
+    The voxels are read in the file's data type and converted to int64 without a float32 step, so any integer type
+    up to int64 keeps its IDs (e.g. uint32 IDs above 2^24). A float file is accepted when every value is a finite
+    integer (warned about when float32 holds IDs above 2^24, which that type cannot all represent).
 
     Raises:
-        ValueError: the file has several channels (a one-hot or 4D label map: give one volume of integer labels),
-            or non-integer or non-finite values.
+        ValueError: naming the file: several channels (a one-hot or 4D label map: give one volume of integer
+            labels), non-integer or non-finite values (the first offending voxel is named), IDs beyond int64; and
+            as :func:`load_scan`.
     """
-    data, geometry = load_scan(path, reader)
-    path = os.fspath(path)
+    data, geometry = _load(path, reader, labels=True)
     if data.shape[0] != 1:
         raise ValueError(
-            f"label map '{path}' has {data.shape[0]} channels (shape {tuple(data.shape[1:])} per channel): a one-hot "
-            f"or 4D label map is not supported; give one volume of integer labels (e.g. argmax over the channels)."
+            f"label map '{os.fspath(path)}' has {data.shape[0]} channels (shape {tuple(data.shape[1:])} per channel): "
+            f"a one-hot or 4D label map is not supported; give one volume of integer labels (e.g. argmax over the "
+            f"channels)."
         )
-    if not bool(torch.isfinite(data).all()) or not bool((data == data.round()).all()):
-        raise ValueError(f"label map '{path}' has non-integer or non-finite values; labels must be integers.")
     return data, geometry
 
 
@@ -517,11 +625,38 @@ def parse_times(value: Any, name: str = "times") -> list[float]:
     return values
 
 
+def time_description(time: float) -> bytes:
+    """The NIfTI ``descrip`` of an output at ``time``: ``noder-monai time=<repr>``, the exact float (file names
+    carry :func:`~noder_monai.utils.time_tag`)."""
+    return f"noder-monai time={float(time)!r}".encode("ascii")
+
+
+def label_dtype(labels: np.ndarray | torch.Tensor) -> np.dtype:
+    """The on-disk type of a label map: int32 (read by every NIfTI tool) when every ID fits, else int64."""
+    values = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    info = np.iinfo(np.int32)
+    if values.size == 0 or (int(values.min()) >= info.min and int(values.max()) <= info.max):
+        return np.dtype(np.int32)
+    return np.dtype(np.int64)
+
+
+def _integer_data(data: np.ndarray, dtype: np.dtype, path: str) -> np.ndarray:
+    """``data`` ready for an integer ``dtype``: floats rounded, and every value checked to fit."""
+    if data.dtype.kind == "f":
+        data = np.rint(data)
+    info = np.iinfo(dtype)
+    if data.size and (data.min() < info.min or data.max() > info.max):
+        raise ValueError(f"'{path}': values from {data.min()} to {data.max()} do not fit {dtype} "
+                         f"([{info.min}, {info.max}]); write it as {label_dtype(data)} (label_dtype).")
+    return data
+
+
 def save_image(
     array: np.ndarray | torch.Tensor,
     affine: np.ndarray | torch.Tensor | Geometry,
     path: PathLike,
     dtype: DTypeLike = np.float32,
+    time: float | None = None,
 ) -> str:
     """Write a channel-first image or displacement field as NIfTI, atomically, in the input's geometry.
 
@@ -531,20 +666,22 @@ def save_image(
     qform too (both code 1), so nibabel and ITK read the same grid. ``C = 1`` is stored as a plain volume; ``C > 1``
     channels last as ``(*spatial3, 1, C)`` with intent ``vector``. Values are written as given (a ddf in this package
     is in voxel units, MONAI ``Warp`` convention; see :mod:`noder_monai.io.itk_field` for ITK/ANTs fields);
-    integer ``dtype`` rounds to the nearest integer. See :func:`~noder_monai.utils.atomic_write` for the temporary name and file mode.
+    integer ``dtype`` rounds floats to the nearest integer and copies integers exactly. See :func:`~noder_monai.utils.atomic_write` for the temporary name and file mode.
 
     Args:
         array: ``(C, *spatial)`` with 2 or 3 spatial axes.
         affine: the input's :class:`Geometry`, or a ``(4, 4)`` voxel-to-world matrix.
         path: destination file, ``.nii`` or ``.nii.gz``; missing parent folders are created.
         dtype: on-disk data type, e.g. ``np.float32`` (default) or ``np.uint8`` for label maps.
+        time: the exact time the image shows, written to the header's ``descrip`` field (:func:`time_description`).
 
     Returns:
         ``path`` as a string.
 
     Raises:
         ValueError: ``array`` is not ``(C, *spatial)`` with 2-3 spatial axes or does not fit the geometry, ``affine``
-            is not ``(4, 4)``, or ``path`` does not end in ``.nii`` / ``.nii.gz``.
+            is not ``(4, 4)``, ``path`` does not end in ``.nii`` / ``.nii.gz``, or an integer ``dtype`` cannot hold
+            every value (e.g. label IDs above 2^31 as int32: see :func:`label_dtype`).
     """
     path = os.fspath(path)
     if not path.endswith(_NIFTI_SUFFIXES):
@@ -554,7 +691,7 @@ def save_image(
         raise ValueError(f"array must be (C, *spatial) with 2 or 3 spatial axes, got shape {data.shape}.")
     geometry = _as_geometry(affine, tuple(data.shape[1:]))
     if np.issubdtype(np.dtype(dtype), np.integer):
-        data = np.rint(data)
+        data = _integer_data(data, np.dtype(dtype), path)
     data = data.astype(dtype)
     channels = data.shape[0]
     data = data.reshape((channels,) + geometry.file_shape)
@@ -565,6 +702,8 @@ def save_image(
     image = _nifti_image(volume, geometry)
     if channels > 1:
         image.header.set_intent("vector")
+    if time is not None:
+        image.header["descrip"] = time_description(time)
     payload = image.to_bytes()
     if path.endswith(".gz"):
         payload = gzip.compress(payload, compresslevel=1)
@@ -581,7 +720,9 @@ class GeometryNiftiWriter(NibabelWriter):
     When the item's metadata holds :data:`GEOMETRY_META_KEY` (set by ``ODEWarpd`` from the fitted subject), the
     file gets the input header's qform, sform, codes, pixdim and singleton axis verbatim, so nibabel and ITK read
     the output's grid exactly as they read the input's (a 2D image gets its singleton axis back, with no resampling);
-    otherwise it writes as MONAI's ``NibabelWriter``.
+    otherwise it writes as MONAI's ``NibabelWriter``. With ``output_dtype=None`` floating data is written as float32
+    and integer data (label maps) as :func:`label_dtype` says, every ID exact; the item's ``time`` metadata goes to
+    the header's ``descrip`` (:func:`time_description`).
     """
 
     def set_data_array(self, data_array: Any, channel_dim: int | None = 0, squeeze_end_dims: bool = True, **kwargs: Any):
@@ -589,6 +730,8 @@ class GeometryNiftiWriter(NibabelWriter):
         super().set_data_array(data_array, channel_dim=channel_dim, squeeze_end_dims=squeeze_end_dims, **kwargs)
 
     def set_metadata(self, meta_dict: Mapping | None, resample: bool = True, **options: Any):
+        time = (meta_dict or {}).get("time")
+        self.time = None if time is None else float(torch.as_tensor(time, dtype=torch.float64).reshape(()))
         text = (meta_dict or {}).get(GEOMETRY_META_KEY)
         self.geometry = Geometry.from_dict(json.loads(text)) if isinstance(text, str) else None
         if self.geometry is None or self.channel_first is None:  # written by NibabelWriter: it needs the metadata
@@ -597,4 +740,7 @@ class GeometryNiftiWriter(NibabelWriter):
     def write(self, filename: PathLike, verbose: bool = False, **obj_kwargs: Any):
         if self.geometry is None or self.channel_first is None:
             return super().write(filename, verbose=verbose, **obj_kwargs)
-        return save_image(self.channel_first, self.geometry, filename, dtype=self.output_dtype or np.float32)
+        dtype = self.output_dtype
+        if dtype is None:
+            dtype = np.float32 if self.channel_first.is_floating_point() else label_dtype(self.channel_first)
+        return save_image(self.channel_first, self.geometry, filename, dtype=dtype, time=self.time)

@@ -19,7 +19,7 @@ import gzip
 import numpy as np
 import torch
 
-from noder_monai.io.image import Geometry, _as_geometry, _nifti_image
+from noder_monai.io.image import Geometry, _as_geometry, _nifti_image, time_description
 from noder_monai.utils import PathLike, atomic_write
 
 __all__ = ["ddf_to_itk", "save_itk_displacement"]
@@ -53,12 +53,13 @@ def ddf_to_itk(ddf: torch.Tensor | np.ndarray, geometry: Geometry | np.ndarray |
 
 
 def save_itk_displacement(
-    ddf: torch.Tensor | np.ndarray, geometry: Geometry | np.ndarray | torch.Tensor, path: PathLike
+    ddf: torch.Tensor | np.ndarray, geometry: Geometry | np.ndarray | torch.Tensor, path: PathLike,
+    time: float | None = None,
 ) -> str:
     """Write one field (``(D, *spatial)``, voxel units) as an ITK/ANTs displacement field, NIfTI, atomically.
 
     The file is ``(*file_shape, 1, V)`` float32 with intent ``vector``, vectors as :func:`ddf_to_itk` returns them,
-    and the input's geometry (header forms copied from ``geometry``).
+    and the input's geometry (header forms copied from ``geometry``); ``time`` goes to the header's ``descrip``.
 
     Returns:
         ``path`` as a string.
@@ -72,6 +73,8 @@ def save_itk_displacement(
     volume = vectors.reshape(geometry.file_shape + (1, vectors.shape[-1]))
     image = _nifti_image(volume, geometry)
     image.header.set_intent("vector")
+    if time is not None:
+        image.header["descrip"] = time_description(time)
     payload = image.to_bytes()
     if path.endswith(".gz"):
         payload = gzip.compress(payload, compresslevel=1)

@@ -6,25 +6,36 @@ renamed, and read with ``torch.load(weights_only=True)``; a ``format`` entry say
 
 from __future__ import annotations
 
+import io
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from noder_monai.networks import NODER, check_noder_arguments
 from noder_monai.utils import atomic_write
 
-__all__ = ["AUTOENCODER_FORMAT", "SUBJECT_FORMAT", "atomic_torch_save", "read_checkpoint", "validate_subject_checkpoint"]
+__all__ = ["AUTOENCODER_FORMAT", "MAX_PARAMETERS", "SUBJECT_FORMAT", "atomic_torch_save", "check_state_dict",
+           "read_checkpoint", "validate_subject_checkpoint"]
 
 SUBJECT_FORMAT = "noder-monai/fitted-subject"
 """``format`` of a fitted-subject file (:meth:`~noder_monai.model.FittedSubject.save`)."""
 AUTOENCODER_FORMAT = "noder-monai/deformation-autoencoder"
 """``format`` of a pretrained deformation-autoencoder file (``noder pretrain``, ``bundle/models/``)."""
+MAX_PARAMETERS = 2**28
+"""Most parameters a file may describe (1 GiB of float32): the package's networks have well under a million."""
 
 
 def atomic_torch_save(obj: dict, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file in the target folder, then rename: no half-written file is ever visible."""
-    return Path(atomic_write(path, lambda temporary: torch.save(obj, temporary)))
+    """``torch.save`` in memory, then :func:`~noder_monai.utils.atomic_write` (temporary file, rename): no
+    half-written file is ever visible, and a failed write (disk full, ...) is an ``OutputWriteError`` naming the file.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return Path(atomic_write(path, buffer.getvalue()))
 
 
 def read_checkpoint(path: str | Path, expected_format: str, map_location: str | torch.device = "cpu") -> dict:
@@ -47,6 +58,42 @@ def read_checkpoint(path: str | Path, expected_format: str, map_location: str | 
     return checkpoint
 
 
+def check_state_dict(build: Callable[[], nn.Module], state_dict: dict, where: str, field: str, summary: str = "") -> None:
+    """Check a file's network description against its weights without allocating: ``build()`` runs on PyTorch's
+    ``meta`` device (shapes only), its parameter count must not exceed :data:`MAX_PARAMETERS`, and ``state_dict``
+    must have exactly its keys and shapes.
+
+    Args:
+        build: makes the network from the file's description (e.g. ``lambda: NODER(**network)``).
+        state_dict: the file's weights.
+        where: what the messages start with, e.g. ``"checkpoint 'model.pt'"``.
+        field: the file's field holding the description, named in the messages.
+        summary: what the description says, for the messages (e.g. ``"spatial_size [48, 48]"``).
+
+    Raises:
+        ValueError: naming ``where`` and the field: the description fails to build, asks for too many parameters,
+            or does not match the weights' keys or shapes.
+    """
+    try:
+        with torch.device("meta"):
+            network = build()
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{where}: field '{field}' does not describe a network: {error}") from error
+    count = sum(parameter.numel() for parameter in network.parameters())
+    if count > MAX_PARAMETERS:
+        raise ValueError(f"{where}: field '{field}' describes a network of {count} parameters, more than "
+                         f"{MAX_PARAMETERS}; the file is damaged or crafted.")
+    expected = {key: tuple(value.shape) for key, value in network.state_dict().items()}
+    given = {key: tuple(value.shape) for key, value in state_dict.items()}
+    problems = [f"missing {sorted(set(expected) - set(given))}"] if set(expected) - set(given) else []
+    problems += [f"unexpected {sorted(set(given) - set(expected))}"] if set(given) - set(expected) else []
+    problems += [f"'{key}' has shape {given[key]}, the network needs {shape}" for key, shape in expected.items()
+                 if key in given and given[key] != shape][:3]
+    if problems:
+        described = f" ({summary})" if summary else ""
+        raise ValueError(f"{where}: field 'state_dict' does not fit field '{field}'{described}: {'; '.join(problems)}.")
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -54,7 +101,9 @@ def _is_number(value: Any) -> bool:
 def validate_subject_checkpoint(checkpoint: dict, path: str | Path) -> None:
     """Check every field of a fitted-subject file before it is used; a ValueError names the file and the field.
 
-    Required: ``network`` (dict with a 2-3 entry positive ``spatial_size``), ``state_dict`` (dict of tensors),
+    Nothing is built before every field passed. Required: ``network`` (:class:`NODER` arguments: known names only,
+    each within :data:`~noder_monai.networks.ARGUMENT_BOUNDS`, ``spatial_size`` among them), ``state_dict`` (dict of
+    tensors whose keys and shapes are those of that network, :func:`check_state_dict`),
     ``baseline`` (finite tensor ``(1, 1, *spatial)``, its size checked against the weights when loading), ``times`` (>= 2 finite, strictly increasing numbers),
     ``affine`` (finite 4x4), ``intensity`` (finite ``lower`` < ``upper``), ``subject`` (string), ``fit_config``
     (dict), ``history`` (list). Optional: ``geometry`` and ``fitted_on`` (dicts, or None), ``scans``
@@ -72,17 +121,15 @@ def validate_subject_checkpoint(checkpoint: dict, path: str | Path) -> None:
             shown = shown[:117] + "..."
         return ValueError(f"{where}: field {field!r} must be {expected}, got {shown}.")
 
-    network = checkpoint["network"]
-    if not isinstance(network, dict):
-        raise bad("network", "a dictionary of NODER arguments", network)
+    network = check_noder_arguments(checkpoint["network"], where, "network.")
     size = network.get("spatial_size")
-    if not isinstance(size, (list, tuple)) or len(size) not in (2, 3) or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
+    if size is None:
         raise bad("network.spatial_size", "2 or 3 positive integers", size)
     state = checkpoint["state_dict"]
     if not isinstance(state, dict) or not state or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise bad("state_dict", "a non-empty dictionary of tensors", type(state).__name__)
+    check_state_dict(lambda: NODER(**network), state, where, "network", f"spatial_size {list(size)}")
     baseline = checkpoint["baseline"]
     if not isinstance(baseline, torch.Tensor) or baseline.ndim != 2 + len(size) or tuple(baseline.shape[:2]) != (1, 1):
         raise bad("baseline", f"a tensor of shape (1, 1, {', '.join('S' * len(size))})", baseline)

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from noder_monai.functional import check_spatial_dims
-from noder_monai.model.checkpoint import AUTOENCODER_FORMAT, read_checkpoint
-from noder_monai.networks import NODER, DeformationAutoencoder
+from noder_monai.model.checkpoint import AUTOENCODER_FORMAT, check_state_dict, read_checkpoint
+from noder_monai.networks import NODER, DeformationAutoencoder, check_noder_arguments
 from noder_monai.utils import PathLike
 
 __all__ = [
@@ -59,19 +59,45 @@ def default_autoencoder_path(spatial_dims: int) -> Path:
     return path
 
 
+def _autoencoder_config(checkpoint: dict, path: str | Path) -> dict:
+    """The checked architecture of an autoencoder file: every :data:`ARCHITECTURE_KEYS` entry present, known, within
+    bounds, and fitting the file's weights (checked without allocating, :func:`~noder_monai.model.checkpoint.
+    check_state_dict`).
+
+    Raises:
+        ValueError: naming the file and the field.
+    """
+    where = f"autoencoder {str(path)!r}"
+    config = checkpoint.get("config")
+    if not isinstance(config, dict) or any(key not in config for key in ARCHITECTURE_KEYS):
+        raise ValueError(f"{where}: field 'config' must hold {list(ARCHITECTURE_KEYS)}, got "
+                         f"{sorted(config) if isinstance(config, dict) else type(config).__name__}.")
+    architecture = {key: config[key] for key in ARCHITECTURE_KEYS}
+    if architecture["spatial_dims"] not in (2, 3) or isinstance(architecture["spatial_dims"], bool):
+        raise ValueError(f"{where}: field 'config.spatial_dims' must be 2 or 3, got {architecture['spatial_dims']!r}.")
+    check_noder_arguments({k: v for k, v in architecture.items() if k != "spatial_dims"}, where, "config.")
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{where}: field 'state_dict' must be a dictionary of tensors.")
+    check_state_dict(lambda: DeformationAutoencoder(**architecture), state, where, "config")
+    return architecture
+
+
 def load_autoencoder_weights(model: NODER, path: str | Path) -> None:
     """Copy a pretrained deformation autoencoder's encoder and decoder weights into ``model``.
 
-    The file holds ``{"format": AUTOENCODER_FORMAT, "config": {...}, "state_dict": DeformationAutoencoder state}``.
+    The file holds ``{"format": AUTOENCODER_FORMAT, "config": {...}, "state_dict": DeformationAutoencoder state}``;
+    every field is checked before use.
 
     Raises:
-        ValueError: naming the file, if it is another kind of file or its networks differ from ``model``'s.
+        ValueError: naming the file, if it is another kind of file, a field is missing or out of bounds, or its
+            networks differ from ``model``'s.
     """
     checkpoint = read_checkpoint(path, AUTOENCODER_FORMAT, map_location=model.initial_state.device)
-    config = checkpoint.get("config", {})
-    if config.get("spatial_dims") != model.spatial_dims:
+    config = _autoencoder_config(checkpoint, path)
+    if config["spatial_dims"] != model.spatial_dims:
         raise ValueError(
-            f"autoencoder {str(path)!r} is for spatial_dims={config.get('spatial_dims')}, the model has {model.spatial_dims}."
+            f"autoencoder {str(path)!r} is for spatial_dims={config['spatial_dims']}, the model has {model.spatial_dims}."
         )
     for part in ("encoder", "decoder"):
         prefix = f"{part}."
@@ -83,17 +109,15 @@ def load_autoencoder_weights(model: NODER, path: str | Path) -> None:
 
 
 def load_autoencoder(path: PathLike, map_location: str | torch.device = "cpu") -> DeformationAutoencoder:
-    """Build a :class:`DeformationAutoencoder` from an ``AUTOENCODER_FORMAT`` file and load its weights strictly.
+    """Build a :class:`DeformationAutoencoder` from an ``AUTOENCODER_FORMAT`` file and load its weights strictly;
+    every field is checked before anything is built.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: naming the file, if it is another kind of file or its weights do not fit its config.
+        ValueError: naming the file and field, if it is another kind of file, a field is missing or out of bounds,
+            or its weights do not fit its config.
     """
     checkpoint = read_checkpoint(path, AUTOENCODER_FORMAT, map_location)
-    config = {key: checkpoint["config"][key] for key in ARCHITECTURE_KEYS}
-    model = DeformationAutoencoder(**config)
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:
-        raise ValueError(f"autoencoder {str(path)!r}: weights do not fit its config {config}: {error}") from error
+    model = DeformationAutoencoder(**_autoencoder_config(checkpoint, path))
+    model.load_state_dict(checkpoint["state_dict"])
     return model.to(map_location).eval()

@@ -12,9 +12,9 @@ import torch
 
 from noder_monai import __version__
 from noder_monai.data import IntensityMapping
-from noder_monai.data.sequence import AFFINE_ATOL, file_fingerprint
-from noder_monai.functional import warp
-from noder_monai.io import Geometry, load_label_map, parse_times, save_image
+from noder_monai.data.sequence import AFFINE_ATOL, file_fingerprint, read_label_map
+from noder_monai.functional import unfold_displacement, warp_nearest
+from noder_monai.io import Geometry, parse_times, save_image
 from noder_monai.metrics import jacobian_determinant
 from noder_monai.model.appearance import SourceChoice, candidate_weights, carry_scans, combine
 from noder_monai.model.checkpoint import SUBJECT_FORMAT, atomic_torch_save, read_checkpoint, validate_subject_checkpoint
@@ -37,10 +37,13 @@ class Prediction:
             intensity units.
         ddfs: (Q, D, *S) displacement fields in voxels (MONAI ``Warp`` convention, pull-back).
         jacobians: (Q, 1, *S) determinant of the Jacobian of x -> x + ddf(x) (local volume change).
-        labels: (Q, 1, *S) the given baseline label map carried along (nearest neighbour), or None.
+        labels: (Q, 1, *S) int64: the given baseline label map carried along (nearest neighbour, every ID exact),
+            or None.
         affine: (4, 4) voxel-to-world matrix shared by every output.
         geometry: the scans' :class:`~noder_monai.io.image.Geometry`; pass it as ``affine`` of ``save_image`` so the
             outputs keep the input's header forms and 2D layout.
+        corrected: (Q,) percentage of voxels of each field changed by the fold correction of ``field="velocity"``
+            models (:meth:`FittedSubject.displacement`); zeros for other models.
     """
 
     times: torch.Tensor
@@ -50,6 +53,7 @@ class Prediction:
     labels: torch.Tensor | None
     affine: torch.Tensor
     geometry: Geometry | None = None
+    corrected: torch.Tensor | None = None
 
 
 class FittedSubject:
@@ -181,18 +185,17 @@ class FittedSubject:
                              f"{self.affine.tolist()}.")
 
     def read_labels(self, path: str | os.PathLike, reader: str | None = None) -> tuple[torch.Tensor, Geometry]:
-        """Read a label map for this subject: one volume of integer labels (:func:`~noder_monai.io.load_label_map`)
-        on the fitted grid (:meth:`check_grid`). The one label check of the ``noder`` command and the bundle.
+        """Read a label map for this subject: one volume of finite integers on the fitted grid in world space
+        (:func:`~noder_monai.data.read_label_map`, the label check of every stage), for ``noder predict`` and the
+        bundle.
 
         Returns:
-            ``(labels (1, *S) float32, geometry)``.
+            ``(labels (1, *S) int64, geometry)``.
 
         Raises:
             ValueError: naming the file: several channels, non-integer or non-finite values, another grid.
         """
-        labels, geometry = load_label_map(path, reader)
-        self.check_grid(labels.shape[1:], geometry.affine, f"subject '{self.subject}': field 'label' ({os.fspath(path)})")
-        return labels, geometry
+        return read_label_map(path, self.spatial_size, self.affine, f"subject '{self.subject}': field 'label'", reader)
 
     @property
     def default_source(self) -> str:
@@ -203,10 +206,38 @@ class FittedSubject:
             return "baseline"
         return source if source in PREDICT_SOURCES else "baseline"
 
+    #: Every voxel of a predicted ``field="velocity"`` field has a Jacobian determinant above this.
+    MIN_JACOBIAN = 0.01
+
     @torch.inference_mode()
     def displacement(self, times: Sequence[float] | torch.Tensor) -> torch.Tensor:
-        """Displacement fields (Q, D, *S) in voxels at user ``times`` (Q,)."""
-        return self.model.displacement(self.scaled_time(times))
+        """Displacement fields (Q, D, *S) in voxels at user ``times`` (Q,); see :meth:`fields`."""
+        return self.fields(times)[0]
+
+    @torch.inference_mode()
+    def fields(self, times: Sequence[float] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Displacement fields (Q, D, *S) in voxels at user ``times`` (Q,), and (Q,) the percentage of voxels the
+        fold correction changed.
+
+        A ``field="velocity"`` model integrates a velocity on the decoder grid, where the map is a diffeomorphism up
+        to discretisation, and upsamples it linearly, which can fold where the motion is large for that grid (far
+        extrapolations, large rotations). Its fields are therefore checked after upsampling and corrected where they
+        fold (:func:`~noder_monai.functional.unfold_displacement`: local smoothing until every Jacobian determinant
+        exceeds :attr:`MIN_JACOBIAN`), so its predictions never fold; a warning names the times corrected. Fields of
+        ``field="displacement"`` models (the paper's) are returned as decoded, folds included.
+        """
+        values = self.query_times(times)
+        ddf = self.model.displacement(self.scaled_time(values))
+        if self.model.field != "velocity":
+            return ddf, torch.zeros(len(ddf))
+        ddf, corrected = unfold_displacement(ddf, self.MIN_JACOBIAN)
+        changed = [(t, c) for t, c in zip(values.tolist(), corrected.tolist()) if c]
+        if changed:
+            warnings.warn(
+                f"subject {self.subject!r}: the upsampled field folded at time(s) "
+                f"{', '.join(f'{t:g}' for t, _ in changed)}; corrected by local smoothing ({', '.join(f'{c:.2g}%' for _, c in changed)} "
+                f"of the voxels changed).", UserWarning, stacklevel=3)
+        return ddf, corrected.cpu()
 
     def check_source(self, source: str | None) -> str:
         """``source`` (None: :attr:`default_source`) after checking that it is known and that this subject holds it.
@@ -269,7 +300,9 @@ class FittedSubject:
 
         Args:
             times: (Q,) query times in the user's unit, inside or outside the observed span, any order.
-            labels: optional baseline label map (*S), (1, *S) or (1, 1, *S), warped with nearest-neighbour sampling.
+            labels: optional baseline label map (*S), (1, *S) or (1, 1, *S) of integers (any integer dtype up to
+                int64, or floats holding integers), carried by nearest-neighbour gathering
+                (:func:`~noder_monai.functional.warp_nearest`), so every ID stays exact.
             batch_size: time points decoded and warped at once (bounds the working memory on the device, whatever
                 the number of times; the returned tensors hold every time).
             source: the appearance of the predicted images: ``"auto"`` combines the observed scans, each carried
@@ -283,13 +316,14 @@ class FittedSubject:
             a :class:`Prediction` on the CPU.
 
         Raises:
-            ValueError: for an empty ``times``, an unknown ``source``, or a source this subject does not hold.
+            ValueError: for an empty ``times``, an unknown ``source``, a source this subject does not hold, or
+                labels that are not finite integers.
         """
         times = self.query_times(times)
         outputs: dict[str, torch.Tensor] = {}
         first = 0
         for chunk in self.predict_chunks(times, labels, batch_size, source):
-            for key in ("times", "images", "ddfs", "jacobians", "labels"):
+            for key in ("times", "images", "ddfs", "jacobians", "labels", "corrected"):
                 value = getattr(chunk, key)
                 if value is None:
                     continue
@@ -300,7 +334,7 @@ class FittedSubject:
             del chunk, value  # free this chunk before the next is made
         return Prediction(times=outputs["times"], images=outputs["images"], ddfs=outputs["ddfs"],
                           jacobians=outputs["jacobians"], labels=outputs.get("labels"), affine=self.affine.clone(),
-                          geometry=self.geometry)
+                          geometry=self.geometry, corrected=outputs["corrected"])
 
     def predict_chunks(
         self,
@@ -326,7 +360,7 @@ class FittedSubject:
             while labels.ndim > self.model.spatial_dims and labels.shape[0] == 1:
                 labels = labels[0]
             self.check_spatial_size(labels.shape, "labels")
-            labels = labels.to(device=self.device, dtype=torch.float32)[None, None]
+            labels = _integer_labels(labels).to(self.device)[None, None]
         return self._chunks(times, labels, batch_size, source)
 
     def _chunks(
@@ -337,11 +371,8 @@ class FittedSubject:
 
     @torch.inference_mode()  # on this function, not the generator: torch's generator wrapper holds the last chunk
     def _predict_chunk(self, times: torch.Tensor, labels: torch.Tensor | None, source: str) -> Prediction:
-        ddf = self.model.displacement(self.scaled_time(times))
-        carried = None
-        if labels is not None:
-            expanded = labels.expand(len(times), *labels.shape[1:])
-            carried = warp(expanded, ddf, mode="nearest", padding_mode="border").round().cpu()
+        ddf, corrected = self.fields(times)
+        carried = None if labels is None else warp_nearest(labels, ddf).cpu()
         return Prediction(
             times=times,
             images=self.appearance(times, ddf, source).cpu(),
@@ -350,6 +381,7 @@ class FittedSubject:
             labels=carried,
             affine=self.affine.clone(),
             geometry=self.geometry,
+            corrected=corrected,
         )
 
     def state(self) -> dict:
@@ -532,6 +564,15 @@ class FittedSubject:
         subject = cls.from_checkpoint(checkpoint, network.to(map_location).eval(), path, map_location)
         subject.path = str(path)
         return subject
+
+
+def _integer_labels(labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` as int64, exactly; a floating tensor must hold finite integers (ValueError otherwise)."""
+    if not labels.is_floating_point():
+        return labels.to(torch.int64)
+    if not bool(torch.isfinite(labels).all()) or not bool((labels == labels.round()).all()):
+        raise ValueError("labels must be finite integers (a label map, e.g. from noder_monai.io.load_label_map).")
+    return labels.to(torch.int64)
 
 
 def _plain(value: Any) -> Any:

@@ -10,9 +10,10 @@ from noder_monai.networks.autoencoder import (
     smooth_upsample,
 )
 from noder_monai.networks.dynamics import LatentDynamics
-from noder_monai.networks.noder import FIELD_TYPES, LEVELS, NODER, scale_window
+from noder_monai.networks.noder import ARGUMENT_BOUNDS, FIELD_TYPES, LEVELS, NODER, check_noder_arguments, scale_window
 
 __all__ = [
+    "ARGUMENT_BOUNDS",
     "DECODER_STRIDE",
     "ENCODER_STRIDE",
     "FIELD_TYPES",
@@ -22,6 +23,7 @@ __all__ = [
     "DeformationEncoder",
     "LatentDynamics",
     "NODER",
+    "check_noder_arguments",
     "pad_to_multiple",
     "scale_window",
     "smooth_upsample",

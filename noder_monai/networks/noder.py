@@ -9,7 +9,9 @@ All query times go through the decoder, the filter and the warp as one batch.
 
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
 from typing import Iterator, Sequence
 
 import torch
@@ -27,14 +29,88 @@ from noder_monai.networks.autoencoder import (
 )
 from noder_monai.networks.dynamics import LatentDynamics
 
-__all__ = ["NODER", "FIELD_TYPES", "LEVELS", "scale_window"]
+__all__ = ["NODER", "ARGUMENT_BOUNDS", "FIELD_TYPES", "LEVELS", "check_noder_arguments", "scale_window"]
 
 FIELD_TYPES = ("displacement", "velocity")
 """``displacement``: the decoder outputs the displacement (the paper). ``velocity`` (default): it outputs a stationary
-velocity integrated by scaling and squaring on the decoder grid, a diffeomorphism there by construction; its linear
-upsampling to the image grid is not strictly guaranteed fold-free (folds measured: ``benchmarks/README.md``)."""
+velocity integrated by scaling and squaring on the decoder grid, a diffeomorphism there up to discretisation; its
+linear upsampling to the image grid can fold where the motion is large for that grid, which
+:meth:`~noder_monai.model.FittedSubject.fields` checks and corrects in every prediction."""
 LEVELS = (1, 2, 4)
 """Resolution levels (image voxels per level voxel) at which a trajectory can be produced."""
+
+
+ARGUMENT_BOUNDS = {
+    "spatial_size": (1, 16384),
+    "latent_channels": (1, 512),
+    "encoder_channels": (1, 1024),
+    "decoder_channels": (1, 1024),
+    "dynamics_channels": (1, 1024),
+    "hidden_features": (1, 65536),
+    "num_hidden_layers": (1, 64),
+    "smoothing_kernel": (1, 255),
+    "step_size": (1e-4, 10.0),
+    "integration_steps": (1, 32),
+}
+"""Inclusive ``(low, high)`` of each size argument of :class:`NODER` (per entry for sequences): far beyond any useful
+network, low enough that a crafted file cannot make the constructor allocate without bound."""
+_SEQUENCE_LENGTHS = {"spatial_size": (2, 3), "encoder_channels": (3, 3), "decoder_channels": (2, 2),
+                     "dynamics_channels": (0, 8)}
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_noder_arguments(arguments: dict, where: str = "NODER", prefix: str = "") -> dict:
+    """Check :class:`NODER` keyword arguments before anything is built: known names, types, and the sizes within
+    :data:`ARGUMENT_BOUNDS` (so a file cannot ask for an unbounded allocation).
+
+    Args:
+        arguments: keyword arguments (a subset of :class:`NODER`'s; a checkpoint's ``network`` entry).
+        where: what the messages start with, e.g. ``"checkpoint 'model.pt'"``.
+        prefix: put before each argument's name in the messages, e.g. ``"network."``.
+
+    Returns:
+        ``arguments`` as a new dictionary.
+
+    Raises:
+        ValueError: naming ``where`` and the argument: an unknown name, a wrong type, a size out of bounds, an even
+            ``smoothing_kernel`` or an unknown ``field``.
+    """
+    if not isinstance(arguments, dict):
+        raise ValueError(f"{where}: field '{prefix.rstrip('.')}' must be a dictionary of NODER arguments, got "
+                         f"{type(arguments).__name__}.")
+    known = set(inspect.signature(NODER).parameters)
+    unknown = sorted(set(arguments) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown NODER argument(s) {[prefix + name for name in unknown]}; NODER takes "
+                         f"{sorted(known)}.")
+    for name, value in arguments.items():
+        field = f"{where}: field '{prefix}{name}'"
+        if name in _SEQUENCE_LENGTHS:
+            shortest, longest = _SEQUENCE_LENGTHS[name]
+            low, high = ARGUMENT_BOUNDS[name]
+            if not isinstance(value, (list, tuple)) or not shortest <= len(value) <= longest or not all(
+                    _is_int(v) and low <= v <= high for v in value):
+                raise ValueError(f"{field} must be {shortest}{'' if shortest == longest else f'-{longest}'} integers "
+                                 f"in [{low}, {high}], got {value!r}.")
+        elif name in ("adjoint",):
+            if not isinstance(value, bool):
+                raise ValueError(f"{field} must be true or false, got {value!r}.")
+        elif name == "field":
+            if value not in FIELD_TYPES:
+                raise ValueError(f"{field} must be one of {FIELD_TYPES}, got {value!r}.")
+        elif name == "step_size":
+            low, high = ARGUMENT_BOUNDS[name]
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= high:
+                raise ValueError(f"{field} must be a number in [{low:g}, {high:g}], got {value!r}.")
+        else:
+            low, high = ARGUMENT_BOUNDS[name]
+            if not _is_int(value) or not low <= value <= high or (name == "smoothing_kernel" and value % 2 == 0):
+                kind = "an odd integer" if name == "smoothing_kernel" else "an integer"
+                raise ValueError(f"{field} must be {kind} in [{low}, {high}], got {value!r}.")
+    return dict(arguments)
 
 
 def scale_window(kernel_size: int, level: int) -> int:
@@ -56,9 +132,13 @@ class NODER(nn.Module):
         smoothing_kernel: odd box-filter width in image voxels applied to the field. Defaults to 15.
         step_size: RK4 step in scaled time (the observed span is [0, 1]). Defaults to 0.1.
         adjoint: integrate the backward pass with the adjoint method (constant memory, slower). Defaults to False.
-        field: one of :data:`FIELD_TYPES`. Defaults to "velocity" (the more accurate and fold-free variant in the
-            regression benchmark, ``benchmarks/README.md``).
+        field: one of :data:`FIELD_TYPES`. Defaults to "velocity" (the more accurate variant in the regression
+            benchmark, ``benchmarks/README.md``; its predictions are corrected where they fold).
         integration_steps: scaling-and-squaring steps for ``field="velocity"``. Defaults to 7.
+
+    Raises:
+        ValueError: naming the argument, for one outside :data:`ARGUMENT_BOUNDS` or of the wrong type
+            (:func:`check_noder_arguments`).
 
     Shapes:
         ``displacement(times, level)``: times (T,) -> (T, D, *ceil(S / level)) in level-grid voxels.
@@ -83,14 +163,12 @@ class NODER(nn.Module):
     ):
         super().__init__()
         spatial_size = tuple(int(s) for s in spatial_size)
-        if len(spatial_size) not in (2, 3) or min(spatial_size) < 1:
-            raise ValueError(f"spatial_size must have 2 or 3 positive entries, got {spatial_size}.")
-        if field not in FIELD_TYPES:
-            raise ValueError(f"field must be one of {FIELD_TYPES}, got {field!r}.")
-        if not step_size > 0:
-            raise ValueError(f"step_size must be > 0, got {step_size}.")
-        if smoothing_kernel < 1 or smoothing_kernel % 2 == 0:
-            raise ValueError(f"smoothing_kernel must be a positive odd integer, got {smoothing_kernel}.")
+        check_noder_arguments({
+            "spatial_size": spatial_size, "latent_channels": latent_channels, "encoder_channels": tuple(encoder_channels),
+            "decoder_channels": tuple(decoder_channels), "dynamics_channels": tuple(dynamics_channels),
+            "hidden_features": hidden_features, "num_hidden_layers": num_hidden_layers,
+            "smoothing_kernel": smoothing_kernel, "step_size": step_size, "adjoint": adjoint, "field": field,
+            "integration_steps": integration_steps}, "NODER")
         self.config = {
             "spatial_size": list(spatial_size),
             "latent_channels": latent_channels,

@@ -40,7 +40,7 @@ from monai.transforms import InvertibleTransform, MapTransform, SpatialResample
 from monai.utils import TraceKeys, TransformBackends, convert_to_dst_type, ensure_tuple_rep
 
 from noder_monai.data.sequence import AFFINE_ATOL
-from noder_monai.functional import warp
+from noder_monai.functional import warp, warp_nearest
 from noder_monai.io import GEOMETRY_META_KEY
 from noder_monai.metrics import jacobian_determinant
 from noder_monai.model import PREDICT_SOURCES, FittedSubject, FittedSubjectLoader, load_fitted_subject
@@ -152,7 +152,8 @@ class ODEWarp(InvertibleTransform):
     returns the warped image of the same type, on the input's device, with a ``MetaTensor``'s metadata kept (and the
     time recorded in its transform trace, so :meth:`inverse` warps it back). A ``MetaTensor`` on another 3D grid is
     warped in its own frame (:func:`field_in_frame`); a tensor or array must have the fitted spatial size.
-    ``nearest`` keeps the input dtype; ``bilinear``/``bicubic`` return float32.
+    ``nearest`` copies input voxels (:func:`~noder_monai.functional.warp_nearest`): the input dtype and every value
+    are kept exactly (label IDs of any integer dtype up to int64); ``bilinear``/``bicubic`` return float32.
     """
 
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
@@ -249,11 +250,16 @@ class ODEWarp(InvertibleTransform):
             out, *_ = convert_to_dst_type(warped.clone(), dst=img, dtype=torch.float32)
             return out
         values = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+        # "nearest" gathers input voxels in their own dtype, so integer IDs stay exact
+        if mode == "nearest":
+            with torch.inference_mode():
+                warped = warp_nearest(values.to(ddf.device)[None], ddf[None], padding_mode)[0]
+            out, *_ = convert_to_dst_type(warped.clone(), dst=img, dtype=values.dtype)
+            return out
         moving = values.to(device=ddf.device, dtype=torch.float32)[None]
         with torch.inference_mode():
             warped = warp(moving, ddf[None].to(torch.float32), mode, padding_mode)[0]
-        dtype = img.dtype if mode == "nearest" else torch.float32
-        out, *_ = convert_to_dst_type(warped.clone(), dst=img, dtype=dtype)
+        out, *_ = convert_to_dst_type(warped.clone(), dst=img, dtype=torch.float32)
         return out
 
     def _warped(self, img: NdarrayOrTensor, time: float, mode: str, padding_mode: str, name: str,

@@ -15,7 +15,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import CommonKeys as Keys
 
-from noder_monai.data import SubjectSequence, load_sequence
+from noder_monai.data import SubjectSequence, load_sequence, read_label_map
 
 __all__ = ["LoadSequenced", "sequence_item"]
 
@@ -42,30 +42,37 @@ def sequence_item(sequence: SubjectSequence) -> dict[str, Any]:
 class LoadSequenced(MapTransform):
     """Read a subject's scan files into its training item (:func:`sequence_item`) with
     :func:`~noder_monai.data.load_sequence`: one grid, strictly increasing times, finite voxels, a 2D image's
-    singleton axis dropped, geometry and file fingerprints recorded.
+    singleton axis dropped, geometry and file fingerprints recorded. A label map named by ``label_key`` is checked
+    too (:func:`~noder_monai.data.read_label_map`: finite integers on the scans' grid in world space), so a bad label
+    map fails before the fit rather than at inference; the item keeps its path.
 
     Args:
         keys: the key holding the list of scan files (``"image"``); it receives the scans ``(T, *S)``.
         time_key: the key holding the scans' times.
         subject_key: the key holding the subject id (for messages and the fitted file).
-        reader: ``"itk"``, ``"nibabel"`` or None (MONAI's choice).
+        reader: ``"itk"``, ``"nibabel"`` or None (nibabel for NIfTI, ITK for other formats).
+        label_key: the key holding the label-map path, when the subject has one.
 
     Raises:
-        ValueError: naming the subject and file, from :func:`~noder_monai.data.load_sequence`.
+        ValueError: naming the subject and file, from :func:`~noder_monai.data.load_sequence` and
+            :func:`~noder_monai.data.read_label_map`.
     """
 
     def __init__(self, keys: KeysCollection = Keys.IMAGE, time_key: str = "time", subject_key: str = "subject",
-                 reader: str | None = None) -> None:
+                 reader: str | None = None, label_key: str = Keys.LABEL) -> None:
         super().__init__(keys)
         if len(self.keys) != 1:
             raise ValueError(f"LoadSequenced reads one list of scans, got keys {self.keys}.")
-        self.time_key, self.subject_key, self.reader = time_key, subject_key, reader
+        self.time_key, self.subject_key, self.reader, self.label_key = time_key, subject_key, reader, label_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         key = self.keys[0]
-        sequence = load_sequence(d[key], d[self.time_key], subject=str(d.get(self.subject_key, "subject")),
-                                 reader=self.reader)
+        subject = str(d.get(self.subject_key, "subject"))
+        sequence = load_sequence(d[key], d[self.time_key], subject=subject, reader=self.reader)
+        if d.get(self.label_key) is not None:
+            read_label_map(d[self.label_key], sequence.spatial_size, sequence.affine,
+                           f"subject '{subject}': field 'label'", self.reader)
         item = sequence_item(sequence)
         d[key] = item.pop(Keys.IMAGE)
         d.update(item)

@@ -11,7 +11,15 @@ from noder_monai.workflows.bundle import (
     subject_item,
 )
 from noder_monai.workflows.cohort import exit_status, run_cohort
-from noder_monai.workflows.jobs import evaluate, infer, prepare_output_dir, run_demo, split_settings, train
+from noder_monai.workflows.jobs import (
+    check_pretrained,
+    evaluate,
+    infer,
+    prepare_output_dir,
+    run_demo,
+    split_settings,
+    train,
+)
 from noder_monai.workflows.paths import SubjectPaths
 from noder_monai.workflows.report import cohort_report
 from noder_monai.workflows.shares import rank_device, rank_threads
@@ -22,6 +30,7 @@ __all__ = [
     "CohortWorkflow",
     "SubjectPaths",
     "bundle_root",
+    "check_pretrained",
     "cohort_report",
     "evaluate",
     "exit_status",

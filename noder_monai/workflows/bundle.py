@@ -20,7 +20,7 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from noder_monai.data import SubjectEntry
-from noder_monai.io import load_image
+from noder_monai.io import load_label_map
 from noder_monai.workflows.cohort import CohortResult, exit_status, run_cohort
 from noder_monai.workflows.paths import SubjectPaths
 from noder_monai.workflows.stages import EvaluationJob, InferenceJob, Job, TrainingJob
@@ -59,9 +59,10 @@ def bundle_root() -> str:
 
 
 def subject_item(entry: SubjectEntry) -> dict[str, Any]:
-    """The training item of a subject before loading: ``{"image": [scan paths], "time": [times], "subject": id}``
-    (``LoadSequenced`` reads it)."""
-    return {"image": [path for path, _ in entry.scans], "time": list(entry.times), "subject": entry.id}
+    """The training item of a subject before loading: ``{"image": [scan paths], "time": [times], "subject": id[,
+    "label": path]}`` (``LoadSequenced`` reads it and checks the label map before the fit)."""
+    item = {"image": [path for path, _ in entry.scans], "time": list(entry.times), "subject": entry.id}
+    return {**item, "label": entry.label} if entry.label is not None else item
 
 
 def query_items(
@@ -246,8 +247,8 @@ def _inference_outputs(paths: SubjectPaths, entry: SubjectEntry, predict_times: 
     outputs = [paths.prediction(kind, t) for t in times for kind in ("image", "ddf", "jacobian")]
     if entry.label is not None:
         labels = [paths.prediction("label", t) for t in times]
-        maps = [load_image(path) for path in labels]
-        volumes = write_label_volumes(paths, torch.stack([m for m, _ in maps]), times, maps[0][1])
+        maps = [load_label_map(path) for path in labels]
+        volumes = write_label_volumes(paths, torch.stack([m for m, _ in maps]), times, maps[0][1].affine)
         outputs += [*labels, volumes]
     return {"times": times, "prediction_dir": paths.predictions, "outputs": outputs}
 

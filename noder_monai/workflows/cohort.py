@@ -131,7 +131,10 @@ def _run_share(share: Sequence[SubjectEntry], job: Job, summary_dir: str, rank: 
         if entry.id in problems:
             record = _failure(entry, job.stage, problems[entry.id], summary_dir)
         else:
-            record = _one_subject(entry, job, digest, summary_dir, rank, tag)
+            try:
+                record = _one_subject(entry, job, digest, summary_dir, rank, tag)
+            except Exception as error:  # noqa: BLE001 - e.g. its lock file cannot be written: the others go on
+                record = _failure(entry, job.stage, error, summary_dir)
         records[entry.id] = record
         elapsed = timer.perf_counter() - began
         if record["status"] in ("done", "failed"):
@@ -157,6 +160,11 @@ def _one_subject(entry: SubjectEntry, job: Job, digest: str, summary_dir: str, r
         if not held:
             return {"status": "locked", "error": "another run holds this subject's lock"}
         marker = markers.read_marker(folder, job.stage)
+        if marker is not None and marker.get("subject") != entry.id:
+            return _failure(entry, job.stage, ValueError(
+                f"subject '{entry.id}': folder '{folder}' holds the {job.stage} outputs of subject "
+                f"'{marker.get('subject')}' (ids that share one folder, e.g. differing only in letter case on this file "
+                f"system); give the subjects distinct ids or another output_dir."), summary_dir)
         reasons = markers.stale_reasons(marker, digest, input_digest)
         if not reasons:
             return {**marker["record"], "status": "skipped"}
@@ -182,11 +190,19 @@ def _work(entry: SubjectEntry, job: Job, folder: str, digests: tuple[str, str], 
 
 
 def _failure(entry: SubjectEntry, stage: str, error: BaseException, summary_dir: str) -> dict:
-    path = os.path.join(summary_dir, "cohort_failures", f"{entry.id}_{stage}.txt")
+    """The failed subject's record, its traceback written to ``cohort_failures/<id>_<stage>.txt``; never raises: when
+    that file cannot be written either (e.g. the disk is full), the record says why and holds no traceback file."""
+    path: str | None = os.path.join(summary_dir, "cohort_failures", f"{entry.id}_{stage}.txt")
     text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-    atomic_write(path, text.encode("utf-8"))
-    logger.error("%s: %s failed: %s: %s (traceback: %s)", entry.id, stage, type(error).__name__, error, path)
-    return {"status": "failed", "error": f"{type(error).__name__}: {error}", "traceback": path}
+    record = {"status": "failed", "error": f"{type(error).__name__}: {error}", "traceback": path}
+    try:
+        atomic_write(path, text.encode("utf-8"))
+    except OSError as write_error:
+        record.update(traceback=None, traceback_error=str(write_error))
+        logger.error("%s: %s", entry.id, write_error)
+    logger.error("%s: %s failed: %s: %s (traceback: %s)", entry.id, stage, type(error).__name__, error,
+                 record["traceback"] or "not written")
+    return record
 
 
 def _write_summary(result: CohortResult, summary_dir: str, ranks: dict) -> str:

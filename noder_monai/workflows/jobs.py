@@ -25,7 +25,7 @@ import torch
 from noder_monai.data import datalist_subjects, make_demo_dataset
 from noder_monai.engines import FitConfig
 from noder_monai.io import check_output_dir, parse_times
-from noder_monai.networks import NODER
+from noder_monai.networks import NODER, check_noder_arguments
 from noder_monai.reporting.tables import METRICS, markdown_table
 from noder_monai.utils import clean_stale_temporaries, set_threads, tensorboard_available
 from noder_monai.workflows.cohort import run_cohort
@@ -50,10 +50,11 @@ def split_settings(**settings: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Sort flat settings into :class:`FitConfig` fields and :class:`NODER` arguments (the names do not overlap).
 
     Returns:
-        ``(fit, network)`` dictionaries.
+        ``(fit, network)`` dictionaries, their values checked (:class:`FitConfig`,
+        :func:`~noder_monai.networks.check_noder_arguments`).
 
     Raises:
-        ValueError: naming the settings that are neither.
+        ValueError: naming the settings that are neither, or a setting whose value is refused.
     """
     fit_names = {f.name for f in dataclasses.fields(FitConfig)}
     network_names = set(inspect.signature(NODER).parameters) - {"spatial_size"}
@@ -63,7 +64,9 @@ def split_settings(**settings: Any) -> tuple[dict[str, Any], dict[str, Any]]:
             f"unknown setting(s) {unknown}; FitConfig fields: {sorted(fit_names)}; NODER arguments: {sorted(network_names)}."
         )
     fit = {k: v for k, v in settings.items() if k in fit_names}
-    return fit, {k: v for k, v in settings.items() if k in network_names}
+    network = network_kwargs({k: v for k, v in settings.items() if k in network_names})
+    fit_config(fit)
+    return fit, network
 
 
 def fit_config(fit: Mapping[str, Any] | FitConfig | None) -> FitConfig:
@@ -74,9 +77,20 @@ def fit_config(fit: Mapping[str, Any] | FitConfig | None) -> FitConfig:
 
 
 def network_kwargs(network: Mapping[str, Any] | None) -> dict[str, Any]:
-    """:class:`NODER` keyword arguments other than ``spatial_size`` (unknown ones named in the error)."""
+    """:class:`NODER` keyword arguments other than ``spatial_size``, checked (unknown ones and values out of bounds
+    named in the error, :func:`~noder_monai.networks.check_noder_arguments`)."""
     allowed = [name for name in inspect.signature(NODER).parameters if name != "spatial_size"]
-    return _settings(network, allowed, "network")
+    return check_noder_arguments(_settings(network, allowed, "network"), "network")
+
+
+def check_pretrained(pretrained: str | os.PathLike | None) -> None:
+    """Check the ``pretrained`` setting of :func:`train` before any work.
+
+    Raises:
+        FileNotFoundError: naming the file, when ``pretrained`` is a path (not None or ``"auto"``) that is no file.
+    """
+    if pretrained not in (None, "auto") and not os.path.isfile(pretrained):
+        raise FileNotFoundError(f"pretrained autoencoder file '{pretrained}' not found.")
 
 
 def prepare_output_dir(path: str | os.PathLike) -> str:
@@ -140,8 +154,7 @@ def train(
     set_threads(rank_threads(num_threads))
     device = rank_device(device)
     config, network = fit_config(fit), network_kwargs(network)
-    if pretrained not in (None, "auto") and not os.path.isfile(pretrained):
-        raise FileNotFoundError(f"pretrained autoencoder file '{pretrained}' not found.")
+    check_pretrained(pretrained)
     if tensorboard:  # a missing package is the run's error, not each subject's
         tensorboard_available(required=True)
     entries = datalist_subjects(datalist, dataset_dir, demo_dir, demo)

@@ -11,7 +11,8 @@
     <eval_dir>/<id>/subject_metrics.json                held-out metrics (and MetricsSaver's CSVs in the bundle)
     <eval_dir>/<id>_montage.png                         observed / predicted / difference per held-out time
 
-``<time>`` is :func:`~noder_monai.utils.time_tag` (``t2.1``, ``t7.0``, ``t-0.5``).
+``<time>`` is :func:`~noder_monai.utils.time_tag` (``t2.1``, ``t7.0``, ``t-0.5``, ``t1.0000001``): distinct times get
+distinct names; each image's header (``descrip``) and ``predictions.json`` hold the exact time.
 """
 
 from __future__ import annotations

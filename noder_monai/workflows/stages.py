@@ -175,7 +175,7 @@ def cohort_label_volumes(entries: Sequence[SubjectEntry], sources: Sequence[str]
         table = read_csv(source)
         by_time: dict[float, dict] = {}
         for line in table:
-            label = int(float(line["label"]))
+            label = int(line["label"])
             labels.add(label)
             by_time.setdefault(float(line["time"]), {})[f"volume_mm3_label{label}"] = float(line["volume_mm3"])
         rows.extend({"subject": entry.id, "time": t, **v} for t, v in sorted(by_time.items()))

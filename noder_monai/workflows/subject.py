@@ -14,13 +14,12 @@ import time as timer
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from noder_monai.data import SubjectEntry
 from noder_monai.engines import FitConfig, fit_sequence
 from noder_monai.engines.trainer import HISTORY_TERMS
-from noder_monai.io import load_image, save_image, save_itk_displacement
+from noder_monai.io import label_dtype, load_image, save_image, save_itk_displacement
 from noder_monai.metrics import nrmse, percent_folded, psnr, ssim
 from noder_monai.model.appearance import SourceChoice
 from noder_monai.reporting.figures import save_montage
@@ -39,8 +38,9 @@ PREDICTION_KINDS = {"image": "images", "ddf": "ddfs", "ddf_itk": "ddfs_itk", "ja
 def train_subject(entry: SubjectEntry, paths: SubjectPaths, config: FitConfig, network: Mapping[str, Any],
                   pretrained: Any, device: torch.device, seed: int, progress: bool, tensorboard: bool | None,
                   reader: str | None) -> dict:
-    """Fit one subject (:func:`~noder_monai.engines.fit_sequence`) and write its model, template, loss curve and the
-    fit at every observed time. Returns its record with ``outputs``."""
+    """Fit one subject (:func:`~noder_monai.engines.fit_sequence`) and write its loss curve, template, the fit at every
+    observed time and, last, its model (a failed write leaves no model, so the subject is fitted again). Returns its
+    record with ``outputs``."""
     sequence = entry.load(reader)
     writer = summary_writer(tensorboard, paths.tensorboard)
     logger.info("%s: fitting %d scans of size %s on %s", entry.id, len(entry.scans), sequence.spatial_size, device)
@@ -52,13 +52,13 @@ def train_subject(entry: SubjectEntry, paths: SubjectPaths, config: FitConfig, n
         if writer is not None:
             writer.close()
     seconds = timer.perf_counter() - start
-    subject.save(paths.model)
-    outputs = [paths.model, write_json(subject.history, paths.loss("json")),
+    outputs = [write_json(subject.history, paths.loss("json")),
                write_csv(subject.history, ["epoch", "level", *HISTORY_TERMS], paths.loss("csv"))]
     template = subject.save_template(paths.template)
     fitted = subject.predict(sequence.times)
-    images = [save_image(image, sequence.geometry, paths.fitted(t))
+    images = [save_image(image, sequence.geometry, paths.fitted(t), time=t)
               for image, t in zip(fitted.images, sequence.times.tolist())]
+    outputs.append(os.fspath(subject.save(paths.model)))  # last: a model file means every other output was written
     final = subject.history[-1]["total"]
     logger.info("%s: %d epochs in %.1f s, final loss %.5f -> %s", entry.id, len(subject.history), seconds, final,
                 paths.model)
@@ -98,17 +98,20 @@ def infer_subject(entry: SubjectEntry, paths: SubjectPaths, predict_times: Seque
     geometry = prediction.geometry  # the scans' header forms: outputs read exactly like the inputs
     written: dict[str, list[str]] = {kind: [] for kind in PREDICTION_KINDS}
     for index, t in enumerate(times):
-        written["image"].append(save_image(prediction.images[index], geometry, paths.prediction("image", t)))
-        written["ddf"].append(save_image(prediction.ddfs[index], geometry, paths.prediction("ddf", t)))
-        written["ddf_itk"].append(save_itk_displacement(prediction.ddfs[index], geometry, paths.prediction("ddf_itk", t)))
-        written["jacobian"].append(save_image(prediction.jacobians[index], geometry, paths.prediction("jacobian", t)))
+        written["image"].append(save_image(prediction.images[index], geometry, paths.prediction("image", t), time=t))
+        written["ddf"].append(save_image(prediction.ddfs[index], geometry, paths.prediction("ddf", t), time=t))
+        written["ddf_itk"].append(save_itk_displacement(prediction.ddfs[index], geometry, paths.prediction("ddf_itk", t),
+                                                        time=t))
+        written["jacobian"].append(save_image(prediction.jacobians[index], geometry, paths.prediction("jacobian", t),
+                                              time=t))
         if prediction.labels is not None:
             written["label"].append(save_image(prediction.labels[index], geometry, paths.prediction("label", t),
-                                               dtype=np.int32))
+                                               dtype=label_dtype(prediction.labels), time=t))
     outputs = [path for kind in PREDICTION_KINDS for path in written[kind]]
     if prediction.labels is not None:
         outputs.append(write_label_volumes(paths, prediction.labels, times, prediction.affine))
-    record = {"subject": entry.id, "times": times, **{key: written[kind] for kind, key in PREDICTION_KINDS.items()}}
+    record = {"subject": entry.id, "times": times, **{key: written[kind] for kind, key in PREDICTION_KINDS.items()},
+              "percent_corrected": prediction.corrected.tolist()}
     outputs.append(write_json(record, paths.predictions_json))
     logger.info("%s: %d time point(s) -> %s", entry.id, len(times), paths.predictions)
     return {**record, "outputs": outputs}
