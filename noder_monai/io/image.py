@@ -531,6 +531,16 @@ def _is_rigid(matrix: np.ndarray) -> bool:
     return bool(np.allclose(rotation.T @ rotation, np.eye(3), atol=1e-5))
 
 
+def _write_nifti(path: str, image: nib.Nifti1Image, time: float | None) -> str:
+    """Write ``image`` to ``path`` atomically (gzip level 1 for ``.gz``), its time in ``descrip``; returns the path."""
+    if time is not None:
+        image.header["descrip"] = time_description(time)
+    payload = image.to_bytes()
+    if path.endswith(".gz"):
+        payload = gzip.compress(payload, compresslevel=1)
+    return str(atomic_write(path, payload))
+
+
 def _nifti_image(volume: np.ndarray, geometry: Geometry) -> nib.Nifti1Image:
     if geometry.nifti is not None:
         header = nib.Nifti1Header()
@@ -702,12 +712,7 @@ def save_image(
     image = _nifti_image(volume, geometry)
     if channels > 1:
         image.header.set_intent("vector")
-    if time is not None:
-        image.header["descrip"] = time_description(time)
-    payload = image.to_bytes()
-    if path.endswith(".gz"):
-        payload = gzip.compress(payload, compresslevel=1)
-    return str(atomic_write(path, payload))
+    return _write_nifti(path, image, time)
 
 
 GEOMETRY_META_KEY = "noder_geometry"

@@ -14,13 +14,11 @@ field on the input's grid (header forms copied, as every other output), ready fo
 
 from __future__ import annotations
 
-import gzip
-
 import numpy as np
 import torch
 
-from noder_monai.io.image import Geometry, _as_geometry, _nifti_image, time_description
-from noder_monai.utils import PathLike, atomic_write
+from noder_monai.io.image import Geometry, _as_geometry, _nifti_image, _write_nifti
+from noder_monai.utils import PathLike
 
 __all__ = ["ddf_to_itk", "save_itk_displacement"]
 
@@ -73,9 +71,4 @@ def save_itk_displacement(
     volume = vectors.reshape(geometry.file_shape + (1, vectors.shape[-1]))
     image = _nifti_image(volume, geometry)
     image.header.set_intent("vector")
-    if time is not None:
-        image.header["descrip"] = time_description(time)
-    payload = image.to_bytes()
-    if path.endswith(".gz"):
-        payload = gzip.compress(payload, compresslevel=1)
-    return str(atomic_write(path, payload))
+    return _write_nifti(path, image, time)
