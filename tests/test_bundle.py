@@ -675,13 +675,15 @@ def test_multi_gpu_configs_shard_the_cohort_over_two_ranks(tmp_path):
     assert sorted((s, float(t)) for s, t in rows) == [(s, t) for s in ("sub-001", "sub-002", "sub-003") for t in (1.5, 3.0)]
 
 
-def test_monai_bundle_load_with_key_in_ckpt_gives_the_pretrained_encoder_and_decoder(tmp_path, monkeypatch):
-    """The docs' monai.bundle.load call: encoder and decoder from models/model.pt, nothing left at random there."""
+@pytest.mark.parametrize("key_in_ckpt", [None, "state_dict"])
+def test_monai_bundle_load_gives_the_pretrained_encoder_and_decoder(tmp_path, monkeypatch, key_in_ckpt):
+    """The docs' monai.bundle.load call, with MONAI's default key and with key_in_ckpt: encoder and decoder from
+    models/model.pt, nothing left at random there."""
     import monai
 
     monkeypatch.chdir(tmp_path)
     network = monai.bundle.load(name=os.path.basename(BUNDLE), bundle_dir=REPO, device="cpu",
-                                net_override={"spatial_size": [16, 16, 16]}, key_in_ckpt="state_dict")
+                                net_override={"spatial_size": [16, 16, 16]}, key_in_ckpt=key_in_ckpt)
     stored = torch.load(os.path.join(BUNDLE, "models", "model.pt"), weights_only=True)["state_dict"]
     state = network.state_dict()
     assert len(stored) == 14 and len(state) == 33

@@ -138,4 +138,7 @@ def test_bundle_config_finds_its_root_and_trains(tmp_path, monkeypatch, folder):
     assert parser.get_parsed_content("bundle_root") == str(REPO / "bundle")
     parser.update({"output_dir": str(tmp_path), "spatial_dims": 2, "epochs": 1, "device": "cpu", **TINY})
     parser.get_parsed_content("training")
-    assert torch.load(tmp_path / "autoencoder.pt", weights_only=True)["config"]["spatial_dims"] == 2
+    written = torch.load(tmp_path / "autoencoder.pt", weights_only=True)
+    assert written["config"]["spatial_dims"] == 2
+    weights = written["state_dict"]  # also at the top level, where monai.bundle.load copies them by name
+    assert weights and all(torch.equal(written[key], value) for key, value in weights.items())

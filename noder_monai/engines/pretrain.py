@@ -333,7 +333,9 @@ def _save_epoch(model: DeformationAutoencoder, optimizer: torch.optim.Optimizer,
     if record["validation_epe"] < best["validation_epe"]:
         best = {"epoch": record["epoch"], "validation_epe": record["validation_epe"]}
         selected = {**training, "epoch": record["epoch"], "validation": scores}
-        atomic_torch_save({**header, "state_dict": weights, "training": selected}, output_dir / "autoencoder.pt")
+        # the weights also at the top level (the same storage, stored once), where monai.bundle.load reads them
+        atomic_torch_save({**weights, **header, "state_dict": weights, "training": selected},
+                          output_dir / "autoencoder.pt")
     resumable = {"optimizer": optimizer.state_dict(), "history": history, "best": best}
     atomic_torch_save({**header, "state_dict": weights, "training": training, **resumable},
                       output_dir / "checkpoint.pt")

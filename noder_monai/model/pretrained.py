@@ -86,8 +86,9 @@ def _autoencoder_config(checkpoint: dict, path: str | Path) -> dict:
 def load_autoencoder_weights(model: NODER, path: str | Path) -> None:
     """Copy a pretrained deformation autoencoder's encoder and decoder weights into ``model``.
 
-    The file holds ``{"format": AUTOENCODER_FORMAT, "config": {...}, "state_dict": DeformationAutoencoder state}``;
-    every field is checked before use.
+    The file holds ``{"format": AUTOENCODER_FORMAT, "config": {...}, "state_dict": DeformationAutoencoder state}``
+    and the same weights at the top level too (``encoder.*``, ``decoder.*``: what ``monai.bundle.load`` copies into a
+    ``NODER`` by name); ``state_dict`` is the one read here, and every field is checked before use.
 
     Raises:
         ValueError: naming the file, if it is another kind of file, a field is missing or out of bounds, or its
