@@ -6,11 +6,14 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import cohort_scaling  # noqa: E402
 
 
+@pytest.mark.slow  # two torchrun launches: the sharding itself is tested in test_workflows_cohort.py
 def test_smoke_run_fits_every_subject_with_one_and_two_processes(tmp_path, capsys):
     rows = cohort_scaling.main(["--subjects", "2", "--size", "12", "--epochs", "2", "--nproc", "1,2",
                                 "--workdir", str(tmp_path), "--json", str(tmp_path / "rows.json")])
