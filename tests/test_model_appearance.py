@@ -16,6 +16,7 @@ from noder_monai.model.appearance import (
     candidate_names,
     candidate_weights,
     combine,
+    informative,
     magnitude_noise_floor,
     noise_std,
     select_source,
@@ -176,3 +177,20 @@ def test_chosen_source_and_validation_errors_round_trip_through_the_file(tmp_pat
     torch.save(raw, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="field 'source_choice' is malformed"):
         FittedSubject.load(tmp_path / "bad.pt")
+
+
+def test_a_constant_scan_is_left_out_of_the_choice_and_the_file_loads(tmp_path):
+    truth = synthetic_sequence(2, size=32, times=[0.0, 1.0, 2.0, 3.0, 4.0], noise=0.02, seed=1)
+    images = truth.images.clone()
+    images[2] = 0.0  # a blank scan: it cannot guide the fit, and must not count in the appearance either
+    sequence = SubjectSequence.from_tensors(images, truth.times, subject="blank")
+    fitted = fit_sequence(sequence, FitConfig(epochs=6, levels=(2, 1), level_fractions=(0.5, 0.5), ncc_kernel_size=5),
+                          seed=0, progress=False)
+    choice = fitted.source_choice
+    assert choice.errors and max(choice.errors.values()) < 1.0  # validated on the 3 other scans, not the blank one
+    assert informative(fitted.scans) == [True, True, False, True, True]
+    loaded = FittedSubject.load(fitted.save(tmp_path / "model.pt"))
+    assert loaded.source_choice == choice
+    prediction = loaded.predict([2.0]).images[0]  # at the blank scan's own time: made from the others
+    assert float(prediction.std()) > 0.1 * float(truth.clean[2].std())
+    assert float(nrmse(prediction[None], truth.clean[2:3])) < 0.5

@@ -36,7 +36,7 @@ from noder_monai.engines.levels import (
 from noder_monai.io import Geometry
 from noder_monai.losses import NODERLoss
 from noder_monai.model import FittedSubject, default_autoencoder_path, load_autoencoder_weights
-from noder_monai.model.appearance import SourceChoice, select_source
+from noder_monai.model.appearance import SourceChoice, informative, select_source
 from noder_monai.networks import LEVELS, NODER
 from noder_monai.utils import cosine_decay
 
@@ -383,15 +383,16 @@ def fitted_subject(
 def choose_source(model: NODER, scans: torch.Tensor, scaled_times: torch.Tensor, times: torch.Tensor,
                   intensity: IntensityMapping) -> SourceChoice:
     """The appearance of a subject's predictions, chosen by validation on its own scans
-    (:func:`~noder_monai.model.appearance.select_source`); with 2 scans, where none can be left out, the two scans
-    carried and blended in time (``nearest``).
+    (:func:`~noder_monai.model.appearance.select_source`); with fewer than 3 non-constant scans, where none can be
+    left out, the bracketing scans carried and blended in time (``nearest``).
 
     Args:
         model: the fitted trajectory.
         scans: (T, 1, *S) normalised scans; scaled_times: (T,) their scaled times; times: (T,) in the user's unit.
         intensity: the subject's intensity mapping.
     """
-    if scans.shape[0] < 3:
+    usable = informative(scans)
+    if sum(usable) < 3 or not usable[0]:
         return SourceChoice(source="nearest", noise_floor=0.0, noise_std=[1.0] * scans.shape[0], errors={},
                             references={})
     return select_source(scans, times.tolist(), model.displacement(scaled_times),

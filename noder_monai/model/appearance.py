@@ -36,6 +36,7 @@ __all__ = [
     "candidate_weights",
     "carry_scans",
     "combine",
+    "informative",
     "magnitude_noise_floor",
     "noise_std",
     "select_source",
@@ -65,6 +66,13 @@ def noise_std(image: torch.Tensor) -> float:
     values = x.flatten()
     mad = (values - values.median()).abs().median()
     return float(1.4826 * mad / math.sqrt(6 ** (image.ndim - 1)))
+
+
+def informative(scans: torch.Tensor) -> list[bool]:
+    """Which of the scans ``(T, 1, *S)`` carry an image: a constant scan (blank, all one value) is left out of every
+    combination and of the validation, as it is of the fit's similarity."""
+    flat = scans.flatten(1)
+    return (flat.amax(dim=1) > flat.amin(dim=1)).tolist()
 
 
 def magnitude_noise_floor(scans: torch.Tensor, noise: Sequence[float], window: int = 5,
@@ -254,15 +262,14 @@ class SourceChoice:
         if choice.source not in candidate_names(with_template=True):
             raise ValueError(f"source must be one of {candidate_names(True)}, got {choice.source!r}")
         values = [choice.noise_floor, *choice.noise_std, *choice.errors.values(), *choice.references.values()]
-        if not all(math.isfinite(v) and v >= 0 for v in values) or not all(v > 0 for v in choice.noise_std):
-            raise ValueError("noise_floor, noise_std, errors and references must be finite, non-negative numbers "
-                             "(noise_std > 0)")
+        if not all(math.isfinite(v) and v >= 0 for v in values):
+            raise ValueError("noise_floor, noise_std, errors and references must be finite, non-negative numbers")
         return choice
 
     def summary(self) -> str:
         """One line for logs: the choice, its validation NRMSE and the references'."""
         if not self.errors:
-            return f"appearance {self.source} (2 scans: none left out to validate a choice)"
+            return f"appearance {self.source} (fewer than 3 non-constant scans: none left out to validate a choice)"
         refs = ", ".join(f"{name} {value:.4f}" for name, value in self.references.items())
         flag = "" if self.beats_references else " WARNING: not better than an intensity-only method"
         return f"appearance {self.source} (validation NRMSE {self.errors[self.source]:.4f}; {refs}){flag}"
@@ -289,11 +296,15 @@ def select_source(scans: torch.Tensor, times: Sequence[float], ddfs: torch.Tenso
         the :class:`SourceChoice`; errors are NRMSEs in input units, averaged over the validated scans.
 
     Raises:
-        ValueError: fewer than 3 scans (nothing is left to validate a scan against but the baseline).
+        ValueError: a constant first scan, or fewer than 3 non-constant scans (nothing is left to validate a scan
+            against but the baseline); constant scans (:func:`informative`) are otherwise left out.
     """
     count = scans.shape[0]
-    if count < 3:
-        raise ValueError(f"select_source: needs at least 3 observed scans, got {count}.")
+    usable = informative(scans)
+    if sum(usable) < 3 or not usable[0]:
+        raise ValueError(f"select_source: needs the first scan and at least 3 non-constant observed scans, got "
+                         f"{sum(usable)} of {count}.")
+    targets = [k for k in range(1, count) if usable[k]]
     times = [float(t) for t in times]
     noise = [noise_std(scan) for scan in scans]
     raw = to_input(scans)
@@ -302,23 +313,23 @@ def select_source(scans: torch.Tensor, times: Sequence[float], ddfs: torch.Tenso
     errors = {name: 0.0 for name in names}
     references = {"linear interpolation": 0.0, "nearest scan": 0.0}
     pulled = warp_border(scans, inverse) if "template" in names else None
-    for k in range(1, count):
-        available = [j != k for j in range(count)]
+    for k in targets:
+        available = [j != k and usable[j] for j in range(count)]
         carried = carry_scans(scans, inverse, ddfs[k:k + 1], times, times[k], available)
         target = raw[k]
         for name in names:
             if name == "template":
-                template = pulled[[j for j in range(count) if j != k]].median(dim=0).values[None]
+                template = pulled[[j for j in range(count) if available[j]]].median(dim=0).values[None]
                 prediction = to_input(warp_border(template, ddfs[k:k + 1])[0])
             else:
                 weights = candidate_weights(name, times[k], times, noise, available)
                 prediction = to_input(combine(carried, weights, floor, to_input, from_input, subtract=False))
-            errors[name] += _nrmse(prediction, target) / (count - 1)
+            errors[name] += _nrmse(prediction, target) / len(targets)
         for name in references:
             weights = candidate_weights("nearest", times[k], times, noise, available)
             if name == "nearest scan":
                 weights = torch.nn.functional.one_hot(weights.argmax(), count).to(weights.dtype)
             prediction = sum(float(w) * raw[j] for j, w in enumerate(weights) if float(w) > 0) / float(weights.sum())
-            references[name] += _nrmse(prediction, target) / (count - 1)
+            references[name] += _nrmse(prediction, target) / len(targets)
     source = min(errors, key=errors.get)
     return SourceChoice(source=source, noise_floor=floor, noise_std=noise, errors=errors, references=references)

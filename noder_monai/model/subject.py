@@ -16,7 +16,7 @@ from noder_monai.data.sequence import AFFINE_ATOL, file_fingerprint, read_label_
 from noder_monai.functional import unfold_displacement, warp_nearest
 from noder_monai.io import Geometry, parse_times, save_image
 from noder_monai.metrics import jacobian_determinant
-from noder_monai.model.appearance import SourceChoice, candidate_weights, carry_scans, combine
+from noder_monai.model.appearance import SourceChoice, candidate_weights, carry_scans, combine, informative
 from noder_monai.model.checkpoint import SUBJECT_FORMAT, atomic_torch_save, read_checkpoint, validate_subject_checkpoint
 from noder_monai.networks import NODER
 
@@ -271,11 +271,12 @@ class FittedSubject:
             else (source, 0.0)
         noise = self.source_choice.noise_std if self.source_choice is not None else [1.0] * len(self.times)
         observed = self.times.tolist()
+        scans = self.scans if self.scans is not None else self.baseline
+        usable = informative(scans) if self.scans is not None else None
         images = []
         for index, time in enumerate(times.tolist()):
-            weights = candidate_weights(candidate, time, observed, noise)
+            weights = candidate_weights(candidate, time, observed, noise, usable)
             used = (weights > 0).tolist()
-            scans = self.scans if self.scans is not None else self.baseline
             inverse = self.observed_inverse() if any(used[1:]) else None
             carried = carry_scans(scans, inverse, ddf[index:index + 1], observed, time, used)
             images.append(combine(carried, weights, floor, self.intensity.inverse, self.intensity.forward))
