@@ -210,6 +210,9 @@ def _resolve_inputs(inputs: Sequence[str], output_dir: str, times: Any, bids: st
         existing = os.path.join(output_dir, "datalist.json")
         if os.path.isfile(existing):
             return existing
+        raise ValueError(f"no inputs given and no {existing} (fit writes it for scans, cine and BIDS inputs, not for "
+                         f"a datalist of your own): pass the datalist or scans you fitted, e.g. "
+                         f"`noder predict data/datalist.json --output_dir {output_dir} --times 1.5`.")
     return inputs_datalist([str(i) for i in inputs], output_dir, times, bids, participant_label, time_column, subject)
 
 

@@ -74,6 +74,14 @@ def test_tiny_fit_predict_evaluate(tmp_path, capsys):
     assert not os.path.exists(os.path.join(out, "eval", "sub-001_montage.png"))
 
 
+def test_predict_without_inputs_or_a_written_datalist_says_what_to_pass(tmp_path):
+    out = str(tmp_path / "runs")
+    with pytest.raises(ValueError, match=r"no inputs given and no .*runs/datalist\.json .*pass the datalist or scans "
+                                         r"you fitted"):
+        cli.main(["predict", "--output_dir", out, "--times", "1.5"])
+    assert not os.path.exists(out)  # nothing written before the check
+
+
 def test_unknown_setting_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['epoch'\]"):
         cli.main(["fit", str(tmp_path / "datalist.json"), "--epoch", "3"])
