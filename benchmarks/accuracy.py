@@ -402,37 +402,58 @@ def report(records: list[dict], header: str = "") -> str:
     ] if part)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny volumes (what the tests run)")
+def matrix_arguments(description: str) -> argparse.ArgumentParser:
+    """The options of every benchmark over this matrix: threads, cells and subjects, and where results go."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (use the idle cores)")
-    parser.add_argument("--subjects", type=int, default=None, help="subjects (seeds) per cell (default 3)")
+    parser.add_argument("--subjects", type=int, default=None, help="subjects (seeds) per cell")
     parser.add_argument("--cases", nargs="+", default=None, help=f"from {tuple(CASES)} (default all)")
     parser.add_argument("--scales", nargs="+", default=None, help=f"from {tuple(SCALES)} (default all)")
     parser.add_argument("--noises", nargs="+", default=None, help=f"from {tuple(NOISES)} (default all)")
-    parser.add_argument("--baselines", nargs="*", default=None, help=f"from {BASELINES} (default all)")
     parser.add_argument("--merge", nargs="+", type=Path, default=None, help="only print the tables of saved --json runs")
     parser.add_argument("--output", type=Path, default=None, help="also write the markdown here")
     parser.add_argument("--json", type=Path, default=None, help="write every record here")
+    return parser
+
+
+def chosen_cells(args: argparse.Namespace) -> list[Cell]:
+    """The cells of ``--cases``, ``--scales`` and ``--noises`` (each defaulting to all)."""
+    return _cells(args.cases or list(CASES), args.scales or list(SCALES), args.noises or list(NOISES))
+
+
+def emit_merged(args: argparse.Namespace, tables: Callable[[list[dict]], str]) -> bool:
+    """With ``--merge``, print (and write) ``tables`` of the saved records and return True."""
+    if not args.merge:
+        return False
+    records = [r for path in args.merge for r in json.loads(path.read_text())]
+    regression.emit(tables(records), records, args.output, args.json)
+    return True
+
+
+def load_header(started: float, load_before: Sequence[float]) -> str:
+    """The machine's load average at the start and now, and the run's total time."""
+    return (f"load average {' '.join(f'{v:.2f}' for v in load_before)} at the start, "
+            f"{' '.join(f'{v:.2f}' for v in os.getloadavg())} at the end; total {time.perf_counter() - started:.0f} s.")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = matrix_arguments(__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny volumes (what the tests run)")
+    parser.add_argument("--baselines", nargs="*", default=None, help=f"from {BASELINES} (default all)")
     args = parser.parse_args(argv)
-    if args.merge:
-        records = [r for path in args.merge for r in json.loads(path.read_text())]
-        regression.emit(report(records), records, args.output, args.json)
+    if emit_merged(args, report):
         return
     settings = quick_settings(args.threads) if args.quick else full_settings(args.threads)
     if not args.quick:
-        settings.cells = _cells(args.cases or list(CASES), args.scales or list(SCALES), args.noises or list(NOISES))
+        settings.cells = chosen_cells(args)
     if args.subjects is not None:
         settings.subjects = args.subjects
     if args.baselines is not None:
         settings.baselines = tuple(args.baselines)
     started, load_before = time.perf_counter(), os.getloadavg()
     records = run(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
-    header = (
-        f"{len(settings.cells)} cell(s) x {settings.subjects} subject(s), torch threads {settings.threads}; load average "
-        f"{' '.join(f'{v:.2f}' for v in load_before)} at the start, {' '.join(f'{v:.2f}' for v in os.getloadavg())} "
-        f"at the end; total {time.perf_counter() - started:.0f} s."
-    )
+    header = (f"{len(settings.cells)} cell(s) x {settings.subjects} subject(s), torch threads {settings.threads}; "
+              + load_header(started, load_before))
     regression.emit(report(records, header), records, args.output, args.json)
 
 

@@ -315,17 +315,24 @@ def predict(
     device: str | None = None,
     threads: int | None = None,
     batch_size: int = 8,
+    uncertainty: bool = False,
 ) -> None:
     """Predict every fitted subject at query times: images, displacement fields, Jacobian maps, carried labels.
 
         noder predict --output_dir runs --times 1 2.5 8          the subjects `noder fit` wrote to runs/
         noder predict DATALIST.json --output_dir runs --times "[1.0, 2.5]"
+        noder predict --output_dir runs --times 1 8 --uncertainty     with calibrated standard deviation maps
 
     Needs `noder fit` with the same output_dir first. Inputs are read as for `noder fit` (with the scans' times as
     --scan_times, since --times are the query times); with none, <output_dir>/datalist.json (written by fit) is
     used. Writes <output_dir>/<id>/predictions/{image,ddf,jacobian,label}_t<time>.nii.gz (input affine; ddf in
     voxels, channels last with NIfTI intent vector), predictions.json and, when the subject has a label map,
-    label_volumes.csv.
+    label_volumes.csv (each structure's volume from the Jacobian determinant integrated over the baseline label map,
+    and the carried map's voxel count). With --uncertainty also image_std_t<time>.nii.gz and
+    log_jacobian_std_t<time>.nii.gz (predictive standard deviation of the image, input units: image +- 1.645 std is
+    the calibrated 90% interval for the noise-free image; and of log det J) and the volumes' 90% band (lower_mm3, upper_mm3); a subject
+    whose model.pt holds no uncertainty ensemble gets one fitted first (a few fine-tuned copies of its fit, each
+    without one observed scan) and stored in model.pt for later runs.
 
     Args:
         inputs: the datalist, cine file or scan files used for fitting (default: <output_dir>/datalist.json).
@@ -341,18 +348,20 @@ def predict(
         device: torch device (default: cuda if available, else cpu).
         threads: torch CPU threads (default: the cores idle now, sampled at start).
         batch_size: time points decoded and warped at once (lower it if memory is short).
+        uncertainty: also write the standard deviation maps and the volume bands (see above).
     """
     query = None if times is None else parse_times(times, name="--times")  # every argument checked before any write
     resolved = _resolve_inputs(inputs, output_dir, scan_times, bids, participant_label, time_column, subject)
     datalist = _write_inputs(resolved, output_dir)
     summary = workflows.infer(
         datalist=datalist, dataset_dir=dataset_dir, output_dir=output_dir, predict_times=query, device=device,
-        num_threads=threads, batch_size=batch_size,
+        num_threads=threads, batch_size=batch_size, uncertainty=uncertainty,
     )
     for name, record in summary.items():
         if record.get("images"):
             print(f"{name}: {len(record['times'])} time point(s) {record['times']} -> "
-                  f"{os.path.dirname(record['images'][0])}")
+                  f"{os.path.dirname(record['images'][0])}"
+                  + (f"; {record['uncertainty']}" if record.get("uncertainty") else ""))
         else:
             print(f"{name}: {_status_line(record)}")
     _exit_on_failures(summary, "inference")

@@ -35,7 +35,7 @@ def test_top_level_help_lists_every_verb(capsys):
     [
         ("fit", ["DATALIST", "JSON datalist", "--output_dir", "--threads", "torch CPU threads", "epochs, learning_rate",
                  "--times", "--bids", "--participant_label", "--time_column", "4D cine", "pybids"]),
-        ("predict", ["--times", "query times", "label_volumes.csv"]),
+        ("predict", ["--times", "query times", "label_volumes.csv", "--uncertainty", "image_std_t<time>.nii.gz"]),
         ("evaluate", ["--eval_dir", "NRMSE, SSIM, PSNR", "montage"]),
         ("demo", ["--directory", "--subjects", "--full", "about a minute"]),
         ("report", ["OUTPUT_DIR", "--datalist", "self-contained", "Jacobian"]),

@@ -4,6 +4,7 @@ autoencoder."""
 
 from noder_monai._deprecated import deprecated_getattr
 from noder_monai.engines.config import PRESETS, FitConfig, check_fit_inputs, tracking_params
+from noder_monai.engines.ensemble import fit_ensemble
 from noder_monai.engines.evaluator import PredictionEvaluator
 from noder_monai.engines.fit import fit_sequence
 from noder_monai.engines.handlers import CoarseToFineHandler, EpochCallbackHandler, FittedSubjectSaver, TemplateHandler
@@ -23,6 +24,7 @@ __all__ = [
     "TemplateHandler",
     "check_fit_inputs",
     "cosine_schedule",
+    "fit_ensemble",
     "fit_sequence",
     "init_network",
     "pretrain_autoencoder",

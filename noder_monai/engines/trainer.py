@@ -36,7 +36,7 @@ from noder_monai.engines.levels import (
 from noder_monai.io import Geometry
 from noder_monai.losses import NODERLoss
 from noder_monai.model import FittedSubject, default_autoencoder_path, load_autoencoder_weights
-from noder_monai.model.appearance import SourceChoice, informative, select_source
+from noder_monai.model.appearance import SourceChoice, informative, noise_std, select_source
 from noder_monai.networks import LEVELS, NODER
 from noder_monai.utils import cosine_decay
 
@@ -135,7 +135,8 @@ def prepare_sequence_batch(
 
     Returns:
         baseline ``(1, 1, *S)``, targets ``(T - 1, 1, *S)`` float32 and the observed times after the first, scaled
-        to ``(t - t0) / (t_last - t0)``, ``(T - 1,)`` float32.
+        to ``(t - t0) / (t_last - t0)`` (or ``(t - origin) / span`` when the item holds ``"time_span": (origin,
+        span)``, as an ensemble member fitted without the last scan does), ``(T - 1,)`` float32.
     """
     image = batchdata[Keys.IMAGE]
     if image.ndim < 4 or image.shape[0] != 1 or image.shape[1] < 2:
@@ -144,7 +145,8 @@ def prepare_sequence_batch(
     times = torch.as_tensor(batchdata["time"]).reshape(-1).to(torch.float64)
     if times.numel() != image.shape[1]:
         raise ValueError(f"batch 'time' must hold one time per scan ({image.shape[1]}), got {times.tolist()}.")
-    scaled = ((times - times[0]) / (times[-1] - times[0])).to(device=device, dtype=torch.float32)
+    origin, span = batchdata.get("time_span", [(times[0], times[-1] - times[0])])[0]
+    scaled = ((times - origin) / span).to(device=device, dtype=torch.float32)
     return image[:, :1], image[0, 1:, None], scaled[1:]
 
 
@@ -393,8 +395,8 @@ def choose_source(model: NODER, scans: torch.Tensor, scaled_times: torch.Tensor,
     """
     usable = informative(scans)
     if sum(usable) < 3 or not usable[0]:
-        return SourceChoice(source="nearest", noise_floor=0.0, noise_std=[1.0] * scans.shape[0], errors={},
-                            references={})
+        return SourceChoice(source="nearest", noise_floor=0.0, noise_std=[noise_std(scan) for scan in scans],
+                            errors={}, references={})
     return select_source(scans, times.tolist(), model.displacement(scaled_times),
                          model.displacement(scaled_times, inverse=True), intensity.inverse, intensity.forward)
 

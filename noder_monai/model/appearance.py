@@ -46,13 +46,18 @@ __all__ = [
 BANDWIDTHS = (0.1, 0.2, 0.35, 0.6, math.inf)
 """Kernel bandwidths tried by :func:`select_source`, in fractions of the observed span (``inf``: equal weights)."""
 
-def noise_std(image: torch.Tensor) -> float:
+def noise_std(image: torch.Tensor, mask: torch.Tensor | None = None) -> float:
     """Standard deviation of the white noise of one image ``(1, *S)`` (2D or 3D), robust to anatomy.
 
     The image is filtered by the separable second difference ``[1, -2, 1]`` along every axis, which removes
     linear trends and multiplies the variance of white noise by ``6^D``; the median absolute deviation of the result,
     times 1.4826 and over ``sqrt(6^D)``, is then the noise standard deviation (Immerkaer, Comput. Vis. Image Underst.
     64(2), 1996, with a robust scale in place of the mean absolute value so that edges do not count).
+
+    Args:
+        image: ``(1, *S)``.
+        mask: ``(*S)`` bool: estimate over these voxels only (e.g. the foreground of magnitude images, whose
+            background noise is Rayleigh, narrower than the Rician noise on the anatomy); None: every voxel.
 
     Raises:
         ValueError: if ``image`` is not ``(1, *S)`` with 2 or 3 spatial axes of at least 3 voxels.
@@ -63,7 +68,9 @@ def noise_std(image: torch.Tensor) -> float:
     for axis in range(1, x.ndim):
         n = x.shape[axis]
         x = x.narrow(axis, 0, n - 2) - 2 * x.narrow(axis, 1, n - 2) + x.narrow(axis, 2, n - 2)
-    values = x.flatten()
+    values = x.flatten() if mask is None else x[0][mask[(slice(1, -1),) * mask.ndim].to(x.device)]
+    if values.numel() == 0:
+        values = x.flatten()
     mad = (values - values.median()).abs().median()
     return float(1.4826 * mad / math.sqrt(6 ** (image.ndim - 1)))
 

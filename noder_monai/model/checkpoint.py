@@ -106,7 +106,8 @@ def validate_subject_checkpoint(checkpoint: dict, path: str | Path) -> None:
     tensors whose keys and shapes are those of that network, :func:`check_state_dict`),
     ``baseline`` (finite tensor ``(1, 1, *spatial)``, its size checked against the weights when loading), ``times`` (>= 2 finite, strictly increasing numbers),
     ``affine`` (finite 4x4), ``intensity`` (finite ``lower`` < ``upper``), ``subject`` (string), ``fit_config``
-    (dict), ``history`` (list). Optional: ``geometry`` and ``fitted_on`` (dicts, or None), ``scans``
+    (dict), ``history`` (list). Optional: ``geometry``, ``fitted_on``, ``source_choice`` and ``ensemble`` (dicts, or
+    None; the last two checked entry by entry when loaded), ``scans``
     (``(T, 1, *spatial)``) and ``template`` (``(1, 1, *spatial)``) tensors or None.
     """
     where = f"checkpoint {str(path)!r}"
@@ -157,7 +158,7 @@ def validate_subject_checkpoint(checkpoint: dict, path: str | Path) -> None:
         raise bad("fit_config", "a dictionary", checkpoint["fit_config"])
     if not isinstance(checkpoint["history"], list):
         raise bad("history", "a list", type(checkpoint["history"]).__name__)
-    for key in ("geometry", "fitted_on", "source_choice"):
+    for key in ("geometry", "fitted_on", "source_choice", "ensemble"):
         if checkpoint.get(key) is not None and not isinstance(checkpoint[key], dict):
             raise bad(key, "a dictionary or None", checkpoint[key])
     for key, count in (("scans", len(times)), ("template", 1)):

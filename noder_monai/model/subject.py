@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import os
 import warnings
 from pathlib import Path
@@ -17,7 +19,9 @@ from noder_monai.functional import unfold_displacement, warp_nearest
 from noder_monai.io import Geometry, parse_times, save_image
 from noder_monai.metrics import jacobian_determinant
 from noder_monai.model.appearance import SourceChoice, candidate_weights, carry_scans, combine, informative
+from noder_monai.model.appearance import noise_std as estimate_noise
 from noder_monai.model.checkpoint import SUBJECT_FORMAT, atomic_torch_save, read_checkpoint, validate_subject_checkpoint
+from noder_monai.model.uncertainty import Ensemble, member_spread, structure_volumes
 from noder_monai.networks import NODER
 
 __all__ = ["PREDICT_SOURCES", "FittedSubject", "Prediction"]
@@ -44,6 +48,9 @@ class Prediction:
             outputs keep the input's header forms and 2D layout.
         corrected: (Q,) percentage of voxels of each field changed by the fold correction of ``field="velocity"``
             models (:meth:`FittedSubject.displacement`); zeros for other models.
+        image_std: (Q, 1, *S) predictive standard deviation of ``images`` (input's intensity units), or None
+            (``uncertainty=False``); ``images +- 1.645 * image_std`` is the calibrated 90 % interval.
+        log_jacobian_std: (Q, 1, *S) standard deviation of ``log(jacobians)``, or None.
     """
 
     times: torch.Tensor
@@ -54,6 +61,8 @@ class Prediction:
     affine: torch.Tensor
     geometry: Geometry | None = None
     corrected: torch.Tensor | None = None
+    image_std: torch.Tensor | None = None
+    log_jacobian_std: torch.Tensor | None = None
 
 
 class FittedSubject:
@@ -76,6 +85,8 @@ class FittedSubject:
             fingerprints), compared by :meth:`stale_reasons` on every reuse.
         source_choice: the appearance chosen for this subject by validation on its own scans
             (:func:`~noder_monai.model.appearance.select_source`), used by ``source="auto"``; None if not chosen.
+        ensemble: the calibrated uncertainty ensemble (:mod:`~noder_monai.model.uncertainty`; fitted by
+            :func:`~noder_monai.engines.fit_ensemble`), used by ``predict(..., uncertainty=True)``; None if not fitted.
 
     Query times are bounded (:meth:`query_times`): beyond ``warn_extrapolation`` fitted spans outside the observed
     times a warning is given, beyond ``max_extrapolation`` spans the query is refused (the ODE is integrated from the
@@ -102,10 +113,13 @@ class FittedSubject:
         geometry: Geometry | None = None,
         fitted_on: dict | None = None,
         source_choice: SourceChoice | None = None,
+        ensemble: Ensemble | None = None,
     ):
         self.model = model
         self.source_choice = source_choice
+        self.ensemble = ensemble
         self._observed_inverse: torch.Tensor | None = None
+        self._noise: list[float] | None = None
         self.baseline = baseline
         self.scans = scans
         self.template = template
@@ -259,28 +273,75 @@ class FittedSubject:
             raise ValueError(f"source='nearest': the file of subject {self.subject!r} holds no observed scans.")
         return source
 
+    def appearance_weights(self, source: str, time: float, leave_out: int | None = None) -> torch.Tensor:
+        """Weights ``(T,)`` of the observed scans in the image predicted at user ``time`` by a checked ``source``
+        (:meth:`check_source`); the template counts as the equal-weight average of the scans it is the median of.
+        ``leave_out``: the index of an observed scan to predict without (validation)."""
+        count = len(self.times)
+        usable = informative(self.scans) if self.scans is not None else [True] + [False] * (count - 1)
+        if leave_out is not None:
+            usable[leave_out] = False
+        candidate = {"auto": self.source_choice.source if self.source_choice else "baseline",
+                     "template": "weighted:inf"}.get(source, source)
+        return candidate_weights(candidate, time, self.times.tolist(), self.noise_std(), usable)
+
+    def noise_std(self) -> list[float]:
+        """Each observed scan's noise standard deviation (normalised intensities) as the appearance choice
+        recorded it, else estimated (:func:`~noder_monai.model.appearance.noise_std`; 0 for scans the file does not
+        hold)."""
+        if self.source_choice is not None:
+            return self.source_choice.noise_std
+        if self._noise is None:
+            scans = self.scans if self.scans is not None else self.baseline
+            self._noise = [estimate_noise(scan) for scan in scans] + [0.0] * (len(self.times) - len(scans))
+        return self._noise
+
     @torch.inference_mode()
-    def appearance(self, times: torch.Tensor, ddf: torch.Tensor, source: str | None = None) -> torch.Tensor:
+    def appearance(self, times: torch.Tensor, ddf: torch.Tensor, source: str | None = None,
+                   leave_out: int | None = None) -> torch.Tensor:
         """Predicted images (Q, 1, *S) in the input's intensity units at user ``times`` (Q,) float64, given their
-        fields ``ddf`` (Q, D, *S) from :meth:`displacement`; ``source`` as in :meth:`predict`."""
+        fields ``ddf`` (Q, D, *S) from :meth:`displacement`; ``source`` as in :meth:`predict`; ``leave_out`` as in
+        :meth:`appearance_weights` (not for the template, which is built from every scan)."""
         source = self.check_source(source)
         if source == "template":
             return self.intensity.inverse(self.model.warp(self.template.expand(len(times), *self.template.shape[1:]),
                                                           ddf))
-        candidate, floor = (self.source_choice.source, self.source_choice.noise_floor) if source == "auto" \
-            else (source, 0.0)
-        noise = self.source_choice.noise_std if self.source_choice is not None else [1.0] * len(self.times)
+        floor = self.source_choice.noise_floor if source == "auto" else 0.0
         observed = self.times.tolist()
         scans = self.scans if self.scans is not None else self.baseline
-        usable = informative(scans) if self.scans is not None else None
         images = []
         for index, time in enumerate(times.tolist()):
-            weights = candidate_weights(candidate, time, observed, noise, usable)
+            weights = self.appearance_weights(source, time, leave_out)
             used = (weights > 0).tolist()
             inverse = self.observed_inverse() if any(used[1:]) else None
             carried = carry_scans(scans, inverse, ddf[index:index + 1], observed, time, used)
             images.append(combine(carried, weights, floor, self.intensity.inverse, self.intensity.forward))
         return self.intensity.inverse(torch.stack(images))
+
+    def member(self, index: int) -> "FittedSubject":
+        """Member ``index`` of :attr:`ensemble` as a subject of its own (its weights; this subject's scans, appearance
+        and time scale), for :mod:`~noder_monai.model.uncertainty`.
+
+        Raises:
+            ValueError: if the subject has no ensemble or ``index`` is not one of its members.
+        """
+        if self.ensemble is None or not 0 <= index < len(self.ensemble.states):
+            raise ValueError(f"subject {self.subject!r} has no uncertainty member {index}.")
+        network = copy.deepcopy(self.model)
+        network.load_state_dict(self.ensemble.states[index], strict=False)
+        member = FittedSubject(network.eval(), self.baseline, self.times, self.affine, self.intensity,
+                               f"{self.subject} member {index}", self.fit_config, scans=self.scans,
+                               template=self.template, geometry=self.geometry, source_choice=self.source_choice)
+        member.warn_extrapolation, member.max_extrapolation = math.inf, self.max_extrapolation
+        return member
+
+    def check_uncertainty(self) -> Ensemble:
+        """The subject's :attr:`ensemble`; raises a ValueError saying how to fit one if there is none."""
+        if self.ensemble is None:
+            where = f"model '{self.path}'" if self.path else f"subject {self.subject!r}"
+            raise ValueError(f"{where} holds no uncertainty ensemble: fit one with noder_monai.engines.fit_ensemble("
+                             f"subject) (or `noder predict --uncertainty`, which fits and stores it).")
+        return self.ensemble
 
     def observed_inverse(self) -> torch.Tensor:
         """``(T, D, *S)`` displacements of the inverse maps of the observed times (computed once, then kept)."""
@@ -296,6 +357,7 @@ class FittedSubject:
         labels: torch.Tensor | None = None,
         batch_size: int = 8,
         source: str | None = None,
+        uncertainty: bool = False,
     ) -> Prediction:
         """Images, fields, Jacobian maps and (optionally) carried labels at any user ``times``.
 
@@ -312,19 +374,22 @@ class FittedSubject:
                 (the paper); ``"template"`` warps the subject template built by the fit; ``"nearest"`` carries the
                 two observed scans that bracket each time and blends them linearly in time; None (default) uses
                 :attr:`default_source`. The fields, Jacobian maps and labels do not depend on it.
+            uncertainty: also return ``image_std`` and ``log_jacobian_std``, the calibrated predictive standard
+                deviations from the subject's :attr:`ensemble` (:mod:`~noder_monai.model.uncertainty`); each member
+                predicts every time, so this costs about one prediction per member more.
 
         Returns:
             a :class:`Prediction` on the CPU.
 
         Raises:
-            ValueError: for an empty ``times``, an unknown ``source``, a source this subject does not hold, or
-                labels that are not finite integers.
+            ValueError: for an empty ``times``, an unknown ``source``, a source this subject does not hold, labels
+                that are not finite integers, or ``uncertainty`` without an ensemble (:meth:`check_uncertainty`).
         """
         times = self.query_times(times)
         outputs: dict[str, torch.Tensor] = {}
         first = 0
-        for chunk in self.predict_chunks(times, labels, batch_size, source):
-            for key in ("times", "images", "ddfs", "jacobians", "labels", "corrected"):
+        for chunk in self.predict_chunks(times, labels, batch_size, source, uncertainty):
+            for key in ("times", "images", "ddfs", "jacobians", "labels", "corrected", "image_std", "log_jacobian_std"):
                 value = getattr(chunk, key)
                 if value is None:
                     continue
@@ -335,7 +400,8 @@ class FittedSubject:
             del chunk, value  # free this chunk before the next is made
         return Prediction(times=outputs["times"], images=outputs["images"], ddfs=outputs["ddfs"],
                           jacobians=outputs["jacobians"], labels=outputs.get("labels"), affine=self.affine.clone(),
-                          geometry=self.geometry, corrected=outputs["corrected"])
+                          geometry=self.geometry, corrected=outputs["corrected"], image_std=outputs.get("image_std"),
+                          log_jacobian_std=outputs.get("log_jacobian_std"))
 
     def predict_chunks(
         self,
@@ -343,6 +409,7 @@ class FittedSubject:
         labels: torch.Tensor | None = None,
         batch_size: int = 8,
         source: str | None = None,
+        uncertainty: bool = False,
     ) -> Iterator[Prediction]:
         """:meth:`predict` one chunk of at most ``batch_size`` times after another (in the order of ``times``), so
         that any number of times fits in memory when each chunk is written or reduced before the next.
@@ -356,24 +423,29 @@ class FittedSubject:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
         source = self.check_source(source)
+        if uncertainty:
+            self.check_uncertainty()
         if labels is not None:
             labels = torch.as_tensor(labels)
             while labels.ndim > self.model.spatial_dims and labels.shape[0] == 1:
                 labels = labels[0]
             self.check_spatial_size(labels.shape, "labels")
             labels = _integer_labels(labels).to(self.device)[None, None]
-        return self._chunks(times, labels, batch_size, source)
+        return self._chunks(times, labels, batch_size, source, uncertainty)
 
     def _chunks(
-        self, times: torch.Tensor, labels: torch.Tensor | None, batch_size: int, source: str
+        self, times: torch.Tensor, labels: torch.Tensor | None, batch_size: int, source: str, uncertainty: bool
     ) -> Iterator[Prediction]:
         for chunk in times.split(batch_size):
-            yield self._predict_chunk(chunk, labels, source)  # nothing of a chunk is held while the next is made
+            # nothing of a chunk is held while the next is made
+            yield self._predict_chunk(chunk, labels, source, uncertainty)
 
     @torch.inference_mode()  # on this function, not the generator: torch's generator wrapper holds the last chunk
-    def _predict_chunk(self, times: torch.Tensor, labels: torch.Tensor | None, source: str) -> Prediction:
+    def _predict_chunk(self, times: torch.Tensor, labels: torch.Tensor | None, source: str,
+                       uncertainty: bool) -> Prediction:
         ddf, corrected = self.fields(times)
         carried = None if labels is None else warp_nearest(labels, ddf).cpu()
+        image_std, log_jacobian_std = member_spread(self, times, ddf, source) if uncertainty else (None, None)
         return Prediction(
             times=times,
             images=self.appearance(times, ddf, source).cpu(),
@@ -383,7 +455,36 @@ class FittedSubject:
             affine=self.affine.clone(),
             geometry=self.geometry,
             corrected=corrected,
+            image_std=image_std,
+            log_jacobian_std=log_jacobian_std,
         )
+
+    @torch.inference_mode()
+    def structure_volumes(self, times: Sequence[float] | torch.Tensor, labels: torch.Tensor,
+                          uncertainty: bool = False) -> dict[str, Any]:
+        """Every structure's volume at user ``times``, from the Jacobian determinant integrated over the baseline
+        label map (:func:`~noder_monai.model.uncertainty.structure_volumes`), with the ensemble's 90 % band when
+        ``uncertainty``.
+
+        Args:
+            times: (Q,) query times.
+            labels: baseline label map as for :meth:`predict`.
+            uncertainty: add ``lower`` and ``upper``: the calibrated central 90 % band (needs :attr:`ensemble`).
+
+        Returns:
+            ``{"labels": [L ids], "volume": (Q, L) mm^3}`` plus ``"lower"``/``"upper"`` (Q, L) with ``uncertainty``.
+
+        Raises:
+            ValueError: as :meth:`predict`.
+        """
+        times = self.query_times(times)
+        if uncertainty:
+            self.check_uncertainty()
+        labels = torch.as_tensor(labels)
+        while labels.ndim > self.model.spatial_dims and labels.shape[0] == 1:
+            labels = labels[0]
+        self.check_spatial_size(labels.shape, "labels")
+        return structure_volumes(self, times, _integer_labels(labels).to(self.device), uncertainty)
 
     def state(self) -> dict:
         """The plain, ``weights_only``-loadable dictionary that :meth:`save` writes."""
@@ -407,6 +508,7 @@ class FittedSubject:
             "geometry": self.geometry.to_dict(),
             "fitted_on": self.fitted_on,
             "source_choice": None if self.source_choice is None else self.source_choice.to_dict(),
+            "ensemble": None if self.ensemble is None else self.ensemble.to_dict(),
         }
 
     def stale_reasons(
@@ -505,6 +607,12 @@ class FittedSubject:
                 choice = SourceChoice.from_dict(checkpoint["source_choice"])
             except (KeyError, TypeError, ValueError, AttributeError) as error:
                 raise ValueError(f"checkpoint {str(path)!r}: field 'source_choice' is malformed: {error!r}") from error
+        ensemble = None
+        if checkpoint.get("ensemble") is not None:
+            try:
+                ensemble = Ensemble.from_dict(checkpoint["ensemble"], model.state_dict(), len(checkpoint["times"]))
+            except (KeyError, TypeError, ValueError, AttributeError) as error:
+                raise ValueError(f"checkpoint {str(path)!r}: field 'ensemble' is malformed: {error}") from error
         return cls(
             model=model,
             baseline=checkpoint["baseline"].to(map_location),
@@ -518,6 +626,7 @@ class FittedSubject:
             geometry=geometry,
             fitted_on=checkpoint.get("fitted_on"),
             source_choice=choice,
+            ensemble=ensemble,
         )
 
     @classmethod

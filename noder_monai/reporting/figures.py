@@ -14,7 +14,7 @@ import torch
 from noder_monai.utils import PathLike, atomic_write
 
 __all__ = ["images_figure", "jacobian_figure", "loss_figure", "middle_slice", "png", "pyplot", "save_montage",
-           "volumes_figure"]
+           "uncertainty_figure", "volumes_figure"]
 
 
 def pyplot(purpose: str = "the HTML report") -> Any:
@@ -86,32 +86,52 @@ def images_figure(times, kinds, observed, predicted, start):
     return figure
 
 
-def jacobian_figure(times, images, jacobians, kinds=None):
+def _overlay_figure(times, images, maps, kinds, options, label, anatomy_only):
+    """One panel per time: the predicted image (grey, its own window) under a map drawn with ``options`` (imshow
+    keyword arguments), only over the anatomy with ``anatomy_only``; one colour bar labelled ``label``."""
     plt = pyplot()
-    from matplotlib.colors import TwoSlopeNorm  # matplotlib is optional: see pyplot
     count = len(times)
     figure, axes = plt.subplots(1, count, figsize=(3.2 * count + 1.0, 3.6), squeeze=False)
-    values = np.concatenate([middle_slice(j).ravel() for j in jacobians])  # window from every voxel shown
-    spread = float(np.percentile(np.abs(values - 1.0), 99.5)) or 0.05
-    norm = TwoSlopeNorm(vmin=max(1.0 - spread, 1e-3), vcenter=1.0, vmax=1.0 + spread)
     overlay = None
     for index in range(count):
         anatomy = middle_slice(images[index])
         low, high = np.percentile(anatomy, [1, 99.5])
         axes[0, index].imshow(anatomy, cmap="gray", vmin=low, vmax=high, interpolation="nearest")
-        inside = anatomy > low + 0.1 * (high - low)  # the overlay stays on the anatomy, not the background
-        shown = np.ma.masked_where(~inside, middle_slice(jacobians[index]))
-        # det J of the pull-back map (time t's grid -> first scan): < 1 where the tissue grew, so red is low
-        overlay = axes[0, index].imshow(shown, cmap="RdBu", norm=norm, alpha=0.6, interpolation="nearest")
+        shown = middle_slice(maps[index])
+        if anatomy_only:  # the overlay stays on the anatomy, not the background
+            shown = np.ma.masked_where(anatomy <= low + 0.1 * (high - low), shown)
+        overlay = axes[0, index].imshow(shown, alpha=0.6, interpolation="nearest", **options)
         axes[0, index].set_title(f"t = {times[index]:g}" + (f" ({kinds[index]})" if kinds else ""), fontsize=10)
         axes[0, index].set_xticks([])
         axes[0, index].set_yticks([])
-    figure.colorbar(overlay, ax=axes[0].tolist(), fraction=0.03, pad=0.02,
-                    label="det J  (red < 1: grew, blue > 1: shrank)")
+    figure.colorbar(overlay, ax=axes[0].tolist(), fraction=0.03, pad=0.02, label=label)
     return figure
 
 
-def volumes_figure(grid, volumes, observed, heldout, names):
+def jacobian_figure(times, images, jacobians, kinds=None):
+    pyplot()
+    from matplotlib.colors import TwoSlopeNorm  # matplotlib is optional: see pyplot
+
+    values = np.concatenate([middle_slice(j).ravel() for j in jacobians])  # window from every voxel shown
+    spread = float(np.percentile(np.abs(values - 1.0), 99.5)) or 0.05
+    norm = TwoSlopeNorm(vmin=max(1.0 - spread, 1e-3), vcenter=1.0, vmax=1.0 + spread)
+    # det J of the pull-back map (time t's grid -> first scan): < 1 where the tissue grew, so red is low
+    return _overlay_figure(times, images, jacobians, kinds, {"cmap": "RdBu", "norm": norm},
+                           "det J  (red < 1: grew, blue > 1: shrank)", anatomy_only=True)
+
+
+def uncertainty_figure(times, images, image_std, kinds=None):
+    """The predictive standard deviation ``image_std`` ``(Q, 1, *S)`` over the predicted images ``(Q, 1, *S)``, one
+    panel per time, one window (0 to the 99.5th percentile of every voxel shown)."""
+    values = np.concatenate([middle_slice(s).ravel() for s in image_std])
+    top = float(np.percentile(values, 99.5)) or 1.0
+    return _overlay_figure(times, images, image_std, kinds, {"cmap": "magma", "vmin": 0.0, "vmax": top},
+                           "standard deviation (input units)", anatomy_only=False)
+
+
+def volumes_figure(grid, volumes, observed, heldout, names, bands=None):
+    """One panel per structure: its volume curve over the time ``grid`` (``volumes``: name -> values), with the
+    ``bands`` (name -> (lower, upper) values) filled when given."""
     plt = pyplot()
     count = len(names)
     columns = min(3, count)
@@ -128,6 +148,9 @@ def volumes_figure(grid, volumes, observed, heldout, names):
         for k, t in enumerate(heldout):
             axis.axvspan(t - width, t + width, color="tab:purple", alpha=0.25,
                          label="held-out time" if index == 0 and k == 0 else None)
+        if bands is not None:
+            axis.fill_between(grid, bands[name][0], bands[name][1], color="tab:blue", alpha=0.2, linewidth=0,
+                              label="90% band" if index == 0 else None)
         axis.plot(grid, curve, color="tab:blue", label="NODER" if index == 0 else None)
         marks = np.interp(observed, grid, curve)
         axis.plot(observed, marks, "o", color="black", markersize=4, label="observed time" if index == 0 else None)

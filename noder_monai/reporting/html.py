@@ -1,9 +1,11 @@
 """A self-contained HTML report per fitted subject, and the index page of a cohort.
 
-Each page embeds its matplotlib figures as base64 PNG (no external file, script, style sheet or URL), in five
-sections: observed / predicted / difference per time point, the Jacobian determinant over the anatomy, each
-structure's volume over time, the loss curve, and the held-out metrics (NODER beside the nearest observed scan and
-linear intensity interpolation). ``noder report OUTPUT_DIR`` writes them for a finished run
+Each page embeds its matplotlib figures as base64 PNG (no external file, script, style sheet or URL), in the
+sections of :data:`SECTIONS`: observed / predicted / difference per time point, the Jacobian determinant over the
+anatomy, each structure's volume over time (from the Jacobian determinant, with its 90 % band when the subject has
+an uncertainty ensemble), the loss curve, the held-out metrics (NODER beside the nearest observed scan and linear
+intensity interpolation), the appearance choice and, with an ensemble, the predictive standard deviation map over
+the predicted image. ``noder report OUTPUT_DIR`` writes them for a finished run
 (:func:`~noder_monai.workflows.report.cohort_report`).
 """
 
@@ -27,7 +29,8 @@ from noder_monai.io import load_image, load_label_map
 from noder_monai.metrics import nrmse, ssim
 from noder_monai.model import FittedSubject, load_fitted_subject
 from noder_monai.model.loader import SubjectLike
-from noder_monai.reporting.figures import images_figure, jacobian_figure, loss_figure, png, volumes_figure
+from noder_monai.reporting.figures import (images_figure, jacobian_figure, loss_figure, png, uncertainty_figure,
+                                           volumes_figure)
 from noder_monai.reporting.tables import label_volumes, split_means
 from noder_monai.utils import PathLike, atomic_write
 
@@ -45,10 +48,13 @@ SECTIONS = (
     "Loss curve",
     "Held-out metrics",
     "Appearance chosen for this subject",
+    "Uncertainty of the predictions",
 )
-"""Section titles of a subject page, in page order (each but the last holds one figure)."""
+"""Section titles of a subject page, in page order (the first four hold one figure; the last holds one when the
+subject has an uncertainty ensemble)."""
 
 _MAX_ROWS = 8
+_GRID_POINTS = 81
 _MAX_STRUCTURES = 6
 _STYLE = """
 body{font-family:sans-serif;margin:2em auto;max-width:1200px;color:#222}
@@ -182,40 +188,66 @@ def subject_comparison(subject: FittedSubject, entry: SubjectEntry, reader: str 
 
 def _report_times(entry: SubjectEntry) -> dict[str, list[float]]:
     """The times each figure shows: ``rows`` (at most 8 scan times), ``jacobian`` (the middle and last observed
-    times and the last query time after them), ``grid`` (25 times over the whole span, for structure volumes)."""
+    times and the last query time after them; also the uncertainty maps'), ``grid`` (a dense grid over the whole
+    span with every scan time, for the structure volumes' smooth curves)."""
     observed = [float(t) for t in entry.times]
     heldout = sorted(float(t) for _, t in entry.heldout)
     scans = sorted([*observed, *heldout])
     later = [t for t in sorted({*entry.predict_times, *heldout}) if t > observed[-1]]
     end = max([observed[-1], *entry.predict_times, *heldout])
-    grid = np.unique(np.concatenate([np.linspace(observed[0], end, 25), observed, heldout])).tolist()
+    grid = np.unique(np.concatenate([np.linspace(observed[0], end, _GRID_POINTS), observed, heldout])).tolist()
     return {"rows": [scans[i] for i in _pick(len(scans), _MAX_ROWS)],
             "jacobian": sorted({observed[len(observed) // 2], observed[-1], *later[-1:]}),
             "grid": grid if entry.label is not None else [], "heldout": heldout, "observed": observed}
 
 
-def _volumes_section(entry: SubjectEntry, labels: torch.Tensor | None, carried: torch.Tensor | None,
-                     times: Mapping[str, list[float]], affine: torch.Tensor) -> str:
+def _volumes_section(subject: FittedSubject, labels: torch.Tensor | None, times: Mapping[str, list[float]]) -> str:
     if labels is None:
         return _figure_html(SECTIONS[2], None, "No label map in the datalist ('label' on the first scan's grid): "
                                                "structure volumes over time need one.")
     values = [int(v) for v in torch.unique(labels.to(torch.int64)).tolist() if v != 0]
     sizes = {v: int((labels.to(torch.int64) == v).sum()) for v in values}
     chosen = sorted(sorted(values, key=lambda v: -sizes[v])[:_MAX_STRUCTURES])
-    rows = label_volumes(carried, times["grid"], affine)
-    volumes = {f"label {v}": [next((r["volume_mm3"] / 1000.0 for r in rows if r["time"] == t and r["label"] == v),
-                                   0.0) for t in times["grid"]] for v in chosen}
-    figure = volumes_figure(times["grid"], volumes, times["observed"], times["heldout"], list(volumes))
+    banded = subject.ensemble is not None
+    rows = label_volumes(subject, labels, times["grid"], uncertainty=banded)
+
+    def curve(label: int, column: str) -> list[float]:  # ml
+        return [row[column] / 1000.0 for row in rows if row["label"] == label]
+
+    volumes = {f"label {v}": curve(v, "volume_mm3") for v in chosen}
+    bands = {f"label {v}": (curve(v, "lower_mm3"), curve(v, "upper_mm3")) for v in chosen} if banded else None
+    figure = volumes_figure(times["grid"], volumes, times["observed"], times["heldout"], list(volumes), bands)
     caption = (f"Volume of each structure of the first scan's label map ({len(chosen)} largest of {len(values)}) "
-               f"along the fitted trajectory; dots: observed times; purple bands: held-out times; orange: "
-               f"extrapolation beyond the last scan.")
+               f"along the fitted trajectory: the Jacobian determinant integrated over the structure's voxels in the "
+               f"first scan (label_volumes.csv's volume_mm3)"
+               + ("; shaded: the calibrated 90% band of the subject's uncertainty ensemble" if banded else "")
+               + "; dots: observed times; purple bands: held-out times; orange: extrapolation beyond the last scan.")
     return _figure_html(SECTIONS[2], png(figure), caption)
+
+
+def _uncertainty_section(subject: FittedSubject, times: Mapping[str, list[float]]) -> str:
+    """The predictive standard deviation over the predicted image at the Jacobian figure's times, or a note saying
+    how to fit an ensemble."""
+    if subject.ensemble is None:
+        return _figure_html(SECTIONS[6], None, "No uncertainty ensemble in this subject's model file: `noder predict "
+                                               "--uncertainty` (or the bundle's inference with \"uncertainty\": true) "
+                                               "fits one and stores it there.")
+    shown = times["jacobian"]
+    prediction = subject.predict(shown, uncertainty=True)
+    kinds = [_kind(t, times["observed"], times["heldout"]) for t in shown]
+    caption = (f"Predictive standard deviation of the image (the values of image_std_t<time>.nii.gz) over the "
+               f"predicted image, middle slice: the predicted image +- 1.645 std is the calibrated 90% interval. "
+               f"{subject.ensemble.summary()}.")
+    return _figure_html(SECTIONS[6], png(uncertainty_figure(shown, prediction.images, prediction.image_std, kinds)),
+                        caption)
 
 
 def subject_report(subject: FittedSubject, entry: SubjectEntry, path: PathLike, folded: Mapping[float, Any] | None = None,
                    reader: str | None = None) -> tuple[str, list[dict]]:
-    """Write one fitted subject's page: its predictions come from one :meth:`FittedSubject.predict` over every time
-    the figures show.
+    """Write one fitted subject's page: its images and fields come from one :meth:`FittedSubject.predict` over every
+    time the image figures show, its structure volumes from :meth:`FittedSubject.structure_volumes` on a dense time
+    grid (with their 90 % bands, and the standard deviation maps from ``predict(..., uncertainty=True)``, when the
+    subject has an uncertainty ensemble).
 
     Args:
         subject: the fitted subject.
@@ -232,8 +264,8 @@ def subject_report(subject: FittedSubject, entry: SubjectEntry, path: PathLike, 
     heldout = sorted(entry.heldout, key=lambda scan: scan[1])
     targets = torch.stack([load_image(p, reader)[0] for p, _ in heldout]) if heldout else None
     labels = load_label_map(entry.label, reader)[0] if entry.label is not None else None
-    query = sorted({times["observed"][0], *times["rows"], *times["jacobian"], *times["grid"], *times["heldout"]})
-    prediction = subject.predict(query, labels=labels)
+    query = sorted({times["observed"][0], *times["rows"], *times["jacobian"], *times["heldout"]})
+    prediction = subject.predict(query)
     at = {t: index for index, t in enumerate(prediction.times.tolist())}
 
     def images(chosen: Sequence[float]) -> torch.Tensor:
@@ -249,13 +281,13 @@ def subject_report(subject: FittedSubject, entry: SubjectEntry, path: PathLike, 
     jac_kinds = [_kind(t, times["observed"], times["heldout"]) for t in times["jacobian"]]
     sections.append(_figure_html(SECTIONS[1], png(jacobian_figure(times["jacobian"], images(times["jacobian"]),
                                                                   jacobians, jac_kinds)), _JACOBIAN_CAPTION))
-    carried = None if labels is None else prediction.labels[[at[t] for t in times["grid"]]]
-    sections.append(_volumes_section(entry, labels, carried, times, subject.affine))
+    sections.append(_volumes_section(subject, labels, times))
     sections.append(_figure_html(SECTIONS[3], png(loss_figure(subject.history)) if subject.history else None,
                                  "Total loss and its similarity term per epoch; dotted lines: resolution changes."))
     comparison = [] if targets is None else heldout_comparison(entry, sequence.images, targets, images(times["heldout"]))
     sections.append(f"<section><h2>{SECTIONS[4]}</h2>\n{_metrics_html(comparison, folded or {})}\n</section>")
     sections.append(_appearance_html(subject))
+    sections.append(_uncertainty_section(subject, times))
     observed = times["observed"]
     chosen = subject.source_choice.source if subject.default_source == "auto" else subject.default_source
     header = (f'<p>{len(observed)} observed scans at times {", ".join(f"{t:g}" for t in observed)}'

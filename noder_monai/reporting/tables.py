@@ -1,5 +1,5 @@
 """The evaluation's tables: held-out metrics per scan, split and cohort (JSON and markdown), NODER beside the two
-baselines that move no anatomy, and structure volumes over time."""
+baselines that move no anatomy, and structure volumes over time (``label_volumes.csv``)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from noder_monai.data import SPLITS, SubjectEntry
-from noder_monai.io import voxel_volume_mm3
+from noder_monai.model import FittedSubject
 
-__all__ = ["METRICS", "appearance_table", "comparison_table", "heldout_rows", "label_volumes", "markdown_table", "mean_metrics",
-           "metrics_report", "split_means"]
+__all__ = ["LABEL_VOLUME_COLUMNS", "METRICS", "appearance_table", "comparison_table", "heldout_rows", "label_volumes",
+           "markdown_table", "mean_metrics", "metrics_report", "split_means"]
 
 METRICS = ("nrmse", "ssim", "psnr", "percent_folded")
 """Held-out metrics of the evaluation report, in table order."""
@@ -118,16 +118,37 @@ def comparison_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def label_volumes(labels: torch.Tensor, times: Sequence[float], affine: Any) -> list[dict]:
-    """Structure volumes over time: one row ``{"time", "label", "voxels", "volume_mm3"}`` per time and non-zero
-    label of ``labels`` (Q, 1, *S), the voxel volume from ``affine`` (:func:`~noder_monai.io.voxel_volume_mm3`: a 2D
-    image stored with a singleton axis counts its slice thickness)."""
-    voxel_mm3 = voxel_volume_mm3(affine)
-    rows = []
-    for t, label_map in zip(times, labels):
-        values, counts = torch.unique(label_map.to(torch.int64), return_counts=True)
-        for value, count in zip(values.tolist(), counts.tolist()):
-            if value != 0:
-                rows.append({"time": t, "label": value, "voxels": count, "volume_mm3": round(count * voxel_mm3, 6)})
-    return rows
+LABEL_VOLUME_COLUMNS = ("time", "label", "voxels", "volume_mm3", "lower_mm3", "upper_mm3")
+"""Columns of ``label_volumes.csv`` (the last two with uncertainty)."""
 
+
+def label_volumes(subject: FittedSubject, labels: torch.Tensor, times: Sequence[float],
+                  carried: torch.Tensor | None = None, uncertainty: bool = False) -> list[dict]:
+    """Structure volumes over time: one row per time and non-zero label of the baseline label map ``labels``
+    ``(*S)`` or ``(1, *S)``, the rows of ``label_volumes.csv`` (columns :data:`LABEL_VOLUME_COLUMNS`).
+
+    ``volume_mm3`` is the structure's volume from the Jacobian determinant of the fitted map integrated over its
+    baseline label (:meth:`FittedSubject.structure_volumes`: partial volumes, smooth in time; a 2D image stored with a
+    singleton axis counts its slice thickness); with ``uncertainty`` it is the median of the calibrated 90 % band
+    ``[lower_mm3, upper_mm3]``. ``voxels``, only with ``carried`` (the label map carried to each time, ``(Q, 1, *S)``
+    from :meth:`FittedSubject.predict`), counts that map's voxels of the label, for reference.
+
+    Raises:
+        ValueError: as :meth:`FittedSubject.structure_volumes` (no ensemble with ``uncertainty``, labels that are not
+            finite integers on the fitted grid).
+    """
+    times = [float(t) for t in times]
+    volumes = subject.structure_volumes(times, labels, uncertainty)
+    bands = ("lower", "upper") if uncertainty else ()
+    rows = []
+    for index, time in enumerate(times):
+        counts = {}
+        if carried is not None:
+            values, numbers = torch.unique(carried[index].to(torch.int64), return_counts=True)
+            counts = dict(zip(values.tolist(), numbers.tolist()))
+        for column, label in enumerate(volumes["labels"]):
+            row = {"time": time, "label": label, **({"voxels": counts.get(label, 0)} if carried is not None else {}),
+                   "volume_mm3": round(float(volumes["volume"][index, column]), 6)}
+            row.update({f"{band}_mm3": round(float(volumes[band][index, column]), 6) for band in bands})
+            rows.append(row)
+    return rows

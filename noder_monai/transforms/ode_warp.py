@@ -191,6 +191,28 @@ class ODEWarp(InvertibleTransform):
         with torch.inference_mode():
             return subject.model.displacement(subject.scaled_time(times), inverse=True)[0]
 
+    def uncertainty(self, time: float, source: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The calibrated predictive standard deviations at ``time`` on the fitted grid, from the subject's
+        uncertainty ensemble (:meth:`FittedSubject.predict` with ``uncertainty=True``): of the subject's own
+        predicted image (``source`` as in :class:`ODEWarp`; None or ``"default"``: the subject's default source), in
+        input intensity units (``prediction +- 1.645 * std`` is the 90 % interval), and of ``log`` of the Jacobian
+        determinant.
+
+        Returns:
+            ``(image_std, log_jacobian_std)``, each ``(1, *spatial)`` float32 on the CPU.
+
+        Raises:
+            ValueError: naming the subject, if its file holds no uncertainty ensemble (or not the ``source``).
+        """
+        subject = self.subject
+        try:
+            subject.check_uncertainty()
+        except ValueError as error:
+            raise ValueError(f"subject '{subject.subject}': {error}") from error
+        prediction = subject.predict([_as_time(time, "time")], source=None if source == "default" else source,
+                                     uncertainty=True)
+        return prediction.image_std[0], prediction.log_jacobian_std[0]
+
     def frame(self, img: NdarrayOrTensor, ddf: torch.Tensor, name: str = "img") -> tuple[torch.Tensor, torch.Tensor | None]:
         """The field ``ddf`` (fitted voxels) in the voxel frame of ``img`` ``(C, *spatial)``, and the image's affine
         when it differs from the fitted one (None: ``img`` lies on the fitted grid or carries no affine).
@@ -295,6 +317,14 @@ def _check_source_grid(source: str | None, affine: torch.Tensor | None, subject:
                          f"on (affine {subject.affine.tolist()}); source {source!r} predicts on the fitted grid only.")
 
 
+def _check_std_grid(affine: torch.Tensor | None, subject: FittedSubject) -> None:
+    """Refuse standard deviation maps for items off the fitted grid (``affine`` not None), naming both affines."""
+    if affine is not None:
+        raise ValueError(f"image_std_key/log_jacobian_std_key: the items (affine {affine.tolist()}) are not on the grid "
+                         f"subject '{subject.subject}' was fitted on (affine {subject.affine.tolist()}); the standard "
+                         f"deviation maps are on the fitted grid only.")
+
+
 def _trace(time: float, mode: str, padding_mode: str, subject: Any = None) -> dict[str, Any]:
     """The ``extra_info`` of a warp in the transform trace (the subject only as a path: the trace is deep-copied)."""
     path = subject if isinstance(subject, (str, os.PathLike)) else None
@@ -329,11 +359,21 @@ class ODEWarpd(MapTransform, InvertibleTransform):
         allow_missing_keys: do not raise if a key is missing.
         source: per key (a sequence) or for all keys: None warps the item, a source returns the subject's own
             predicted image instead (see :class:`ODEWarp`; on the fitted grid only). Defaults to None.
+        image_std_key: if given, also store the calibrated predictive standard deviation ``(1, *spatial)`` of the
+            subject's own predicted image (input intensity units; :meth:`ODEWarp.uncertainty`, with the first
+            ``source`` given, else the subject's default) under this key; needs the subject's uncertainty ensemble
+            and items on the fitted grid.
+        log_jacobian_std_key: likewise for the standard deviation ``(1, *spatial)`` of ``log`` of the Jacobian
+            determinant.
+
+    Each stored map is a ``MetaTensor`` with the field's affine and metadata (the ``time`` and, on the fitted grid,
+    the input geometry), like the other outputs.
 
     Raises:
         ValueError: naming the key, for an item whose spatial size differs from the fitted one (a tensor or array),
-            an item on another 2D grid or outside the fitted grid (both affines named), or a time item that is not a
-            number.
+            an item on another 2D grid or outside the fitted grid (both affines named), a time item that is not a
+            number, or (naming the subject) a standard deviation key for a subject without an uncertainty ensemble
+            or for items off the fitted grid.
     """
 
     backend = ODEWarp.backend
@@ -351,6 +391,8 @@ class ODEWarpd(MapTransform, InvertibleTransform):
         allow_missing_keys: bool = False,
         jacobian_key: str | None = None,
         source: str | None | Sequence[str | None] = None,
+        image_std_key: str | None = None,
+        log_jacobian_std_key: str | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.source = list(source) if isinstance(source, (list, tuple)) else [source] * len(self.keys)
@@ -373,6 +415,7 @@ class ODEWarpd(MapTransform, InvertibleTransform):
         self.subject_key = subject_key
         self.ddf_key = ddf_key
         self.jacobian_key = jacobian_key
+        self.image_std_key, self.log_jacobian_std_key = image_std_key, log_jacobian_std_key
         self.device = torch.device(device)
         self.warper = None if subject is None else ODEWarp(subject, device=self.device)
 
@@ -416,6 +459,13 @@ class ODEWarpd(MapTransform, InvertibleTransform):
         if self.jacobian_key is not None:
             jacobian = jacobian_determinant(field[None])[0]
             d[self.jacobian_key] = MetaTensor(jacobian, affine=affine.clone(), meta=dict(meta))
+        if self.image_std_key is not None or self.log_jacobian_std_key is not None:
+            _check_std_grid(frame_affine, subject)
+            source = next((value for value in self.source if value is not None), None)
+            maps = warper.uncertainty(time, source)
+            for key, value in zip((self.image_std_key, self.log_jacobian_std_key), maps):
+                if key is not None:
+                    d[key] = MetaTensor(value.to(field.device), affine=affine.clone(), meta=dict(meta))
         return d
 
     def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:

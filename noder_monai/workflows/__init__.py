@@ -24,6 +24,7 @@ from noder_monai.workflows.paths import SubjectPaths
 from noder_monai.workflows.report import cohort_report
 from noder_monai.workflows.shares import rank_device, rank_threads
 from noder_monai.workflows.stages import STAGES
+from noder_monai.workflows.subject import ensure_ensemble, remove_uncertainty_maps
 
 __all__ = [
     "STAGES",
@@ -32,6 +33,8 @@ __all__ = [
     "bundle_root",
     "check_pretrained",
     "cohort_report",
+    "ensure_ensemble",
+    "remove_uncertainty_maps",
     "evaluate",
     "exit_status",
     "infer",

@@ -21,10 +21,11 @@ from monai.bundle import ConfigWorkflow
 
 from noder_monai.data import SubjectEntry
 from noder_monai.io import load_label_map
+from noder_monai.model import FittedSubject
 from noder_monai.workflows.cohort import CohortResult, exit_status, run_cohort
 from noder_monai.workflows.paths import SubjectPaths
 from noder_monai.workflows.stages import EvaluationJob, InferenceJob, Job, TrainingJob
-from noder_monai.workflows.subject import write_label_volumes, write_subject_metrics
+from noder_monai.workflows.subject import UNCERTAINTY_KINDS, write_label_volumes, write_subject_metrics
 
 __all__ = ["CohortWorkflow", "bundle_root", "install_error_hook", "package_error", "query_items", "subject_item"]
 
@@ -234,22 +235,28 @@ def _run_subject(args: Mapping[str, Any], entry: SubjectEntry, stage: str, predi
         if stage == "training":
             return {"model": paths.model, "outputs": [p for p in (paths.model, paths.template) if os.path.isfile(p)]}
         if stage == "inference":
-            return _inference_outputs(paths, entry, predict_times)
+            uncertainty = bool(parser.get_parsed_content("uncertainty")) if "uncertainty" in parser else False
+            return _inference_outputs(paths, entry, predict_times, parser.get_parsed_content("fitted").subject,
+                                      uncertainty, parser.get_parsed_content("reader"))
         return _evaluation_outputs(paths, entry, parser.get_parsed_content("evaluator").state.metric_details,
                                    parser.get_parsed_content("fitted").subject.source_choice)
     finally:
         workflow.finalize()
 
 
-def _inference_outputs(paths: SubjectPaths, entry: SubjectEntry, predict_times: Any) -> dict[str, Any]:
-    """The files the inference config wrote for ``entry`` and, with a label, its ``label_volumes.csv``."""
+def _inference_outputs(paths: SubjectPaths, entry: SubjectEntry, predict_times: Any, subject: FittedSubject,
+                       uncertainty: bool, reader: str | None) -> dict[str, Any]:
+    """The files the inference config wrote for ``entry`` (with ``uncertainty``, the standard deviation maps too)
+    and, with a label, its ``label_volumes.csv`` (:func:`~noder_monai.workflows.subject.write_label_volumes`, as
+    ``noder predict``; voxel counts from the label maps the config wrote)."""
     times = entry.query_times(predict_times)
-    outputs = [paths.prediction(kind, t) for t in times for kind in ("image", "ddf", "jacobian")]
+    kinds = ("image", "ddf", "jacobian", *(UNCERTAINTY_KINDS if uncertainty else ()))
+    outputs = [paths.prediction(kind, t) for t in times for kind in kinds]
     if entry.label is not None:
         labels = [paths.prediction("label", t) for t in times]
-        maps = [load_label_map(path) for path in labels]
-        volumes = write_label_volumes(paths, torch.stack([m for m, _ in maps]), times, maps[0][1].affine)
-        outputs += [*labels, volumes]
+        carried = torch.stack([load_label_map(path)[0] for path in labels])
+        baseline = subject.read_labels(entry.label, reader)[0]
+        outputs += [*labels, write_label_volumes(paths, subject, baseline, times, carried, uncertainty)]
     return {"times": times, "prediction_dir": paths.predictions, "outputs": outputs}
 
 

@@ -186,6 +186,7 @@ def infer(
     demo: Mapping[str, Any] | None = None,
     batch_size: int = 8,
     reader: str | None = None,
+    uncertainty: bool = False,
 ) -> dict[str, dict]:
     """Predict every fitted subject of a datalist at its query times; write images, fields, Jacobians and labels.
 
@@ -204,6 +205,10 @@ def infer(
         demo: keyword arguments of ``make_demo_dataset`` for the demo dataset.
         batch_size: time points decoded and warped at once.
         reader: image reader for label maps.
+        uncertainty: also write each time's calibrated standard deviation maps of the image and of log det J
+            (``image_std_t<time>.nii.gz``, ``log_jacobian_std_t<time>.nii.gz``) and the 90 % bands of the label
+            volumes; a subject whose model file holds no uncertainty ensemble gets one fitted and stored in it first
+            (:func:`~noder_monai.workflows.subject.ensure_ensemble`).
 
     Raises:
         ValueError: ``output_dir`` cannot be written, a fitted model is stale (its scan files or times changed; the
@@ -221,8 +226,9 @@ def infer(
     entries = datalist_subjects(datalist, dataset_dir, demo_dir, demo)
     output_dir = prepare_output_dir(output_dir)
     job = InferenceJob(output_dir, lambda entry: infer_subject(entry, job.paths(entry), predict_times, device,
-                                                              batch_size, reader),
-                       {"predict_times": predict_times}, predict_times=predict_times)
+                                                              batch_size, reader, uncertainty),
+                       {"predict_times": predict_times, **({"uncertainty": True} if uncertainty else {})},
+                       predict_times=predict_times)
     return run_cohort(entries, job).records
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from noder_monai.utils import write_json
 
 __all__ = ["MARKER_FORMAT", "config_hash", "files_hash", "read_marker", "remove_marker", "stale_reasons", "subject_lock",
-           "write_marker"]
+           "update_output", "write_marker"]
 
 MARKER_FORMAT = "noder-monai-done-2"
 """``format`` of a done-marker (``-2``: stages named ``training``, ``inference``, ``evaluation``)."""
@@ -85,6 +85,18 @@ def write_marker(folder: str, stage: str, subject: str, digests: tuple[str, str]
               "outputs": {os.fspath(path): os.path.getsize(path) for path in outputs}, "record": dict(record),
               "finished": timer.strftime("%Y-%m-%dT%H:%M:%S")}
     return write_json(json.loads(json.dumps(marker, default=str)), _marker_path(folder, stage))
+
+
+def update_output(folder: str, stage: str, path: str) -> str | None:
+    """Record the new size of output ``path`` in the stage's done-marker, if the marker lists it: for an output that
+    a later stage extends without changing the stage's result (the fitted file gains an uncertainty ensemble), so that
+    the stage stays done. Returns the marker's path, or None (no marker, or ``path`` is not one of its outputs)."""
+    marker = read_marker(folder, stage)
+    path = os.fspath(path)
+    if marker is None or path not in marker.get("outputs", {}):
+        return None
+    marker["outputs"][path] = os.path.getsize(path)
+    return write_json(marker, _marker_path(folder, stage))
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@
     <output_dir>/<id>/loss.csv, loss.json               the loss curve, one record per epoch
     <output_dir>/<id>/fitted/image_<time>.nii.gz        the fit at every observed time
     <output_dir>/<id>/predictions/{image,ddf,ddf_itk,jacobian,label}_<time>.nii.gz, predictions.json,
-        label_volumes.csv
+        label_volumes.csv; with uncertainty also {image_std,log_jacobian_std}_<time>.nii.gz
     <output_dir>/<id>/report.html                       the subject's HTML report
     <output_dir>/tensorboard/<id>/                      loss scalars
     <eval_dir>/<id>/subject_metrics.json                held-out metrics (and MetricsSaver's CSVs in the bundle)
@@ -65,7 +65,8 @@ class SubjectPaths:
         return os.path.join(self.folder, "fitted", f"image_{time_tag(time)}.nii.gz")
 
     def prediction(self, kind: str, time: float) -> str:
-        """``<predictions>/<kind>_<time>.nii.gz``, ``kind`` one of image, ddf, ddf_itk, jacobian, label."""
+        """``<predictions>/<kind>_<time>.nii.gz``, ``kind`` one of image, ddf, ddf_itk, jacobian, label, image_std,
+        log_jacobian_std (:data:`~noder_monai.workflows.subject.PREDICTION_KINDS`)."""
         return os.path.join(self.predictions, f"{kind}_{time_tag(time)}.nii.gz")
 
     def require_model(self) -> str:

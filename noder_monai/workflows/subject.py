@@ -1,6 +1,7 @@
 """One function per stage and subject: what ``noder fit``, ``noder predict`` and ``noder evaluate`` do for one
-subject of a datalist (:func:`train_subject`, :func:`infer_subject`, :func:`evaluate_subject`), and the per-subject
-tables the bundle's runs share with them (:func:`write_label_volumes`, :func:`write_subject_metrics`).
+subject of a datalist (:func:`train_subject`, :func:`infer_subject`, :func:`evaluate_subject`), and what the bundle's
+runs share with them: the per-subject tables (:func:`write_label_volumes`, :func:`write_subject_metrics`) and the
+uncertainty ensemble fitted on first use (:func:`ensure_ensemble`).
 
 Every file is written to a temporary name and renamed, with the input scans' geometry; names are
 :class:`~noder_monai.workflows.paths.SubjectPaths`'.
@@ -17,22 +18,31 @@ from typing import Any
 import torch
 
 from noder_monai.data import SubjectEntry
-from noder_monai.engines import FitConfig, fit_sequence
+from noder_monai.engines import FitConfig, fit_ensemble, fit_sequence
 from noder_monai.engines.trainer import HISTORY_TERMS
 from noder_monai.io import label_dtype, load_image, save_image, save_itk_displacement
 from noder_monai.metrics import nrmse, percent_folded, psnr, ssim
+from noder_monai.model import FittedSubject, Prediction
 from noder_monai.model.appearance import SourceChoice
+from noder_monai.model.uncertainty import Ensemble
 from noder_monai.reporting.figures import save_montage
-from noder_monai.reporting.tables import heldout_rows, label_volumes, mean_metrics
-from noder_monai.utils import summary_writer, write_csv, write_json
+from noder_monai.reporting.tables import LABEL_VOLUME_COLUMNS, heldout_rows, label_volumes, mean_metrics
+from noder_monai.utils import PathLike, summary_writer, write_csv, write_json
+from noder_monai.workflows.markers import update_output
 from noder_monai.workflows.paths import SubjectPaths
 
-__all__ = ["evaluate_subject", "infer_subject", "train_subject", "write_label_volumes", "write_subject_metrics"]
+__all__ = ["PREDICTION_KINDS", "UNCERTAINTY_KINDS", "ensure_ensemble", "evaluate_subject", "infer_subject",
+           "remove_uncertainty_maps", "train_subject", "write_label_volumes", "write_subject_metrics"]
 
 logger = logging.getLogger(__name__)
 
-PREDICTION_KINDS = {"image": "images", "ddf": "ddfs", "ddf_itk": "ddfs_itk", "jacobian": "jacobians", "label": "labels"}
+PREDICTION_KINDS = {"image": "images", "ddf": "ddfs", "ddf_itk": "ddfs_itk", "jacobian": "jacobians", "label": "labels",
+                    "image_std": "image_std", "log_jacobian_std": "log_jacobian_std"}
 """The prediction files per query time (file-name kind: ``predictions.json`` key)."""
+
+UNCERTAINTY_KINDS = ("image_std", "log_jacobian_std")
+"""The kinds written only with uncertainty: the calibrated predictive standard deviation of the image (input units;
+``image +- 1.645 * image_std`` is the 90 % interval) and of ``log`` of the Jacobian determinant."""
 
 
 def train_subject(entry: SubjectEntry, paths: SubjectPaths, config: FitConfig, network: Mapping[str, Any],
@@ -87,41 +97,96 @@ def _epoch_logger(subject: str, total_epochs: int, writer: Any) -> Callable[[dic
 
 
 def infer_subject(entry: SubjectEntry, paths: SubjectPaths, predict_times: Sequence[float] | None,
-                  device: torch.device, batch_size: int, reader: str | None) -> dict:
+                  device: torch.device, batch_size: int, reader: str | None, uncertainty: bool = False) -> dict:
     """Predict one subject at its query times (:meth:`SubjectEntry.query_times`) and write images, fields (voxel and
-    ITK conventions), Jacobian maps and carried labels with their volumes. Returns ``predictions.json``'s content
-    with ``outputs``."""
+    ITK conventions), Jacobian maps and carried labels with their volumes; with ``uncertainty`` also the calibrated
+    standard deviation maps of the image and of log det J, and the volumes' 90 % bands (the subject's ensemble is
+    fitted and stored in its model file first if it has none: :func:`ensure_ensemble`). Returns
+    ``predictions.json``'s content with ``outputs``."""
     subject = paths.load_model(entry, device)
+    if uncertainty:
+        ensure_ensemble(subject, paths.model)
     times = entry.query_times(predict_times)
     labels = subject.read_labels(entry.label, reader)[0] if entry.label is not None else None
-    prediction = subject.predict(times, labels=labels, batch_size=batch_size)
-    geometry = prediction.geometry  # the scans' header forms: outputs read exactly like the inputs
-    written: dict[str, list[str]] = {kind: [] for kind in PREDICTION_KINDS}
-    for index, t in enumerate(times):
-        written["image"].append(save_image(prediction.images[index], geometry, paths.prediction("image", t), time=t))
-        written["ddf"].append(save_image(prediction.ddfs[index], geometry, paths.prediction("ddf", t), time=t))
-        written["ddf_itk"].append(save_itk_displacement(prediction.ddfs[index], geometry, paths.prediction("ddf_itk", t),
-                                                        time=t))
-        written["jacobian"].append(save_image(prediction.jacobians[index], geometry, paths.prediction("jacobian", t),
-                                              time=t))
-        if prediction.labels is not None:
-            written["label"].append(save_image(prediction.labels[index], geometry, paths.prediction("label", t),
-                                               dtype=label_dtype(prediction.labels), time=t))
-    outputs = [path for kind in PREDICTION_KINDS for path in written[kind]]
-    if prediction.labels is not None:
-        outputs.append(write_label_volumes(paths, prediction.labels, times, prediction.affine))
-    record = {"subject": entry.id, "times": times, **{key: written[kind] for kind, key in PREDICTION_KINDS.items()},
+    prediction = subject.predict(times, labels=labels, batch_size=batch_size, uncertainty=uncertainty)
+    kinds = [kind for kind in PREDICTION_KINDS if uncertainty or kind not in UNCERTAINTY_KINDS]
+    if not uncertainty:
+        remove_uncertainty_maps(paths)
+    written = _write_predictions(prediction, paths, kinds)
+    outputs = [path for kind in kinds for path in written[kind]]
+    if labels is not None:
+        outputs.append(write_label_volumes(paths, subject, labels, times, prediction.labels, uncertainty))
+    record = {"subject": entry.id, "times": times, **{PREDICTION_KINDS[kind]: written[kind] for kind in kinds},
               "percent_corrected": prediction.corrected.tolist()}
+    if uncertainty:
+        record["uncertainty"] = subject.ensemble.summary()
     outputs.append(write_json(record, paths.predictions_json))
     logger.info("%s: %d time point(s) -> %s", entry.id, len(times), paths.predictions)
     return {**record, "outputs": outputs}
 
 
-def write_label_volumes(paths: SubjectPaths, labels: torch.Tensor, times: Sequence[float], affine: Any) -> str:
-    """``label_volumes.csv``: every structure's volume at every predicted time (:func:`~noder_monai.reporting.
-    tables.label_volumes`)."""
-    return write_csv(label_volumes(labels, times, affine), ["time", "label", "voxels", "volume_mm3"],
-                     paths.label_volumes)
+def _write_predictions(prediction: Prediction, paths: SubjectPaths, kinds: Sequence[str]) -> dict[str, list[str]]:
+    """Every file of ``kinds`` (:data:`PREDICTION_KINDS`) at every predicted time, in the scans' header forms (outputs
+    read exactly like the inputs); no label files without carried labels."""
+    maps = {"image": prediction.images, "ddf": prediction.ddfs, "ddf_itk": prediction.ddfs,
+            "jacobian": prediction.jacobians, "label": prediction.labels, "image_std": prediction.image_std,
+            "log_jacobian_std": prediction.log_jacobian_std}
+    written: dict[str, list[str]] = {kind: [] for kind in kinds}
+    for index, t in enumerate(prediction.times.tolist()):
+        for kind in (kind for kind in kinds if maps[kind] is not None):
+            path, value = paths.prediction(kind, t), maps[kind][index]
+            if kind == "ddf_itk":
+                written[kind].append(save_itk_displacement(value, prediction.geometry, path, time=t))
+            else:
+                dtype = {"dtype": label_dtype(maps[kind])} if kind == "label" else {}
+                written[kind].append(save_image(value, prediction.geometry, path, time=t, **dtype))
+    return written
+
+
+def remove_uncertainty_maps(paths: SubjectPaths) -> None:
+    """Delete standard deviation maps an earlier ``--uncertainty`` run left in the subject's predictions folder, so
+    that no map of another run (or of an earlier fit) sits beside this run's predictions: what a prediction without
+    uncertainty does first (``noder predict``, the bundle's inference)."""
+    folder = paths.predictions
+    names = sorted(name for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+                   if name.startswith(tuple(f"{kind}_t" for kind in UNCERTAINTY_KINDS)) and name.endswith(".nii.gz"))
+    for name in names:
+        os.remove(os.path.join(folder, name))
+    if names:
+        logger.info("%s: removed %d standard deviation map(s) of an earlier --uncertainty run from %s",
+                    paths.subject, len(names), folder)
+
+
+def ensure_ensemble(subject: FittedSubject, path: PathLike) -> Ensemble:
+    """The subject's uncertainty ensemble; if it has none, fit one (:func:`~noder_monai.engines.fit_ensemble`, its
+    defaults), log its summary and save the subject back to its model file ``path`` (atomically), so that later runs
+    reuse it. The training stage's done-marker beside the file then records the file's new size: the fit is the
+    same, the stage stays done (:func:`~noder_monai.workflows.markers.update_output`). The ``noder predict
+    --uncertainty`` and the bundle's ``"uncertainty": true`` path.
+
+    Raises:
+        ValueError: as :func:`~noder_monai.engines.fit_ensemble` (a file without its observed scans, fewer than 3
+            non-constant scans).
+    """
+    if subject.ensemble is not None:
+        return subject.ensemble
+    path = os.path.abspath(os.fspath(path))
+    start = timer.perf_counter()
+    ensemble = fit_ensemble(subject)
+    logger.info("%s: %s (%.1f s) -> %s; `noder report` draws it in the subject's report", subject.subject,
+                ensemble.summary(), timer.perf_counter() - start, path)
+    subject.save(path)
+    update_output(os.path.dirname(path), "training", path)
+    return ensemble
+
+
+def write_label_volumes(paths: SubjectPaths, subject: FittedSubject, labels: torch.Tensor, times: Sequence[float],
+                        carried: torch.Tensor | None, uncertainty: bool = False) -> str:
+    """``label_volumes.csv``: every structure's volume at every predicted time, from the Jacobian determinant
+    integrated over the baseline label map ``labels``, with the carried maps' voxel counts and, with
+    ``uncertainty``, the 90 % band (:func:`~noder_monai.reporting.tables.label_volumes`)."""
+    columns = LABEL_VOLUME_COLUMNS if uncertainty else LABEL_VOLUME_COLUMNS[:4]
+    return write_csv(label_volumes(subject, labels, times, carried, uncertainty), list(columns), paths.label_volumes)
 
 
 def evaluate_subject(entry: SubjectEntry, paths: SubjectPaths, device: torch.device, montage: bool,
