@@ -54,7 +54,7 @@ SECTIONS = (
 subject has an uncertainty ensemble)."""
 
 _MAX_ROWS = 8
-_GRID_POINTS = 81
+_GRID_POINTS = 41  # the Jacobian-integrated curves are smooth; each point costs one inverse map per member
 _MAX_STRUCTURES = 6
 _STYLE = """
 body{font-family:sans-serif;margin:2em auto;max-width:1200px;color:#222}
