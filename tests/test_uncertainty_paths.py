@@ -16,7 +16,7 @@ import torch
 from monai.data import MetaTensor
 
 from noder_monai import cli
-from noder_monai.data import datalist_subjects, make_demo_dataset
+from noder_monai.data import SubjectEntry, datalist_subjects, make_demo_dataset
 from noder_monai.engines import FitConfig, fit_ensemble, fit_sequence
 from noder_monai.io import GEOMETRY_META_KEY, voxel_volume_mm3
 from noder_monai.model import FittedSubject
@@ -193,3 +193,13 @@ def test_report_draws_the_uncertainty_map_and_the_volume_bands(fitted, tmp_path)
     plain = dict(re.findall(r"<section><h2>(.*?)</h2>(.*?)</section>", open(plain_path).read(), flags=re.S))
     assert "<img " not in plain[SECTIONS[6]] and "noder predict --uncertainty" in plain[SECTIONS[6]]
     assert "90% band" not in plain[SECTIONS[2]] and plain[SECTIONS[2]].count("<img ") == 1
+
+
+def test_query_times_warn_when_the_subject_keeps_its_own(caplog):
+    entry = SubjectEntry(id="sub-9", scans=[("a.nii.gz", 0.0), ("b.nii.gz", 1.0)], predict_times=[2.0, 3.0])
+    with caplog.at_level("WARNING", logger="noder_monai.data.datalist"):
+        assert entry.query_times([0.5, 8.0]) == [2.0, 3.0]
+    assert "subject 'sub-9': predicted at its own predict_times [2.0, 3.0] from the datalist, not at the given times " \
+           "[0.5, 8.0]" in caplog.text
+    caplog.clear()
+    assert entry.query_times([3.0, 2.0]) == [2.0, 3.0] and not caplog.text

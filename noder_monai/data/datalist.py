@@ -82,7 +82,11 @@ class SubjectEntry:
 
     def query_times(self, default: Sequence[float] | None = None) -> list[float]:
         """The times inference predicts this subject at, sorted and unique: its own ``predict_times``, else
-        ``default``, else its observed and held-out times."""
+        ``default``, else its observed and held-out times. A warning names the subject when it has its own and
+        ``default`` differs (``--times`` / ``predict_times`` of the run do not apply to it)."""
+        if self.predict_times and default and sorted(map(float, default)) != sorted(map(float, self.predict_times)):
+            logger.warning("subject '%s': predicted at its own predict_times %s from the datalist, not at the "
+                           "given times %s", self.id, list(self.predict_times), list(default))
         times = self.predict_times or (list(default) if default else None) or [
             *self.times, *(t for _, t in self.heldout)]
         return sorted({float(t) for t in times})
