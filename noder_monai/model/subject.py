@@ -426,11 +426,7 @@ class FittedSubject:
         if uncertainty:
             self.check_uncertainty()
         if labels is not None:
-            labels = torch.as_tensor(labels)
-            while labels.ndim > self.model.spatial_dims and labels.shape[0] == 1:
-                labels = labels[0]
-            self.check_spatial_size(labels.shape, "labels")
-            labels = _integer_labels(labels).to(self.device)[None, None]
+            labels = self.label_map(labels)[None, None]
         return self._chunks(times, labels, batch_size, source, uncertainty)
 
     def _chunks(
@@ -480,11 +476,20 @@ class FittedSubject:
         times = self.query_times(times)
         if uncertainty:
             self.check_uncertainty()
+        return structure_volumes(self, times, self.label_map(labels), uncertainty)
+
+    def label_map(self, labels: Any) -> torch.Tensor:
+        """A baseline label map given as (*S), (1, *S) or (1, 1, *S) integers (or floats holding integers) as (*S)
+        int64 on the subject's device.
+
+        Raises:
+            ValueError: another spatial size, or values that are not finite integers.
+        """
         labels = torch.as_tensor(labels)
         while labels.ndim > self.model.spatial_dims and labels.shape[0] == 1:
             labels = labels[0]
         self.check_spatial_size(labels.shape, "labels")
-        return structure_volumes(self, times, _integer_labels(labels).to(self.device), uncertainty)
+        return _integer_labels(labels).to(self.device)
 
     def state(self) -> dict:
         """The plain, ``weights_only``-loadable dictionary that :meth:`save` writes."""
